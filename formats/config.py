@@ -1,0 +1,77 @@
+"""The normalized model configuration recorded in the manifest.
+
+The converter builds it from a Hugging Face ``config.json`` (either transformers-4 or -5
+style); the runtime reads it back and needs nothing else to build the forward pass.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from formats.errors import FormatError
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """Llama-3 style frequency scaling; ``rope_type`` names the formula the runtime applies."""
+
+    rope_type: str  # "llama3" or "linear"
+    factor: float
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Shapes and hyper-parameters of a Llama-family decoder, independent of tensor parallelism."""
+
+    architecture: str  # the HF class name it came from, e.g. "LlamaForCausalLM"
+    num_layers: int
+    hidden_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    vocab_size: int
+    max_position_embeddings: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: RopeScaling | None = None
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False
+    sliding_window: int | None = None  # recorded for Mistral; None means full attention
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["eos_token_ids"] = list(self.eos_token_ids)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], where: str = "manifest.json: model") -> "ModelConfig":
+        d = dict(_strict_keys(d, cls, where))
+        if d.get("rope_scaling") is not None:
+            d["rope_scaling"] = RopeScaling(**_strict_keys(d["rope_scaling"], RopeScaling, f"{where}.rope_scaling"))
+        d["eos_token_ids"] = tuple(d.get("eos_token_ids", ()))
+        return cls(**d)
+
+
+def _strict_keys(d: Any, cls: type, where: str) -> dict[str, Any]:
+    """Unknown keys are errors, not silently ignored: a newer writer must bump the schema."""
+    if not isinstance(d, dict):
+        raise FormatError(f"{where}: expected an object, got {type(d).__name__}")
+    fields = {f.name for f in dataclasses.fields(cls)}
+    required = {
+        f.name for f in dataclasses.fields(cls)
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    }
+    unknown = sorted(set(d) - fields)
+    if unknown:
+        raise FormatError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(fields)}")
+    missing = sorted(required - set(d))
+    if missing:
+        raise FormatError(f"{where}: missing key(s) {missing}")
+    return d

@@ -1,0 +1,144 @@
+"""The manifest: the one file that describes a workspace, written last by the converter.
+
+Schema version 1. Readers reject unknown versions and unknown keys, so a workspace written by a
+newer converter fails loudly instead of being half understood.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from formats import layout
+from formats.config import ModelConfig, _strict_keys
+from formats.errors import FormatError
+from formats.plan import Piece
+
+SCHEMA_VERSION = 1
+FORMAT_NAME = "tpdeploy-workspace"
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    path: str  # relative to the workspace (or to the source directory, for source files)
+    bytes: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """One tensor of one rank; ``pieces`` say which source slices it holds (source checkpoint names)."""
+
+    name: str
+    file: str
+    dtype: str
+    shape: tuple[int, ...]
+    sha256: str
+    pieces: tuple[Piece, ...]
+
+
+@dataclass(frozen=True)
+class RankEntry:
+    rank: int
+    files: tuple[FileEntry, ...]
+    tensors: tuple[TensorEntry, ...]
+
+    @property
+    def bytes(self) -> int:
+        return sum(f.bytes for f in self.files)
+
+
+@dataclass(frozen=True)
+class WeightFormat:
+    dtype: str  # dtype of every stored tensor
+    quantization: None = None  # schema 1 stores dense weights only
+
+
+@dataclass(frozen=True)
+class SourceInfo:
+    path: str
+    format: str  # "safetensors" or "pytorch-bin"
+    files: tuple[FileEntry, ...]
+
+
+@dataclass(frozen=True)
+class Manifest:
+    model: ModelConfig
+    tp: int
+    padded_vocab_size: int
+    weights: WeightFormat
+    source: SourceInfo
+    tokenizer: tuple[FileEntry, ...]
+    ranks: tuple[RankEntry, ...]
+    converter_version: str
+    schema_version: int = SCHEMA_VERSION
+    format: str = FORMAT_NAME
+
+    def to_json(self) -> str:
+        d = dataclasses.asdict(self)
+        d["model"] = self.model.to_dict()
+        return json.dumps(d, indent=1) + "\n"
+
+    @classmethod
+    def from_dict(cls, d: Any, where: str = "manifest.json") -> "Manifest":
+        d = _strict_keys(d, cls, where)
+        if d.get("format", FORMAT_NAME) != FORMAT_NAME:
+            raise FormatError(f"{where}: format is {d['format']!r}, expected {FORMAT_NAME!r}")
+        version = d.get("schema_version", SCHEMA_VERSION)
+        if version != SCHEMA_VERSION:
+            raise FormatError(
+                f"{where}: schema_version {version!r} is not supported (this tpdeploy reads version "
+                f"{SCHEMA_VERSION}); re-convert the checkpoint with this version's tpconv")
+        ranks = tuple(_rank(r, f"{where}: ranks[{i}]") for i, r in enumerate(d["ranks"]))
+        weights = WeightFormat(**_strict_keys(d["weights"], WeightFormat, f"{where}: weights"))
+        if weights.dtype not in DTYPES or weights.quantization is not None:
+            raise FormatError(f"{where}: weights {d['weights']} not supported; dtype must be one of {DTYPES}")
+        if len(ranks) != d["tp"] or [r.rank for r in ranks] != list(range(d["tp"])):
+            raise FormatError(f"{where}: tp is {d['tp']} but ranks list {[r.rank for r in ranks]}")
+        src = _strict_keys(d["source"], SourceInfo, f"{where}: source")
+        return cls(
+            model=ModelConfig.from_dict(d["model"], f"{where}: model"),
+            tp=d["tp"], padded_vocab_size=d["padded_vocab_size"], weights=weights,
+            source=SourceInfo(src["path"], src["format"], _files(src["files"], f"{where}: source.files")),
+            tokenizer=_files(d["tokenizer"], f"{where}: tokenizer"), ranks=ranks,
+            converter_version=d["converter_version"], schema_version=version,
+        )
+
+
+def _files(items: list, where: str) -> tuple[FileEntry, ...]:
+    return tuple(FileEntry(**_strict_keys(f, FileEntry, f"{where}[{i}]")) for i, f in enumerate(items))
+
+
+def _rank(d: Any, where: str) -> RankEntry:
+    d = _strict_keys(d, RankEntry, where)
+    tensors = []
+    for i, t in enumerate(d["tensors"]):
+        t = dict(_strict_keys(t, TensorEntry, f"{where}.tensors[{i}]"))
+        t["shape"] = tuple(t["shape"])
+        t["pieces"] = tuple(
+            Piece(p["source"], p["axis"], tuple(p["src"]), tuple(p["dst"]))
+            for p in (_strict_keys(p, Piece, f"{where}.tensors[{i}].pieces") for p in t["pieces"]))
+        tensors.append(TensorEntry(**t))
+    return RankEntry(d["rank"], _files(d["files"], f"{where}.files"), tuple(tensors))
+
+
+def load_manifest(workspace: Path) -> Manifest:
+    """Read and validate ``workspace/manifest.json`` with errors a user can act on."""
+    path = layout.manifest_path(workspace)
+    if not Path(workspace).is_dir():
+        raise FormatError(f"{workspace} is not a directory; pass a workspace written by `tpconv convert`")
+    if not path.is_file():
+        raise FormatError(
+            f"{workspace} is not a workspace: {layout.MANIFEST_NAME} is missing (an interrupted "
+            "conversion never writes it); run `tpconv convert` again")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise FormatError(f"{path} is not valid JSON ({e}); the workspace is corrupt, re-convert it") from e
+    try:
+        return Manifest.from_dict(data, str(path))
+    except (KeyError, TypeError) as e:
+        raise FormatError(f"{path}: malformed manifest ({type(e).__name__}: {e}); re-convert it") from e

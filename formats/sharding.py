@@ -1,0 +1,152 @@
+"""Tensor-parallel sharding rules, declared once as data for the canonical tensor names.
+
+Canonical per-layer tensors (names below are relative to ``layers.{i}.``):
+
+    attention.wqkv.weight     (q_r + 2 kv_r) * head_dim, hidden      column-parallel, fused per rank
+    attention.wqkv.bias       (q_r + 2 kv_r) * head_dim              Qwen2 only
+    attention.wo.weight       hidden, q_r * head_dim                 row-parallel (all-reduce after)
+    feed_forward.w_gate_up.weight  2 * inter / tp, hidden            column-parallel, [gate_r; up_r]
+    feed_forward.w_down.weight     hidden, inter / tp                row-parallel
+    attention_norm.weight, ffn_norm.weight                           replicated
+
+plus ``tok_embeddings.weight`` and ``lm_head.weight`` (vocab-parallel: rows split, the vocabulary
+padded with zero rows to a multiple of tp, so no rank holds a full copy) and ``norm.weight``
+(replicated). A fused tensor is built from unfused *source* tensors (``wq``, ``wk``, ``wv``,
+``w_gate``, ``w_up``); each rank tensor is a list of ``Piece`` s saying which slice of which
+source it holds, which is also recorded in the manifest so shards can be reassembled.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from formats.config import ModelConfig
+from formats.errors import ShardingError
+
+
+@dataclass(frozen=True)
+class Units:
+    """How a source axis divides: ``count`` units of ``size`` elements (a head, a row, a token)."""
+
+    count: int
+    size: int
+    what: str  # for messages: "attention heads", "KV heads", "intermediate rows"
+    replicable: bool = False  # KV heads may be replicated when tp is a multiple of them
+    pad: bool = False  # vocabulary: padded to a multiple of tp instead of refusing
+
+
+@dataclass(frozen=True)
+class Split:
+    """Split each source along ``axis`` into tp parts; several sources are concatenated per rank."""
+
+    axis: int
+    sources: tuple[str, ...]  # unfused source names, relative to the layer prefix
+
+
+@dataclass(frozen=True)
+class Replicate:
+    """Every rank holds the whole tensor."""
+
+    source: str
+
+
+Rule = Split | Replicate
+
+# The rules, once. Keys and sources are relative to "layers.{i}." for per-layer tensors.
+LAYER_RULES: dict[str, Rule] = {
+    "attention_norm.weight": Replicate("attention_norm.weight"),
+    "attention.wqkv.weight": Split(0, ("attention.wq.weight", "attention.wk.weight", "attention.wv.weight")),
+    "attention.wqkv.bias": Split(0, ("attention.wq.bias", "attention.wk.bias", "attention.wv.bias")),
+    "attention.wo.weight": Split(1, ("attention.wo.weight",)),
+    "ffn_norm.weight": Replicate("ffn_norm.weight"),
+    "feed_forward.w_gate_up.weight": Split(0, ("feed_forward.w_gate.weight", "feed_forward.w_up.weight")),
+    "feed_forward.w_down.weight": Split(1, ("feed_forward.w_down.weight",)),
+}
+GLOBAL_RULES: dict[str, Rule] = {
+    "tok_embeddings.weight": Split(0, ("tok_embeddings.weight",)),
+    "norm.weight": Replicate("norm.weight"),
+    "lm_head.weight": Split(0, ("lm_head.weight",)),
+}
+
+
+def source_units(source: str, axis: int, cfg: ModelConfig) -> Units:
+    """How the split axis of one source tensor divides into units that must stay whole."""
+    leaf = source.split(".")[-2] if "." in source else source
+    if leaf in ("wq", "wo"):
+        return Units(cfg.num_heads, cfg.head_dim, "attention heads")
+    if leaf in ("wk", "wv"):
+        return Units(cfg.num_kv_heads, cfg.head_dim, "KV heads", replicable=True)
+    if leaf in ("w_gate", "w_up", "w_down"):
+        return Units(cfg.intermediate_size, 1, "intermediate rows")
+    if leaf in ("tok_embeddings", "lm_head"):
+        return Units(cfg.vocab_size, 1, "vocabulary rows", pad=True)
+    raise KeyError(f"no sharding units declared for {source!r} (axis {axis})")
+
+
+def source_shape(source: str, cfg: ModelConfig) -> tuple[int, ...]:
+    """The shape a canonical source tensor must have in the checkpoint."""
+    h, d = cfg.hidden_size, cfg.head_dim
+    leaf, kind = source.split(".")[-2:]
+    rows = {
+        "wq": cfg.num_heads * d, "wk": cfg.num_kv_heads * d, "wv": cfg.num_kv_heads * d,
+        "wo": h, "w_gate": cfg.intermediate_size, "w_up": cfg.intermediate_size, "w_down": h,
+        "tok_embeddings": cfg.vocab_size, "lm_head": cfg.vocab_size,
+        "attention_norm": h, "ffn_norm": h, "norm": h,
+    }[leaf]
+    if kind == "bias" or leaf.endswith("norm"):
+        return (rows,)
+    cols = {"wo": cfg.num_heads * d, "w_down": cfg.intermediate_size}.get(leaf, h)
+    return (rows, cols)
+
+
+def rank_range(units: Units, tp: int, rank: int) -> tuple[int, int]:
+    """Element range [start, stop) of ``rank``'s part of a split axis (before any padding)."""
+    if units.pad:
+        per = padded_size(units.count, tp) // tp
+        start = min(rank * per, units.count)
+        return start * units.size, min(start + per, units.count) * units.size
+    if units.count % tp == 0:
+        per = units.count // tp
+        return rank * per * units.size, (rank + 1) * per * units.size
+    if units.replicable and tp % units.count == 0:
+        u = rank // (tp // units.count)  # ranks sharing one replicated KV head are adjacent
+        return u * units.size, (u + 1) * units.size
+    raise ShardingError(f"--tp {tp} does not divide the {units.count} {units.what}")
+
+
+def padded_size(n: int, tp: int) -> int:
+    """Smallest multiple of tp that holds n (the vocabulary is padded with zero rows to it)."""
+    return -(-n // tp) * tp
+
+
+def _tp_problem(cfg: ModelConfig, tp: int) -> str | None:
+    if tp < 1:
+        return f"--tp must be a positive integer, got {tp}"
+    if cfg.num_heads % tp:
+        return f"--tp {tp} does not divide the {cfg.num_heads} attention heads of this model"
+    kv = cfg.num_kv_heads
+    if kv % tp and tp % kv:
+        return (f"--tp {tp} neither divides nor is a multiple of the {kv} KV heads of this model "
+                "(KV heads are split when kv_heads % tp == 0 and replicated when tp % kv_heads == 0)")
+    if cfg.intermediate_size % tp:
+        return f"--tp {tp} does not divide the intermediate size {cfg.intermediate_size} of this model"
+    return None
+
+
+def valid_tp_values(cfg: ModelConfig) -> list[int]:
+    return [t for t in range(1, cfg.num_heads + 1) if _tp_problem(cfg, t) is None]
+
+
+def check_tp(cfg: ModelConfig, tp: int) -> None:
+    """Raise a ShardingError naming the problem and the tp values that would work."""
+    problem = _tp_problem(cfg, tp)
+    if problem:
+        valid = ", ".join(map(str, valid_tp_values(cfg)))
+        raise ShardingError(f"{problem}; valid --tp values: {valid}")
+
+
+def kv_heads_per_rank(cfg: ModelConfig, tp: int) -> int:
+    return max(1, cfg.num_kv_heads // tp)
+
+
+def heads_per_rank(cfg: ModelConfig, tp: int) -> int:
+    return cfg.num_heads // tp
