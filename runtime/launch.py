@@ -1,0 +1,120 @@
+"""Start one process per rank and drive them from rank 0.
+
+Rank 0 lives in the caller's process (it also samples and, later, serves HTTP); ranks 1..tp-1 are
+spawned processes that loop on steps broadcast by rank 0. Loading errors on any rank are gathered
+and raised on rank 0 with the rank named, instead of leaving the others hanging.
+"""
+from __future__ import annotations
+
+import atexit
+import multiprocessing as mp
+import os
+import sys
+import threading
+import time
+import traceback
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from formats.errors import TpDeployError
+from runtime.parallel import Comm, free_port, init_process_group
+from runtime.runner import ModelRunner, RunnerSpec, Step
+
+STEP_TIMEOUT = timedelta(minutes=10)  # a collective that waits longer means a rank died
+
+
+class Driver:
+    """Rank 0's handle on all ranks: ``execute(step)`` runs it everywhere and returns the logits."""
+
+    def __init__(self, spec: RunnerSpec):
+        tp = spec.manifest.tp
+        _check_devices(spec.device, tp)
+        if tp > 1 and dist.is_initialized():
+            raise TpDeployError("a multi-rank LLM is already running in this process (rank 0 lives in the caller's "
+                                "process and torch.distributed allows one group); close() it first or use another process")
+        port = free_port()
+        ctx = mp.get_context("spawn")
+        self.workers = [ctx.Process(target=_worker_main, args=(spec, r, tp, port), daemon=True) for r in range(1, tp)]
+        for w in self.workers:
+            w.start()
+        self._closing = False
+        atexit.register(self.close)  # before multiprocessing's own exit handler terminates the workers
+        threading.Thread(target=self._watch, daemon=True, name="tprun-watchdog").start()
+        self.comm = init_process_group(0, tp, port, torch.device(spec.device))
+        runner, error = _load(spec, 0, self.comm)
+        try:
+            _raise_load_errors(self.comm, error)
+        except TpDeployError:
+            self._closing = True  # the workers exit cleanly after the same all-gather
+            atexit.unregister(self.close)
+            raise
+        self.runner = runner
+
+    def execute(self, step: Step) -> torch.Tensor | None:
+        self.comm.broadcast_object(step)
+        return self.runner.execute(step)
+
+    def _watch(self) -> None:
+        """A rank that dies leaves the others blocked in a collective forever: end the run, loudly."""
+        while not self._closing:
+            for rank, w in enumerate(self.workers, start=1):
+                if w.exitcode and not self._closing:  # 0: a clean exit after a reported load error
+                    sys.stderr.write(f"tprun: rank {rank} exited unexpectedly (exit code {w.exitcode}); "
+                                     "the other ranks cannot continue, stopping\n")
+                    sys.stderr.flush()
+                    os._exit(70)
+            time.sleep(0.2)
+
+    def close(self) -> None:
+        self._closing = True
+        atexit.unregister(self.close)
+        if getattr(self, "comm", None) is not None and self.comm.world > 1 and dist.is_initialized() and self.workers:
+            self.comm.broadcast_object(None)
+            for w in self.workers:
+                w.join(timeout=30)
+            dist.destroy_process_group()
+        self.workers = []
+
+
+def _worker_main(spec: RunnerSpec, rank: int, tp: int, port: int) -> None:
+    comm = init_process_group(rank, tp, port, torch.device(spec.device))
+    runner, error = _load(spec, rank, comm)
+    errors = [None] * tp
+    dist.all_gather_object(errors, error)
+    if not any(errors):
+        while (step := comm.broadcast_object(None)) is not None:
+            runner.execute(step)
+    dist.destroy_process_group()
+
+
+def _load(spec: RunnerSpec, rank: int, comm: Comm) -> tuple[ModelRunner | None, str | None]:
+    try:
+        return ModelRunner(spec, rank, comm), None
+    except TpDeployError as e:
+        return None, str(e)
+    except Exception:  # report any failure to rank 0 instead of hanging the others
+        return None, traceback.format_exc(limit=3)
+
+
+def _raise_load_errors(comm: Comm, error: str | None) -> None:
+    errors = [error]
+    if comm.world > 1:
+        errors = [None] * comm.world
+        dist.all_gather_object(errors, error)
+    failed = [(r, e) for r, e in enumerate(errors) if e]
+    if failed:
+        if comm.world > 1:
+            dist.destroy_process_group()
+        raise TpDeployError("; ".join(f"rank {r} failed to load: {e}" for r, e in failed))
+
+
+def _check_devices(device: str, tp: int) -> None:
+    if device != "cuda":
+        return
+    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if visible < tp:
+        raise TpDeployError(f"this workspace has tp={tp} ranks but {visible} CUDA device(s) are visible; "
+                            f"run on {tp} GPUs (check CUDA_VISIBLE_DEVICES), re-convert with a smaller --tp, "
+                            "or pass --device cpu")

@@ -1,0 +1,90 @@
+"""The Llama-family forward pass over one rank's fused weights.
+
+Tensor parallelism appears only as ``comm.all_reduce`` after the row-parallel projections (and the
+vocab-parallel embedding) and ``comm.gather_last_dim`` after the vocab-parallel lm_head. Numerics
+follow Hugging Face's reference implementation: RMSNorm in float32, rotary tables in float32.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from formats.config import ModelConfig
+from formats.sharding import heads_per_rank, kv_heads_per_rank
+from runtime.kv_cache import StepBatch
+from runtime.parallel import Comm
+from runtime.rope import apply_rope, cos_sin, inv_frequencies
+
+
+@dataclass(frozen=True)
+class Layer:
+    attention_norm: torch.Tensor
+    wqkv: torch.Tensor
+    bqkv: torch.Tensor | None
+    wo: torch.Tensor
+    ffn_norm: torch.Tensor
+    w_gate_up: torch.Tensor
+    w_down: torch.Tensor
+
+
+class Model:
+    def __init__(self, cfg: ModelConfig, tp: int, rank: int, weights: dict[str, torch.Tensor], comm: Comm):
+        self.cfg, self.comm = cfg, comm
+        self.hq, self.hkv, self.d = heads_per_rank(cfg, tp), kv_heads_per_rank(cfg, tp), cfg.head_dim
+        self.embed = weights["tok_embeddings.weight"]
+        self.vocab_start = rank * self.embed.shape[0]  # vocab-parallel: this rank's first row
+        self.lm_head = self.embed if cfg.tie_word_embeddings else weights["lm_head.weight"]
+        self.norm = weights["norm.weight"]
+        self.layers = [self._layer(weights, i) for i in range(cfg.num_layers)]
+        self.inv_freq = inv_frequencies(cfg).to(self.embed.device)
+
+    @staticmethod
+    def _layer(w: dict[str, torch.Tensor], i: int) -> Layer:
+        p = f"layers.{i}."
+        return Layer(w[p + "attention_norm.weight"], w[p + "attention.wqkv.weight"], w.get(p + "attention.wqkv.bias"),
+                     w[p + "attention.wo.weight"], w[p + "ffn_norm.weight"],
+                     w[p + "feed_forward.w_gate_up.weight"], w[p + "feed_forward.w_down.weight"])
+
+    @torch.inference_mode()
+    def forward(self, tokens: torch.Tensor, batch: StepBatch, cache, all_logits: bool = False) -> torch.Tensor | None:
+        """Logits (rank 0 only) for each sequence's last new token, or for every token if ``all_logits``."""
+        x = self._embed(tokens)  # (T, hidden)
+        cos, sin = cos_sin(self.inv_freq, batch.positions().to(x.device), x.dtype)
+        for i, layer in enumerate(self.layers):
+            x = x + self._attention(i, layer, rms_norm(x, layer.attention_norm, self.cfg.rms_norm_eps), cos, sin, batch, cache)
+            x = x + self._mlp(layer, rms_norm(x, layer.ffn_norm, self.cfg.rms_norm_eps))
+        if not all_logits:
+            x = x[batch.last_token_index().to(x.device)]  # (B, hidden): only what sampling needs
+        logits = self.comm.gather_last_dim(F.linear(rms_norm(x, self.norm, self.cfg.rms_norm_eps), self.lm_head))
+        return None if logits is None else logits[:, :self.cfg.vocab_size]  # drop vocab padding
+
+    def _embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self.comm.world == 1:
+            return F.embedding(tokens, self.embed)
+        local = tokens - self.vocab_start
+        outside = (local < 0) | (local >= self.embed.shape[0])
+        x = F.embedding(local.masked_fill(outside, 0), self.embed)
+        x[outside] = 0  # another rank owns these rows; the all-reduce brings them in
+        return self.comm.all_reduce(x)
+
+    def _attention(self, i: int, layer: Layer, x: torch.Tensor, cos, sin, batch: StepBatch, cache) -> torch.Tensor:
+        t = x.shape[0]
+        qkv = F.linear(x, layer.wqkv, layer.bqkv)  # (T, (hq + 2 hkv) D)
+        q, k, v = qkv.split([self.hq * self.d, self.hkv * self.d, self.hkv * self.d], dim=-1)
+        q = apply_rope(q.reshape(t, self.hq, self.d), cos, sin)  # (T, hq, D)
+        k = apply_rope(k.reshape(t, self.hkv, self.d), cos, sin)  # (T, hkv, D)
+        o = cache.attend(i, q, k, v.reshape(t, self.hkv, self.d), batch)  # (T, hq, D)
+        return self.comm.all_reduce(F.linear(o.reshape(t, self.hq * self.d), layer.wo))
+
+    def _mlp(self, layer: Layer, x: torch.Tensor) -> torch.Tensor:
+        gate, up = F.linear(x, layer.w_gate_up).chunk(2, dim=-1)  # (T, I/tp) each
+        return self.comm.all_reduce(F.linear(F.silu(gate) * up, layer.w_down))
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm computed in float32 and cast back before the weight, as the reference does."""
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(x.dtype)

@@ -1,0 +1,52 @@
+"""The only tensor-parallel operations the model needs: all-reduce and a vocab gather.
+
+``Comm`` wraps ``torch.distributed`` (gloo on CPU, NCCL on CUDA); with one rank it does nothing,
+so the model code reads the same at any tp.
+"""
+from __future__ import annotations
+
+import socket
+
+import torch
+import torch.distributed as dist
+
+
+class Comm:
+    def __init__(self, rank: int, world: int):
+        self.rank, self.world = rank, world
+
+    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum partial results of row-parallel layers across ranks, in place."""
+        if self.world > 1:
+            dist.all_reduce(t)
+        return t
+
+    def gather_last_dim(self, t: torch.Tensor) -> torch.Tensor | None:
+        """Concatenate each rank's vocabulary slice on rank 0 (None elsewhere)."""
+        if self.world == 1:
+            return t
+        t = t.contiguous()
+        parts = [torch.empty_like(t) for _ in range(self.world)] if self.rank == 0 else None
+        dist.gather(t, parts, dst=0)
+        return torch.cat(parts, dim=-1) if self.rank == 0 else None
+
+    def broadcast_object(self, obj: object) -> object:
+        """Rank 0 sends one step description; the others receive it."""
+        if self.world == 1:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_process_group(rank: int, world: int, port: int, device: torch.device) -> Comm:
+    if world > 1:
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    return Comm(rank, world)

@@ -1,0 +1,132 @@
+"""Stop strings in a stream: cut across token boundaries, never leak a partial stop, flush the rest."""
+import itertools
+
+import pytest
+
+from formats.errors import TpDeployError
+from runtime.stops import StopChecker, safe_prefix
+
+
+def stream(pieces: list[str], stop: tuple[str, ...], flush: bool = True) -> tuple[list[str], bool, StopChecker]:
+    """Feed the growing text token by token (the caller re-decodes); return every emitted chunk."""
+    checker, chunks, text, stopped = StopChecker(stop), [], "", False
+    for piece in pieces:
+        text += piece
+        emit, stopped = checker.feed(text)
+        chunks.append(emit)
+        if stopped:
+            break
+    if flush and not stopped:
+        chunks.append(checker.flush())
+    return chunks, stopped, checker
+
+
+def test_stop_across_tokens_never_leaks():
+    pieces = ["Hel", "lo", " wor", "ld", "!"]
+    chunks, stopped, checker = stream(pieces, ("o wo",))
+    assert stopped
+    assert "".join(chunks) == "Hell"
+    assert checker.text == "Hell"
+    # "o", "o ", "o w" are prefixes of the stop: none of them may have been shown at any point
+    shown = list(itertools.accumulate(chunks))
+    assert all("o" not in s for s in shown)
+    assert chunks == ["Hel", "l", ""]  # the "o" of "lo" is held until " wor" completes the stop
+
+
+def test_hold_back_then_release_when_not_a_stop():
+    checker = StopChecker(("STOP",))
+    assert checker.feed("abc ST") == ("abc ", False)  # "ST" could start "STOP"
+    assert checker.text == "abc ST"
+    assert checker.feed("abc STA") == ("STA", False)  # "STA" cannot: released
+    assert checker.feed("abc STA S") == (" ", False)
+    assert checker.flush() == "S"  # generation ended (EOS / length) with "S" still held
+    assert checker.flush() == ""
+
+
+def test_flush_after_stop_is_empty():
+    chunks, stopped, checker = stream(["a", "b", "X"], ("bX",), flush=False)
+    assert stopped and "".join(chunks) == "a"
+    assert checker.flush() == ""
+    assert checker.feed("abX and more") == ("", True)
+
+
+@pytest.mark.parametrize("stops, text, expected", [
+    pytest.param(("world", "lo w"), "Hello world", "Hel", id="later-listed-stop-occurs-first"),
+    pytest.param(("lo w", "world"), "Hello world", "Hel", id="earlier-listed-stop-occurs-first"),
+    pytest.param(("ab", "abc"), "xxabc", "xx", id="overlapping-stops-same-start"),
+    pytest.param(("c", "abc"), "xabc", "x", id="longer-starts-first-same-end"),
+])
+@pytest.mark.parametrize("tokens", ["char-by-char", "one-chunk"])
+def test_multiple_stops_earliest_wins(stops, text, expected, tokens):
+    pieces = list(text) if tokens == "char-by-char" else [text]  # one chunk: all stops complete at once
+    chunks, stopped, checker = stream(pieces, stops)
+    assert stopped
+    assert "".join(chunks) == expected == checker.text
+
+
+def test_stop_completed_first_wins_when_streaming():
+    # "bc" completes on token "c", before "abcd" can; in one chunk "abcd" starts earlier and wins
+    chunks, _, _ = stream(list("xabcd"), ("bc", "abcd"))
+    assert "".join(chunks) == "xa"
+    assert StopChecker(("bc", "abcd")).feed("xabcd") == ("x", True)
+
+
+def test_no_stops_emits_immediately():
+    pieces = ["Hel", "lo", " wor", "ld"]
+    chunks, stopped, _ = stream(pieces, ())
+    assert not stopped
+    assert chunks == pieces + [""]  # nothing was ever held for flush
+
+
+def test_stop_at_start_gives_empty_output():
+    chunks, stopped, checker = stream(["<|", "end", "|>", "tail"], ("<|end|>",))
+    assert stopped
+    assert "".join(chunks) == "" and checker.text == ""
+
+
+def test_stop_inside_one_token():
+    chunks, stopped, _ = stream(["ab", "c\n\nd", "e"], ("\n\n",))
+    assert stopped and "".join(chunks) == "abc"
+
+
+def test_text_without_stop_fully_emitted_after_flush():
+    pieces = ["It", " is", " o", "k", " w", "ow"]
+    chunks, stopped, checker = stream(pieces, ("o wo",))
+    assert not stopped
+    assert "".join(chunks) == "It is ok wow" == checker.text
+
+
+def test_rewritten_earlier_text_does_not_crash_and_still_stops():
+    # a decoder with clean_up_tokenization_spaces turns "Hi ," into "Hi," once the comma arrives
+    checker = StopChecker(("i,",))
+    assert checker.feed("Hi ") == ("Hi ", False)
+    assert checker.feed("Hi,") == ("", True)  # the stop now starts inside already emitted text
+    assert checker.text == "H"
+    plain = StopChecker(())
+    assert plain.feed("a  b") == ("a  b", False)
+    assert plain.feed("a b") == ("", False)  # shorter than what was shown: nothing new, offset stays 4
+    assert plain.feed("a b c") == ("c", False)  # best effort: carries on from offset 4, never re-emits
+    assert plain.text == "a b c"
+
+
+def test_empty_stop_string_rejected():
+    with pytest.raises(TpDeployError, match="stop strings must be non-empty"):
+        StopChecker(("",))
+
+
+@pytest.mark.parametrize("text, expected", [
+    pytest.param("abc", "abc", id="clean"),
+    pytest.param("ab\ufffd", "ab", id="one-partial"),
+    pytest.param("ab\ufffd\ufffd", "ab", id="run-of-partials"),
+    pytest.param("a\ufffdb", "a\ufffdb", id="inner-kept"),
+    pytest.param("\ufffd", "", id="only-partial"),
+    pytest.param("", "", id="empty"),
+])
+def test_safe_prefix(text, expected):
+    assert safe_prefix(text) == expected
+
+
+def test_partial_utf8_is_not_emitted_before_it_completes():
+    checker = StopChecker(())
+    assert checker.feed(safe_prefix("caf\ufffd")) == ("caf", False)
+    assert checker.feed(safe_prefix("café")) == ("é", False)
