@@ -8,7 +8,7 @@ MODEL := $(CACHE)/smollm2-135m-instruct
 DEMO_WS ?= workspace
 DEMO_TP ?= 3
 
-.PHONY: setup model demo test test-fast bench bench-convert clean
+.PHONY: setup model demo test test-fast bench bench-convert bench-generate clean
 
 setup: $(VENV)/.installed
 
@@ -28,6 +28,8 @@ demo: model
 	$(TPCONV) convert $(MODEL) -o $(DEMO_WS) --tp $(DEMO_TP) --force
 	$(TPCONV) verify $(DEMO_WS)
 	$(TPCONV) inspect $(DEMO_WS)
+	$(VENV)/bin/tprun generate $(DEMO_WS) --device cpu --chat --max-tokens 64 \
+		--prompt "What is tensor parallelism, in two sentences?"
 
 test: setup
 	TPDEPLOY_CACHE=$(CACHE) $(PY) -m pytest -q -rs --durations=15
@@ -35,10 +37,13 @@ test: setup
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow"
 
-bench: bench-convert
+bench: bench-convert bench-generate
 
 bench-convert: model
 	TPDEPLOY_CACHE=$(CACHE) $(PY) -m tests.bench.bench_convert
+
+bench-generate: model
+	TPDEPLOY_CACHE=$(CACHE) $(PY) -m tests.bench.bench_generate
 
 clean:
 	rm -rf $(VENV) $(DEMO_WS) .pytest_cache

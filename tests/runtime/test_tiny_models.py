@@ -35,3 +35,21 @@ def test_logits_match_transformers_at_every_tp(tiny, tmp_path, case):
             out = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))[0]
         torch.testing.assert_close(logits, ref, atol=LOGIT_ATOL, rtol=0, msg=lambda m: f"tp={tp}: {m}")
         assert out.outputs[0].token_ids == ref_greedy, f"tp={tp}"
+
+
+# bf16 keeps 8 mantissa bits: logits of magnitude ~1 differ by a few bf16 ulps between summation orders.
+BF16_LOGIT_ATOL = 0.05
+
+
+def test_bf16_on_cpu_matches_transformers_bf16(tiny, tmp_path):
+    src = tiny("qwen2", heads=4, kv_heads=2, dtype=torch.bfloat16, vocab=301, seed=11)
+    hf = AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16)
+    prompt = list(range(5, 40))
+    with torch.no_grad():
+        ref = hf(torch.tensor([prompt])).logits[0].float()
+    convert(ConvertOptions(src, tmp_path / "ws", 2))
+    with LLM(tmp_path / "ws", device="cpu") as llm:
+        assert llm.driver.runner.model.embed.dtype == torch.bfloat16
+        logits = llm.prompt_logits(prompt)
+    torch.testing.assert_close(logits, ref, atol=BF16_LOGIT_ATOL, rtol=0)
+    assert (logits.argmax(-1) == ref.argmax(-1)).float().mean() > 0.9
