@@ -30,6 +30,7 @@ class Checkpoint:
         self._info: dict[str, TensorInfo] = {}
         self._bin: dict[Path, dict[str, torch.Tensor]] = {}
         self._fds: dict[Path, int] = {}
+        self._whole: tuple[str, torch.Tensor] | None = None  # last tensor read whole for column slicing
         for path in self.files:
             table = self._read_table(path)
             for name, info in table.items():
@@ -57,13 +58,16 @@ class Checkpoint:
             return self._bin_tensor(path, name).narrow(axis, start, stop - start).clone()
         if axis == 0:
             return self._pread_rows(path, info, start, stop)
-        # Column slices are strided on disk: read the tensor once and slice it.
-        full = self._pread_rows(path, info, 0, info.shape[0])
-        return full.narrow(axis, start, stop - start).contiguous()
+        # Column slices are strided on disk: read the tensor once, keep it for the other ranks' slices.
+        if self._whole is None or self._whole[0] != name:
+            self._whole = None  # free the previous one before reading the next
+            self._whole = (name, self._pread_rows(path, info, 0, info.shape[0]))
+        return self._whole[1].narrow(axis, start, stop - start).contiguous()
 
     def release(self) -> None:
-        """Drop memory maps of .bin files so their pages stop counting against this process."""
+        """End of a layer: drop .bin memory maps and the kept whole tensor."""
         self._release_bins()
+        self._whole = None
 
     def close(self) -> None:
         self._release_bins()
