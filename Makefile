@@ -47,3 +47,9 @@ bench-generate: model
 
 clean:
 	rm -rf $(VENV) $(DEMO_WS) .pytest_cache
+
+# Real 4-bit SmolLM2 checkpoints (AutoAWQ GEMM; compressed-tensors W4A16 asym and sym), made
+# by the tools themselves in a pinned test-only venv ($(CACHE)/quant-venv), cached in $(CACHE).
+.PHONY: quant-fixtures
+quant-fixtures: setup
+	TPDEPLOY_CACHE=$(CACHE) $(PY) -m tests.fixtures.quantized

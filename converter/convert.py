@@ -60,7 +60,7 @@ def convert(opts: ConvertOptions, on_start: Callable[[int], Progress] | None = N
     check_target(Path(opts.dst_path), opts.force)
     src = open_source(Path(opts.src), opts.model_format, opts.dtype)
     try:
-        check_tp(src.config, opts.tp)
+        check_tp(src.config, opts.tp, src.int4.group_size if src.int4 else 0)
         total = planned_bytes(src, opts.tp)
         _check_space(Path(opts.dst_path), total)
         progress = on_start(total) if on_start else (lambda n: None)
@@ -86,14 +86,14 @@ def convert(opts: ConvertOptions, on_start: Callable[[int], Progress] | None = N
 
 def planned_bytes(src: Source, tp: int) -> int:
     """Tensor bytes the workspace will hold over all ranks (headers excluded)."""
-    n = 0
-    for group in file_groups(src.config):
+    n, group_size = 0, src.int4.group_size if src.int4 else 0
+    for group in file_groups(src.config, quantized=src.int4 is not None):
         for rank in range(tp):
             for t in group.tensors:
                 numel = 1
-                for s in rank_tensor(t, src.config, tp, rank).shape:
+                for s in rank_tensor(t, src.config, tp, rank, group_size).shape:
                     numel *= s
-                n += numel * src.dtype.itemsize
+                n += numel * src.out_dtype(t).itemsize
     return n
 
 
@@ -102,13 +102,13 @@ def _write_ranks(src: Source, tp: int, root: Path, progress: Progress) -> list[R
     tensors: list[list] = [[] for _ in range(tp)]
     for rank in range(tp):
         (root / layout.rank_dir(rank)).mkdir()
-    for group in file_groups(src.config):  # one layer at a time, every rank, then the next layer
+    for group in file_groups(src.config, quantized=src.int4 is not None):  # one layer at a time, all ranks
         for rank in range(tp):
             entry, entries = write_group(src, group, tp, rank, root)
             files[rank].append(entry)
             tensors[rank].extend(entries)
             progress(entry.bytes)
-        src.checkpoint.release()
+        src.release()
     return [RankEntry(r, tuple(files[r]), tuple(tensors[r])) for r in range(tp)]
 
 
@@ -125,7 +125,7 @@ def _manifest(src: Source, tp: int, ranks: list[RankEntry], tokenizer: tuple[Fil
               source_files: tuple[FileEntry, ...]) -> Manifest:
     return Manifest(
         model=src.config, tp=tp, padded_vocab_size=padded_size(src.config.vocab_size, tp),
-        weights=WeightFormat(dtype=str(src.dtype).removeprefix("torch.")),
+        weights=WeightFormat(dtype=str(src.dtype).removeprefix("torch."), quantization=src.int4),
         source=SourceInfo(str(src.path.absolute()), src.checkpoint.format, source_files),
         tokenizer=tokenizer, ranks=tuple(ranks), converter_version=__version__,
     )

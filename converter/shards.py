@@ -7,43 +7,45 @@ import torch
 
 from converter.source import Source
 from converter.writer import Declared, Written, write_safetensors
-from formats import layout
+from formats import int4, layout
 from formats.manifest import FileEntry, TensorEntry
 from formats.plan import FileGroup, Piece, RankTensor, rank_tensor
 
 
 def write_group(src: Source, group: FileGroup, tp: int, rank: int, root: Path) -> tuple[FileEntry, list[TensorEntry]]:
     """Write ``rank``'s file of ``group`` under ``root`` and describe it for the manifest."""
-    plans = {t: rank_tensor(t, src.config, tp, rank) for t in group.tensors}
-    declared = [Declared(t, src.dtype, p.shape) for t, p in plans.items()]
+    group_size = src.int4.group_size if src.int4 else 0
+    plans = {t: rank_tensor(t, src.config, tp, rank, group_size) for t in group.tensors}
+    declared = [Declared(t, src.out_dtype(t), p.shape) for t, p in plans.items()]
     rel = f"{layout.rank_dir(rank)}/{group.file}"
-    written = write_safetensors(root / rel, declared, lambda d: _materialize(src, plans[d.name]),
+    written = write_safetensors(root / rel, declared, lambda d: _materialize(src, plans[d.name], d.dtype),
                                 metadata={"format": "pt", "tpdeploy_rank": str(rank)})
     return _entries(src, rel, written, plans)
 
 
-def _materialize(src: Source, plan: RankTensor) -> torch.Tensor:
+def _materialize(src: Source, plan: RankTensor, dtype: torch.dtype) -> torch.Tensor:
     """Assemble one rank tensor from its source slices; rows no piece covers are vocab padding (zero)."""
     if len(plan.pieces) == 1 and plan.pieces[0].dst == (0, plan.shape[plan.pieces[0].axis]):
         p = plan.pieces[0]  # a whole slice: read it straight into its final buffer, no second copy
-        return src.checkpoint.read(src.hf_name(p.source), p.axis, *p.src).to(src.dtype)
+        return src.read(p.source, p.axis, *p.src).to(dtype)
     covered = sum(p.dst[1] - p.dst[0] for p in plan.pieces)
     if covered < plan.shape[plan.pieces[0].axis]:
-        out = torch.zeros(plan.shape, dtype=src.dtype)
+        out = torch.zeros(plan.shape, dtype=dtype)
     else:
-        out = torch.empty(plan.shape, dtype=src.dtype)
+        out = torch.empty(plan.shape, dtype=dtype)
     for p in plan.pieces:
-        piece = src.checkpoint.read(src.hf_name(p.source), p.axis, *p.src)
+        piece = src.read(p.source, p.axis, *p.src)
         out.narrow(p.axis, p.dst[0], p.dst[1] - p.dst[0]).copy_(piece)  # copy_ casts when --dtype differs
         del piece
     return out
 
 
 def _entries(src: Source, rel: str, written: Written, plans: dict[str, RankTensor]) -> tuple[FileEntry, list[TensorEntry]]:
-    dtype = str(src.dtype).removeprefix("torch.")
     tensors = [
-        TensorEntry(name=t, file=rel, dtype=dtype, shape=p.shape, sha256=written.tensor_sha256[t],
-                    pieces=tuple(Piece(src.hf_name(x.source), x.axis, x.src, x.dst) for x in p.pieces))
+        TensorEntry(name=t, file=rel, dtype=str(src.out_dtype(t)).removeprefix("torch."), shape=p.shape,
+                    sha256=written.tensor_sha256[t],
+                    pieces=tuple(Piece(src.hf_name(x.source), x.axis, x.src, x.dst) for x in p.pieces),
+                    quant=src.int4 if t.rpartition(".")[2] in int4.PARTS else None)
         for t, p in plans.items()
     ]
     return FileEntry(rel, written.nbytes, written.sha256), tensors

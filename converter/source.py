@@ -10,8 +10,11 @@ import torch
 
 from converter.archs import IGNORED, Architecture, architecture_of, declared_dtype, model_config
 from converter.checkpoint import Checkpoint
+from converter.quant import QuantizedReader, detect
+from formats import int4
 from formats.config import ModelConfig
 from formats.errors import FormatError
+from formats.int4 import Int4Format
 from formats.plan import source_names
 from formats.sharding import source_shape
 
@@ -25,11 +28,40 @@ class Source:
     config: ModelConfig
     arch: Architecture
     checkpoint: Checkpoint
-    dtype: torch.dtype  # the dtype every output tensor is written in
+    dtype: torch.dtype  # the dtype every dense output tensor is written in
     unused: list[str]  # source tensors no rule consumes (reported, not fatal)
+    quant: Any = None  # a converter.quant format, or None for dense checkpoints
+    int4: Int4Format | None = None
+    _reader: QuantizedReader | None = None
 
     def hf_name(self, canonical: str) -> str:
-        return self.arch.hf_name(canonical)
+        base, _, part = canonical.rpartition(".")
+        return self.arch.hf_name(f"{base}.weight").removesuffix(".weight") + f".{part}" if part in int4.PARTS \
+            else self.arch.hf_name(canonical)
+
+    def read(self, source: str, axis: int, start: int, stop: int) -> torch.Tensor:
+        """Elements [start, stop) along ``axis`` of a canonical source tensor (int4 parts repacked)."""
+        base, _, part = source.rpartition(".")
+        if part not in int4.PARTS:
+            return self.checkpoint.read(self.hf_name(source), axis, start, stop)
+        full = self._reader.part(self.arch.hf_name(f"{base}.weight").removesuffix(".weight"), part)
+        return full.narrow(axis, start, stop - start).contiguous()
+
+    def out_dtype(self, tensor: str) -> torch.dtype:
+        part = tensor.rpartition(".")[2]
+        if part == "qweight":
+            return torch.int32
+        if part == "zeros":
+            return torch.uint8
+        if part == "scales":
+            return getattr(torch, self.int4.scale_dtype)
+        return self.dtype
+
+    def release(self) -> None:
+        """End of a layer: drop cached repacked tensors and .bin mappings."""
+        self.checkpoint.release()
+        if self._reader is not None:
+            self._reader.release()
 
 
 def open_source(src: Path, model_format: str = "auto", dtype: str = "auto") -> Source:
@@ -37,18 +69,20 @@ def open_source(src: Path, model_format: str = "auto", dtype: str = "auto") -> S
     if not src.is_dir():
         raise FormatError(f"source {src} is not a directory; pass a local Hugging Face checkpoint directory")
     hf = _read_config(src)
-    quant = (hf.get("quantization_config") or {}).get("quant_method")
-    if quant or model_format == "awq":
-        raise FormatError(f"{src / 'config.json'}: quantization_config.quant_method={quant!r}; this tpconv "
-                          "converts unquantized (fp32/fp16/bf16) checkpoints only (--model-format hf); "
-                          "AWQ input is not supported yet")
     where = str(src / "config.json")
+    quant = detect(hf, model_format, where)
     arch = architecture_of(hf, where)[1]
     config = model_config(hf, where)
     ckpt = Checkpoint(src)
-    needed = _check_tensors(ckpt, config, arch, src)
+    needed = _check_tensors(ckpt, config, arch, src, quant)
     unused = sorted(n for n in ckpt.names() - needed if not IGNORED.match(n))
-    return Source(src, hf, config, arch, ckpt, _pick_dtype(dtype, ckpt, needed, hf, src), unused)
+    dense = {n for n in needed if ckpt.dtype(n).is_floating_point and not n.endswith(".scales")}
+    source = Source(src, hf, config, arch, ckpt, _pick_dtype(dtype, ckpt, dense, hf, src), unused, quant)
+    if quant is not None:
+        scale = ckpt.dtype(next(n for n in needed if n.endswith(".scales") or n.endswith(".weight_scale")))
+        source.int4 = Int4Format(quant.group_size, quant.zero_point, quant.name, str(scale).removeprefix("torch."))
+        source._reader = QuantizedReader(quant, ckpt)
+    return source
 
 
 def _read_config(src: Path) -> dict[str, Any]:
@@ -64,10 +98,15 @@ def _read_config(src: Path) -> dict[str, Any]:
     return hf
 
 
-def _check_tensors(ckpt: Checkpoint, cfg: ModelConfig, arch: Architecture, src: Path) -> set[str]:
+def _check_tensors(ckpt: Checkpoint, cfg: ModelConfig, arch: Architecture, src: Path, quant) -> set[str]:
     """Every tensor the plan needs exists with the shape config.json implies."""
     needed = set()
-    for canonical in source_names(cfg):
+    for canonical in source_names(cfg, quantized=quant is not None):
+        if canonical.endswith(".qweight"):
+            needed |= _check_quantized(ckpt, cfg, arch, canonical, quant)
+            continue
+        if canonical.endswith((".scales", ".zeros")):
+            continue  # checked with their qweight
         name = arch.hf_name(canonical)
         if name not in ckpt.names():
             hint = " (or set tie_word_embeddings: true in config.json)" if canonical == "lm_head.weight" else ""
@@ -81,6 +120,24 @@ def _check_tensors(ckpt: Checkpoint, cfg: ModelConfig, arch: Architecture, src: 
                               "expected float32, float16 or bfloat16 (quantized checkpoints need --model-format awq)")
         needed.add(name)
     return needed
+
+
+def _check_quantized(ckpt: Checkpoint, cfg: ModelConfig, arch: Architecture, canonical: str, quant) -> set[str]:
+    weight = canonical.removesuffix(".qweight") + ".weight"
+    base = arch.hf_name(weight).removesuffix(".weight")
+    n, k = source_shape(weight, cfg)
+    if k % quant.group_size:
+        raise FormatError(f"{base}: {k} input features are not a multiple of the group size {quant.group_size}")
+    names = set()
+    for suffix, want in quant.shapes(n, k).items():
+        name = f"{base}.{suffix}"
+        if name not in ckpt.names():
+            raise FormatError(f"{ckpt.src}: tensor {name!r} is missing (expected for {quant.name} int4 linears)")
+        if ckpt.shape(name) != want:
+            raise FormatError(f"{ckpt.file_of(name)}: tensor {name!r} has shape {list(ckpt.shape(name))}; "
+                              f"{quant.name} with group size {quant.group_size} implies {list(want)}")
+        names.add(name)
+    return names
 
 
 def _pick_dtype(dtype: str, ckpt: Checkpoint, needed: set[str], hf: dict[str, Any], src: Path) -> torch.dtype:

@@ -5,6 +5,8 @@ import hashlib
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from converter.writer import CHUNK
 from formats.errors import FormatError
 from formats.manifest import FileEntry, Manifest, RankEntry, load_manifest
@@ -79,7 +81,8 @@ def _hash_shard(path: Path, header: dict) -> tuple[str, dict[str, str]]:
 
 
 def _st(dtype: str) -> str:
-    return {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}.get(dtype, dtype)
+    t = getattr(torch, dtype, None)
+    return TORCH_TO_ST.get(t, dtype) if isinstance(t, torch.dtype) else dtype
 
 
 def inspect(workspace: Path) -> dict[str, Any]:

@@ -1,7 +1,7 @@
 """The manifest: the one file that describes a workspace, written last by the converter.
 
-Schema version 1. Readers reject unknown versions and unknown keys, so a workspace written by a
-newer converter fails loudly instead of being half understood.
+Schema version 2 (version 1, dense weights only, is still read). Readers reject unknown versions and
+unknown keys, so a workspace written by a newer converter fails loudly instead of half understood.
 """
 from __future__ import annotations
 
@@ -14,9 +14,11 @@ from typing import Any
 from formats import layout
 from formats.config import ModelConfig, _strict_keys
 from formats.errors import FormatError
+from formats.int4 import LAYOUT, Int4Format
 from formats.plan import Piece
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 FORMAT_NAME = "tpdeploy-workspace"
 DTYPES = ("float32", "float16", "bfloat16")
 
@@ -38,6 +40,7 @@ class TensorEntry:
     shape: tuple[int, ...]
     sha256: str
     pieces: tuple[Piece, ...]
+    quant: Int4Format | None = None  # set on the qweight/scales/zeros parts of int4 linears
 
 
 @dataclass(frozen=True)
@@ -53,8 +56,8 @@ class RankEntry:
 
 @dataclass(frozen=True)
 class WeightFormat:
-    dtype: str  # dtype of every stored tensor
-    quantization: None = None  # schema 1 stores dense weights only
+    dtype: str  # dtype of every dense tensor (embeddings, norms, biases, int4 scales)
+    quantization: Int4Format | None = None
 
 
 @dataclass(frozen=True)
@@ -88,14 +91,16 @@ class Manifest:
         if d.get("format", FORMAT_NAME) != FORMAT_NAME:
             raise FormatError(f"{where}: format is {d['format']!r}, expected {FORMAT_NAME!r}")
         version = d.get("schema_version", SCHEMA_VERSION)
-        if version != SCHEMA_VERSION:
+        if version not in READABLE_VERSIONS:
             raise FormatError(
-                f"{where}: schema_version {version!r} is not supported (this tpdeploy reads version "
-                f"{SCHEMA_VERSION}); re-convert the checkpoint with this version's tpconv")
+                f"{where}: schema_version {version!r} is not supported (this tpdeploy reads versions "
+                f"{', '.join(map(str, READABLE_VERSIONS))}); re-convert the checkpoint with this version's tpconv")
         ranks = tuple(_rank(r, f"{where}: ranks[{i}]") for i, r in enumerate(d["ranks"]))
-        weights = WeightFormat(**_strict_keys(d["weights"], WeightFormat, f"{where}: weights"))
-        if weights.dtype not in DTYPES or weights.quantization is not None:
-            raise FormatError(f"{where}: weights {d['weights']} not supported; dtype must be one of {DTYPES}")
+        w = dict(_strict_keys(d["weights"], WeightFormat, f"{where}: weights"))
+        w["quantization"] = _int4(w.get("quantization"), f"{where}: weights.quantization")
+        weights = WeightFormat(**w)
+        if weights.dtype not in DTYPES:
+            raise FormatError(f"{where}: weights.dtype {weights.dtype!r} not supported; one of {DTYPES}")
         if len(ranks) != d["tp"] or [r.rank for r in ranks] != list(range(d["tp"])):
             raise FormatError(f"{where}: tp is {d['tp']} but ranks list {[r.rank for r in ranks]}")
         src = _strict_keys(d["source"], SourceInfo, f"{where}: source")
@@ -118,11 +123,21 @@ def _rank(d: Any, where: str) -> RankEntry:
     for i, t in enumerate(d["tensors"]):
         t = dict(_strict_keys(t, TensorEntry, f"{where}.tensors[{i}]"))
         t["shape"] = tuple(t["shape"])
+        t["quant"] = _int4(t.get("quant"), f"{where}.tensors[{i}].quant")
         t["pieces"] = tuple(
             Piece(p["source"], p["axis"], tuple(p["src"]), tuple(p["dst"]))
             for p in (_strict_keys(p, Piece, f"{where}.tensors[{i}].pieces") for p in t["pieces"]))
         tensors.append(TensorEntry(**t))
     return RankEntry(d["rank"], _files(d["files"], f"{where}.files"), tuple(tensors))
+
+
+def _int4(d: Any, where: str) -> Int4Format | None:
+    if d is None:
+        return None
+    fmt = Int4Format(**_strict_keys(d, Int4Format, where))
+    if fmt.layout != LAYOUT or fmt.bits != 4:
+        raise FormatError(f"{where}: int4 layout {fmt.layout!r} ({fmt.bits} bits) is not supported; expected {LAYOUT!r}")
+    return fmt
 
 
 def load_manifest(workspace: Path) -> Manifest:

@@ -8,11 +8,16 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from formats import layout
+from formats import int4, layout
 from formats.config import ModelConfig
+from formats.errors import ShardingError
 from formats.sharding import (
     GLOBAL_RULES, LAYER_RULES, Replicate, padded_size, rank_range, source_shape, source_units,
 )
+
+# Linear layers that int4 checkpoints quantize; embeddings, norms, biases and lm_head stay dense.
+QUANTIZED_LINEARS = ("attention.wqkv.weight", "attention.wo.weight",
+                     "feed_forward.w_gate_up.weight", "feed_forward.w_down.weight")
 
 _LAYER = re.compile(r"^layers\.(\d+)\.(.+)$")
 
@@ -42,9 +47,13 @@ class FileGroup:
     tensors: tuple[str, ...]
 
 
-def file_groups(cfg: ModelConfig) -> list[FileGroup]:
-    """Files of every rank, in conversion order."""
-    per_layer = [n for n in LAYER_RULES if n != "attention.wqkv.bias" or cfg.qkv_bias]
+def file_groups(cfg: ModelConfig, quantized: bool = False) -> list[FileGroup]:
+    """Files of every rank, in conversion order; int4 linears become qweight/scales/zeros triples."""
+    per_layer = []
+    for n in LAYER_RULES:
+        if n == "attention.wqkv.bias" and not cfg.qkv_bias:
+            continue
+        per_layer += _int4_names(n) if quantized and n in QUANTIZED_LINEARS else [n]
     groups = [FileGroup(layout.EMBED_FILE, ("tok_embeddings.weight",))]
     for i in range(cfg.num_layers):
         groups.append(FileGroup(layout.layer_file(i), tuple(f"layers.{i}.{n}" for n in per_layer)))
@@ -54,19 +63,24 @@ def file_groups(cfg: ModelConfig) -> list[FileGroup]:
     return groups
 
 
-def source_names(cfg: ModelConfig) -> list[str]:
+def source_names(cfg: ModelConfig, quantized: bool = False) -> list[str]:
     """Every canonical source tensor the checkpoint must provide."""
     names: list[str] = []
     for group in file_groups(cfg):
         for tensor in group.tensors:
             prefix, rule = _rule(tensor)
             srcs = (rule.source,) if isinstance(rule, Replicate) else rule.sources
-            names.extend(prefix + s for s in srcs)
+            for src in srcs:
+                linear = quantized and tensor.removeprefix(prefix) in QUANTIZED_LINEARS
+                names += _int4_names(prefix + src) if linear else [prefix + src]
     return names
 
 
-def rank_tensor(name: str, cfg: ModelConfig, tp: int, rank: int) -> RankTensor:
+def rank_tensor(name: str, cfg: ModelConfig, tp: int, rank: int, group_size: int = 0) -> RankTensor:
     """The shape of ``name`` on ``rank`` and the source slices that fill it."""
+    base, _, part = name.rpartition(".")
+    if part in int4.PARTS:
+        return _int4_rank_tensor(rank_tensor(base + ".weight", cfg, tp, rank), part, group_size)
     prefix, rule = _rule(name)
     if isinstance(rule, Replicate):
         shape = source_shape(rule.source, cfg)
@@ -82,6 +96,43 @@ def rank_tensor(name: str, cfg: ModelConfig, tp: int, rank: int) -> RankTensor:
     shape = list(source_shape(rule.sources[0], cfg))
     shape[rule.axis] = offset
     return RankTensor(name, tuple(shape), tuple(pieces))
+
+
+def int4_source_shape(name: str, cfg: ModelConfig, group_size: int) -> tuple[int, ...]:
+    """Canonical int4 shape of a source linear part: qweight (K/8, N), scales and zeros (K/G, N)."""
+    base, _, part = name.rpartition(".")
+    n, k = source_shape(base + ".weight", cfg)
+    return (k // (int4.PACK if part == "qweight" else group_size), n)
+
+
+def _int4_names(weight_name: str) -> list[str]:
+    base = weight_name.removesuffix(".weight")
+    return [f"{base}.{part}" for part in int4.PARTS]
+
+
+def _int4_rank_tensor(dense: RankTensor, part: str, group_size: int) -> RankTensor:
+    """Derive an int4 part's split from the dense weight's: the int4 layout is (K, N), dense is (N, K).
+
+    Output rows (dense axis 0) become columns, unchanged; input columns (dense axis 1) become rows,
+    counted in packs of 8 (qweight) or groups (scales, zeros), so a row split must fall on a group.
+    """
+    div = int4.PACK if part == "qweight" else group_size
+    n, k = dense.shape
+    pieces = []
+    for p in dense.pieces:
+        if p.axis == 0:
+            pieces.append(Piece(_part_name(p.source, part), 1, p.src, p.dst))
+            continue
+        if any(x % group_size for x in (*p.src, *p.dst)):
+            raise ShardingError(f"{dense.name}: a row-parallel split at input features {p.src} is not on a "
+                                f"quantization-group boundary (group size {group_size})")
+        pieces.append(Piece(_part_name(p.source, part), 0, (p.src[0] // div, p.src[1] // div),
+                            (p.dst[0] // div, p.dst[1] // div)))
+    return RankTensor(_part_name(dense.name, part), (k // div, n), tuple(pieces))
+
+
+def _part_name(weight_name: str, part: str) -> str:
+    return weight_name.removesuffix(".weight") + "." + part
 
 
 def _rule(name: str):

@@ -118,7 +118,7 @@ def padded_size(n: int, tp: int) -> int:
     return -(-n // tp) * tp
 
 
-def _tp_problem(cfg: ModelConfig, tp: int) -> str | None:
+def _tp_problem(cfg: ModelConfig, tp: int, group_size: int = 0) -> str | None:
     if tp < 1:
         return f"--tp must be a positive integer, got {tp}"
     if cfg.num_heads % tp:
@@ -129,18 +129,23 @@ def _tp_problem(cfg: ModelConfig, tp: int) -> str | None:
                 "(KV heads are split when kv_heads % tp == 0 and replicated when tp % kv_heads == 0)")
     if cfg.intermediate_size % tp:
         return f"--tp {tp} does not divide the intermediate size {cfg.intermediate_size} of this model"
+    if group_size:  # int4 row-parallel layers (wo, w_down) split their input on group boundaries
+        for k, what in ((cfg.num_heads * cfg.head_dim, "wo (o_proj)"), (cfg.intermediate_size, "w_down (down_proj)")):
+            if (k // tp) % group_size:
+                return (f"--tp {tp} gives each rank {k // tp} of the {k} input features of {what}, not a multiple "
+                        f"of the quantization group size {group_size} (row-parallel int4 layers split on groups)")
     return None
 
 
-def valid_tp_values(cfg: ModelConfig) -> list[int]:
-    return [t for t in range(1, cfg.num_heads + 1) if _tp_problem(cfg, t) is None]
+def valid_tp_values(cfg: ModelConfig, group_size: int = 0) -> list[int]:
+    return [t for t in range(1, cfg.num_heads + 1) if _tp_problem(cfg, t, group_size) is None]
 
 
-def check_tp(cfg: ModelConfig, tp: int) -> None:
+def check_tp(cfg: ModelConfig, tp: int, group_size: int = 0) -> None:
     """Raise a ShardingError naming the problem and the tp values that would work."""
-    problem = _tp_problem(cfg, tp)
+    problem = _tp_problem(cfg, tp, group_size)
     if problem:
-        valid = ", ".join(map(str, valid_tp_values(cfg)))
+        valid = ", ".join(map(str, valid_tp_values(cfg, group_size))) or "none"
         raise ShardingError(f"{problem}; valid --tp values: {valid}")
 
 

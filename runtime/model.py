@@ -12,7 +12,9 @@ import torch
 import torch.nn.functional as F
 
 from formats.config import ModelConfig
+from formats.int4 import Int4Format
 from formats.sharding import heads_per_rank, kv_heads_per_rank
+from runtime.kernels.reference import Int4Weight, linear
 from runtime.kv_cache import StepBatch
 from runtime.parallel import Comm
 from runtime.rope import apply_rope, cos_sin, inv_frequencies
@@ -21,17 +23,18 @@ from runtime.rope import apply_rope, cos_sin, inv_frequencies
 @dataclass(frozen=True)
 class Layer:
     attention_norm: torch.Tensor
-    wqkv: torch.Tensor
+    wqkv: torch.Tensor | Int4Weight
     bqkv: torch.Tensor | None
-    wo: torch.Tensor
+    wo: torch.Tensor | Int4Weight
     ffn_norm: torch.Tensor
-    w_gate_up: torch.Tensor
-    w_down: torch.Tensor
+    w_gate_up: torch.Tensor | Int4Weight
+    w_down: torch.Tensor | Int4Weight
 
 
 class Model:
-    def __init__(self, cfg: ModelConfig, tp: int, rank: int, weights: dict[str, torch.Tensor], comm: Comm):
-        self.cfg, self.comm = cfg, comm
+    def __init__(self, cfg: ModelConfig, tp: int, rank: int, weights: dict[str, torch.Tensor], comm: Comm,
+                 int4: Int4Format | None = None):
+        self.cfg, self.comm, self.int4 = cfg, comm, int4
         self.hq, self.hkv, self.d = heads_per_rank(cfg, tp), kv_heads_per_rank(cfg, tp), cfg.head_dim
         self.embed = weights["tok_embeddings.weight"]
         self.vocab_start = rank * self.embed.shape[0]  # vocab-parallel: this rank's first row
@@ -40,12 +43,17 @@ class Model:
         self.layers = [self._layer(weights, i) for i in range(cfg.num_layers)]
         self.inv_freq = inv_frequencies(cfg).to(self.embed.device)
 
-    @staticmethod
-    def _layer(w: dict[str, torch.Tensor], i: int) -> Layer:
+    def _layer(self, w: dict[str, torch.Tensor], i: int) -> Layer:
         p = f"layers.{i}."
-        return Layer(w[p + "attention_norm.weight"], w[p + "attention.wqkv.weight"], w.get(p + "attention.wqkv.bias"),
-                     w[p + "attention.wo.weight"], w[p + "ffn_norm.weight"],
-                     w[p + "feed_forward.w_gate_up.weight"], w[p + "feed_forward.w_down.weight"])
+
+        def lin(name: str) -> torch.Tensor | Int4Weight:
+            if self.int4 is None:
+                return w[f"{p}{name}.weight"]
+            return Int4Weight(w[f"{p}{name}.qweight"], w[f"{p}{name}.scales"], w[f"{p}{name}.zeros"], self.int4.group_size)
+
+        return Layer(w[p + "attention_norm.weight"], lin("attention.wqkv"), w.get(p + "attention.wqkv.bias"),
+                     lin("attention.wo"), w[p + "ffn_norm.weight"], lin("feed_forward.w_gate_up"),
+                     lin("feed_forward.w_down"))
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, batch: StepBatch, cache, all_logits: bool = False) -> torch.Tensor | None:
@@ -71,16 +79,16 @@ class Model:
 
     def _attention(self, i: int, layer: Layer, x: torch.Tensor, cos, sin, batch: StepBatch, cache) -> torch.Tensor:
         t = x.shape[0]
-        qkv = F.linear(x, layer.wqkv, layer.bqkv)  # (T, (hq + 2 hkv) D)
+        qkv = linear(x, layer.wqkv, layer.bqkv)  # (T, (hq + 2 hkv) D)
         q, k, v = qkv.split([self.hq * self.d, self.hkv * self.d, self.hkv * self.d], dim=-1)
         q = apply_rope(q.reshape(t, self.hq, self.d), cos, sin)  # (T, hq, D)
         k = apply_rope(k.reshape(t, self.hkv, self.d), cos, sin)  # (T, hkv, D)
         o = cache.attend(i, q, k, v.reshape(t, self.hkv, self.d), batch)  # (T, hq, D)
-        return self.comm.all_reduce(F.linear(o.reshape(t, self.hq * self.d), layer.wo))
+        return self.comm.all_reduce(linear(o.reshape(t, self.hq * self.d), layer.wo))
 
     def _mlp(self, layer: Layer, x: torch.Tensor) -> torch.Tensor:
-        gate, up = F.linear(x, layer.w_gate_up).chunk(2, dim=-1)  # (T, I/tp) each
-        return self.comm.all_reduce(F.linear(F.silu(gate) * up, layer.w_down))
+        gate, up = linear(x, layer.w_gate_up).chunk(2, dim=-1)  # (T, I/tp) each
+        return self.comm.all_reduce(linear(F.silu(gate) * up, layer.w_down))
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -81,3 +81,28 @@ def rank_file_bytes(ws: Path) -> dict[str, bytes]:
 
 def manifest_json(ws: Path) -> dict:
     return json.loads((Path(ws) / "manifest.json").read_text())
+
+
+def int4_slices(ws: Path):
+    """For every int4 linear of every rank: (rank, source weight name, dequantized rank slice, piece).
+
+    The slice is the rank's dequantized weight (K_r, N_r) cut to one piece, transposed to the source
+    checkpoint's (out, in) orientation and widened to float32, ready to compare with the same rows or
+    columns of the source's own dequantized weight.
+    """
+    from formats import int4
+
+    manifest = load_manifest(ws)
+    for rank in manifest.ranks:
+        files = {f.path: load_file(Path(ws) / f.path) for f in rank.files}
+        for t in (t for t in rank.tensors if t.name.endswith(".qweight")):
+            base = t.name.removesuffix(".qweight")
+            parts = {p: files[t.file][f"{base}.{p}"] for p in int4.PARTS}
+            w = int4.dequantize(parts["qweight"], parts["scales"], parts["zeros"], t.quant.group_size)  # (K_r, N_r)
+            for p in t.pieces:
+                source = p.source.removesuffix(".qweight") + ".weight"
+                if p.axis == 1:  # column-parallel: output columns [dst) hold source rows [src)
+                    yield rank.rank, source, w[:, p.dst[0]:p.dst[1]].T.float(), (0, p.src)
+                else:  # row-parallel: packs of 8 input rows
+                    rows = (p.src[0] * int4.PACK, p.src[1] * int4.PACK)
+                    yield rank.rank, source, w.T.float(), (1, rows)

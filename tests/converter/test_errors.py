@@ -123,9 +123,10 @@ def test_unwritable_target(tiny, tmp_path):
     assert_refused(tmp_path, ["convert", src, "-o", blocker / "ws"], r"cannot write to .*blocker")
 
 
-def test_awq_not_yet_supported(tiny, tmp_path):
+def test_model_format_awq_insists_on_awq(tiny, tmp_path):
     src = tiny()
-    assert_refused(tmp_path, ["convert", src, "-o", tmp_path / "ws", "--model-format", "awq"], r"AWQ input is not supported yet")
+    assert_refused(tmp_path, ["convert", src, "-o", tmp_path / "ws", "--model-format", "awq"],
+                   r"--model-format awq needs an AWQ checkpoint, found no quantization_config \(an unquantized model\)")
 
 
 def test_full_disk_cleans_temp_dir(tiny, tmp_path):

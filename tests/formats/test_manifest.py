@@ -14,7 +14,7 @@ MINIMAL = {
     "tokenizer": [], "converter_version": "0.1.0", "schema_version": SCHEMA_VERSION, "format": "tpdeploy-workspace",
     "ranks": [{"rank": 0, "files": [{"path": "rank0/embed.safetensors", "bytes": 10, "sha256": "cd"}],
                "tensors": [{"name": "tok_embeddings.weight", "file": "rank0/embed.safetensors", "dtype": "float32",
-                            "shape": [49152, 576], "sha256": "ef",
+                            "shape": [49152, 576], "sha256": "ef", "quant": None,
                             "pieces": [{"source": "model.embed_tokens.weight", "axis": 0,
                                         "src": [0, 49152], "dst": [0, 49152]}]}]}],
 }
@@ -29,6 +29,27 @@ def test_round_trip(tmp_path):
     m = load_manifest(tmp_path)
     assert m.model == SMOLLM2 and m.ranks[0].tensors[0].shape == (49152, 576)
     assert json.loads(m.to_json()) == MINIMAL
+
+
+def test_reads_schema_1_dense_workspaces(tmp_path):
+    data = json.loads(json.dumps(MINIMAL))
+    data["schema_version"] = 1
+    del data["ranks"][0]["tensors"][0]["quant"]
+    _write(tmp_path, data)
+    assert load_manifest(tmp_path).schema_version == 1
+
+
+def test_int4_format_round_trips_and_unknown_layout_is_refused(tmp_path):
+    data = json.loads(json.dumps(MINIMAL))
+    fmt = {"group_size": 64, "zero_point": True, "source_format": "awq-gemm", "scale_dtype": "float16",
+           "layout": "tpdeploy-int4-v1", "bits": 4}
+    data["weights"]["quantization"] = fmt
+    _write(tmp_path, data)
+    assert load_manifest(tmp_path).weights.quantization.group_size == 64
+    data["weights"]["quantization"] = {**fmt, "layout": "marlin"}
+    _write(tmp_path, data)
+    with pytest.raises(FormatError, match="int4 layout 'marlin' .* is not supported"):
+        load_manifest(tmp_path)
 
 
 def test_missing_manifest_says_not_a_workspace(tmp_path):

@@ -1,0 +1,176 @@
+"""Int4 source formats, each a small class that repacks one linear layer into the canonical layout.
+
+A format knows its ``quantization_config``, the tensor suffixes it stores per linear, how to check
+their shapes, and how to turn them into ``formats.int4``'s (qweight, scales, zeros). Adding a format
+is one class here plus its test.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from converter.checkpoint import Checkpoint
+from formats import int4
+from formats.errors import FormatError
+
+AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # AutoAWQ GEMM: nibble i of a packed int32 holds column AWQ_ORDER[i]
+SUPPORTED_GROUPS = (32, 64, 128)  # what the W4A16 kernel tiles over K
+
+
+@dataclass(frozen=True)
+class AwqGemm:
+    """AutoAWQ GEMM: qweight/qzeros int32 (K, N/8) in AWQ's interleaved nibble order, scales (K/G, N)."""
+
+    group_size: int
+    zero_point: bool = True
+    name: str = "awq-gemm"
+    suffixes: tuple[str, ...] = ("qweight", "qzeros", "scales")
+
+    @classmethod
+    def from_config(cls, qc: dict[str, Any], where: str) -> "AwqGemm":
+        version = str(qc.get("version", "gemm")).lower()
+        if version != "gemm":
+            raise FormatError(f"{where}: AWQ version {version!r} is not supported (its packing differs); "
+                              "supported: gemm. Re-quantize with version='gemm'")
+        _check_bits(qc.get("bits", qc.get("w_bit")), where)
+        if not qc.get("zero_point", True):
+            raise FormatError(f"{where}: AWQ zero_point=false is not supported; supported: zero_point=true")
+        return cls(_check_group(qc.get("group_size", qc.get("q_group_size")), where))
+
+    def shapes(self, n: int, k: int) -> dict[str, tuple[int, ...]]:
+        g = self.group_size
+        return {"qweight": (k, n // 8), "qzeros": (k // g, n // 8), "scales": (k // g, n)}
+
+    def to_canonical(self, t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        q = _unpack_awq(t["qweight"])  # (K, N)
+        return {"qweight": int4.pack(q), "scales": t["scales"],
+                "zeros": _unpack_awq(t["qzeros"]).to(torch.uint8)}
+
+
+@dataclass(frozen=True)
+class CompressedTensorsW4A16:
+    """compressed-tensors pack-quantized: weight_packed int32 (N, K/8), 8 input values per word in order,
+    stored as q + 8; weight_scale (N, K/G); weight_zero_point int32 (N/8, K/G), zp + 8 packed along N
+    (asymmetric only; symmetric means zero 8)."""
+
+    group_size: int
+    zero_point: bool
+    name: str = "compressed-tensors"
+
+    @property
+    def suffixes(self) -> tuple[str, ...]:
+        return ("weight_packed", "weight_scale", "weight_shape") + (("weight_zero_point",) if self.zero_point else ())
+
+    @classmethod
+    def from_config(cls, qc: dict[str, Any], where: str) -> "CompressedTensorsW4A16":
+        groups = qc.get("config_groups") or {}
+        if len(groups) != 1:
+            raise FormatError(f"{where}: {len(groups)} config_groups; supported: exactly one W4A16 group")
+        group = next(iter(groups.values()))
+        fmt, w = group.get("format") or qc.get("format"), group.get("weights") or {}
+        if fmt != "pack-quantized":
+            raise FormatError(f"{where}: format {fmt!r} is not supported; supported: pack-quantized")
+        if group.get("input_activations") or w.get("type", "int") != "int" or w.get("dynamic"):
+            raise FormatError(f"{where}: only weight-only int quantization (W4A16) is supported")
+        _check_bits(w.get("num_bits"), where)
+        if w.get("strategy") != "group":
+            raise FormatError(f"{where}: strategy {w.get('strategy')!r} is not supported; supported: group")
+        if w.get("actorder") not in (None, False, "static"):
+            raise FormatError(f"{where}: actorder={w.get('actorder')!r} (act-order with a g_idx permutation) is not "
+                              "supported; supported: actorder null or 'static'")
+        return cls(_check_group(w.get("group_size"), where), zero_point=not w.get("symmetric", True))
+
+    def shapes(self, n: int, k: int) -> dict[str, tuple[int, ...]]:
+        g = self.group_size
+        out = {"weight_packed": (n, k // 8), "weight_scale": (n, k // g), "weight_shape": (2,)}
+        if self.zero_point:
+            out["weight_zero_point"] = (-(-n // 8), k // g)
+        return out
+
+    def to_canonical(self, t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        q = _unpack_rows(t["weight_packed"])  # (N, K) nibbles, q + 8
+        n = q.shape[0]
+        if self.zero_point:
+            zeros = _unpack_rows(t["weight_zero_point"].T).T[:n]  # (N, K/G): zp + 8
+        else:
+            zeros = torch.full(t["weight_scale"].shape, 8, dtype=torch.int32)
+        return {"qweight": int4.pack(q.T), "scales": t["weight_scale"].T.contiguous(),
+                "zeros": zeros.T.contiguous().to(torch.uint8)}
+
+
+def _nibbles(packed: torch.Tensor, order: tuple[int, ...] = tuple(range(8))) -> torch.Tensor:
+    """(R, C/8) int32 words -> (R, C) int32 values; value 8j + m is nibble i where order[i] == m.
+
+    numpy's unsigned shifts: the words are stored signed, and torch's int32 ops are far slower on CPU.
+    """
+    r, c = packed.shape
+    shifts = np.array([4 * order.index(m) for m in range(8)], dtype=np.uint32)
+    words = packed.contiguous().numpy().view(np.uint32)[:, :, None]  # (R, C/8, 1)
+    return torch.from_numpy(((words >> shifts) & 0xF).astype(np.int32).reshape(r, c * 8))
+
+
+def _unpack_rows(packed: torch.Tensor) -> torch.Tensor:
+    """compressed-tensors order: value c at bits 4*(c % 8) of word c // 8."""
+    return _nibbles(packed)
+
+
+def _unpack_awq(packed: torch.Tensor) -> torch.Tensor:
+    """AutoAWQ order: nibble i of word j holds column 8j + AWQ_ORDER[i]."""
+    return _nibbles(packed, AWQ_ORDER)
+
+
+def _check_bits(bits: Any, where: str) -> None:
+    if bits != 4:
+        raise FormatError(f"{where}: {bits}-bit weights are not supported; supported: 4 bits")
+
+
+def _check_group(group: Any, where: str) -> int:
+    if group not in SUPPORTED_GROUPS:
+        raise FormatError(f"{where}: group size {group} is not supported; supported: "
+                          f"{', '.join(map(str, SUPPORTED_GROUPS))} (per-channel quantization is not)")
+    return int(group)
+
+
+FORMATS = {"awq": AwqGemm, "compressed-tensors": CompressedTensorsW4A16}
+
+
+def detect(hf: dict[str, Any], model_format: str, where: str):
+    """The int4 format a config declares, or None for a plain checkpoint; refuses mismatches."""
+    qc = hf.get("quantization_config")
+    method = (qc or {}).get("quant_method")
+    if model_format == "hf":
+        if qc:
+            raise FormatError(f"{where}: quantization_config.quant_method={method!r} but --model-format hf "
+                              "was given; use --model-format auto")
+        return None
+    if model_format == "awq" and method != "awq":
+        found = f"quant_method={method!r}" if qc else "no quantization_config (an unquantized model)"
+        raise FormatError(f"{where}: --model-format awq needs an AWQ checkpoint, found {found}; "
+                          "use --model-format auto")
+    if not qc:
+        return None
+    if method not in FORMATS:
+        raise FormatError(f"{where}: quantization_config.quant_method={method!r} is not supported; "
+                          f"supported: {', '.join(FORMATS)}")
+    return FORMATS[method].from_config(qc, f"{where}: quantization_config")
+
+
+class QuantizedReader:
+    """Canonical int4 parts of one source linear at a time, cached until the layer is written."""
+
+    def __init__(self, fmt, ckpt: Checkpoint):
+        self.fmt, self.ckpt = fmt, ckpt
+        self._cache: dict[str, dict[str, torch.Tensor]] = {}
+
+    def part(self, hf_base: str, part: str) -> torch.Tensor:
+        if hf_base not in self._cache:
+            raw = {s: self.ckpt.read(f"{hf_base}.{s}", 0, 0, self.ckpt.shape(f"{hf_base}.{s}")[0])
+                   for s in self.fmt.suffixes}
+            self._cache[hf_base] = self.fmt.to_canonical(raw)
+        return self._cache[hf_base][part]
+
+    def release(self) -> None:
+        self._cache.clear()

@@ -1,0 +1,1 @@
+"""Compute kernels. ``reference`` holds the plain-torch math every fast kernel is tested against."""
