@@ -52,4 +52,4 @@ clean:
 # by the tools themselves in a pinned test-only venv ($(CACHE)/quant-venv), cached in $(CACHE).
 .PHONY: quant-fixtures
 quant-fixtures: setup
-	TPDEPLOY_CACHE=$(CACHE) $(PY) -m tests.fixtures.quantized
+	TPDEPLOY_FIXTURE_SANITY=1 TPDEPLOY_CACHE=$(CACHE) $(PY) -m tests.fixtures.quantized
