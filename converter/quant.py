@@ -46,8 +46,7 @@ class AwqGemm:
 
     def to_canonical(self, t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         q = _unpack_awq(t["qweight"])  # (K, N)
-        return {"qweight": int4.pack(q), "scales": t["scales"],
-                "zeros": _unpack_awq(t["qzeros"]).to(torch.uint8)}
+        return {"qweight": int4.pack(q), "scales": t["scales"], "zeros": _unpack_awq(t["qzeros"])}
 
 
 @dataclass(frozen=True)
@@ -96,20 +95,22 @@ class CompressedTensorsW4A16:
         if self.zero_point:
             zeros = _unpack_rows(t["weight_zero_point"].T).T[:n]  # (N, K/G): zp + 8
         else:
-            zeros = torch.full(t["weight_scale"].shape, 8, dtype=torch.int32)
+            zeros = torch.full(t["weight_scale"].shape, 8, dtype=torch.uint8)
         return {"qweight": int4.pack(q.T), "scales": t["weight_scale"].T.contiguous(),
                 "zeros": zeros.T.contiguous().to(torch.uint8)}
 
 
 def _nibbles(packed: torch.Tensor, order: tuple[int, ...] = tuple(range(8))) -> torch.Tensor:
-    """(R, C/8) int32 words -> (R, C) int32 values; value 8j + m is nibble i where order[i] == m.
+    """(R, C/8) int32 words -> (R, C) uint8 values; value 8j + m is nibble i where order[i] == m.
 
     numpy's unsigned shifts: the words are stored signed, and torch's int32 ops are far slower on CPU.
     """
     r, c = packed.shape
-    shifts = np.array([4 * order.index(m) for m in range(8)], dtype=np.uint32)
-    words = packed.contiguous().numpy().view(np.uint32)[:, :, None]  # (R, C/8, 1)
-    return torch.from_numpy(((words >> shifts) & 0xF).astype(np.int32).reshape(r, c * 8))
+    words = packed.contiguous().numpy().view(np.uint32)  # (R, C/8)
+    out = np.empty((r, c, 8), dtype=np.uint8)  # values fit a byte: 2x the packed size, not 8x
+    for m in range(8):
+        out[:, :, m] = (words >> np.uint32(4 * order.index(m))) & 0xF
+    return torch.from_numpy(out.reshape(r, c * 8))
 
 
 def _unpack_rows(packed: torch.Tensor) -> torch.Tensor:

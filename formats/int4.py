@@ -47,10 +47,13 @@ def pack(values: torch.Tensor) -> torch.Tensor:
     k, n = values.shape
     if k % PACK:
         raise FormatError(f"int4 packing needs K divisible by {PACK}, got K={k}")
-    # numpy's unsigned shifts run ~30x faster than torch's int32 ones on CPU; the words are stored signed.
-    v = values.cpu().numpy().astype(np.uint32).reshape(k // PACK, PACK, n)  # (K/8, 8, N)
-    shifts = np.arange(0, 32, 4, dtype=np.uint32)[None, :, None]
-    return torch.from_numpy(np.bitwise_or.reduce(v << shifts, axis=1).view(np.int32))
+    # numpy's unsigned shifts run ~30x faster than torch's int32 ones on CPU; one row of the pack at a
+    # time keeps temporaries at the packed size. The words are stored signed.
+    v = values.cpu().numpy().reshape(k // PACK, PACK, n)  # (K/8, 8, N)
+    out = np.zeros((k // PACK, n), dtype=np.uint32)
+    for i in range(PACK):
+        out |= v[:, i].astype(np.uint32) << np.uint32(4 * i)
+    return torch.from_numpy(out.view(np.int32))
 
 
 def unpack(qweight: torch.Tensor) -> torch.Tensor:
