@@ -41,6 +41,7 @@ bench: bench-convert bench-generate
 
 bench-convert: model
 	TPDEPLOY_CACHE=$(CACHE) $(PY) -m tests.bench.bench_convert
+	TPDEPLOY_CACHE=$(CACHE) $(PY) -m tests.bench.bench_convert_int4
 
 bench-generate: model
 	TPDEPLOY_CACHE=$(CACHE) $(PY) -m tests.bench.bench_generate
