@@ -5,7 +5,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 # The interpreter, torch and the page-table/allocator slack of a few hundred tensor allocations.
