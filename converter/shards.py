@@ -45,7 +45,7 @@ def _entries(src: Source, rel: str, written: Written, plans: dict[str, RankTenso
         TensorEntry(name=t, file=rel, dtype=str(src.out_dtype(t)).removeprefix("torch."), shape=p.shape,
                     sha256=written.tensor_sha256[t],
                     pieces=tuple(Piece(src.hf_name(x.source), x.axis, x.src, x.dst) for x in p.pieces),
-                    quant=src.int4 if t.rpartition(".")[2] in int4.PARTS else None)
+                    quant=src.int4 if int4.is_part(t) else None)
         for t, p in plans.items()
     ]
     return FileEntry(rel, written.nbytes, written.sha256), tensors

@@ -15,10 +15,10 @@ from formats import int4
 from formats.config import ModelConfig
 from formats.errors import FormatError
 from formats.int4 import Int4Format
+from formats.manifest import FLOAT_DTYPES
 from formats.plan import source_names
 from formats.sharding import source_shape
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 @dataclass
@@ -35,16 +35,21 @@ class Source:
     _reader: QuantizedReader | None = None
 
     def hf_name(self, canonical: str) -> str:
+        if not int4.is_part(canonical):
+            return self.arch.hf_name(canonical)
         base, _, part = canonical.rpartition(".")
-        return self.arch.hf_name(f"{base}.weight").removesuffix(".weight") + f".{part}" if part in int4.PARTS \
-            else self.arch.hf_name(canonical)
+        return f"{self._hf_base(base)}.{part}"
+
+    def _hf_base(self, canonical_base: str) -> str:
+        """HF module path of a linear (``model.layers.0.self_attn.q_proj``), whose suffixes the format knows."""
+        return self.arch.hf_name(f"{canonical_base}.weight").removesuffix(".weight")
 
     def read(self, source: str, axis: int, start: int, stop: int) -> torch.Tensor:
         """Elements [start, stop) along ``axis`` of a canonical source tensor (int4 parts repacked)."""
-        base, _, part = source.rpartition(".")
-        if part not in int4.PARTS:
+        if not int4.is_part(source):
             return self.checkpoint.read(self.hf_name(source), axis, start, stop)
-        full = self._reader.part(self.arch.hf_name(f"{base}.weight").removesuffix(".weight"), part)
+        base, _, part = source.rpartition(".")
+        full = self._reader.part(self._hf_base(base), part)
         return full.narrow(axis, start, stop - start).contiguous()
 
     def out_dtype(self, tensor: str) -> torch.dtype:
@@ -115,7 +120,7 @@ def _check_tensors(ckpt: Checkpoint, cfg: ModelConfig, arch: Architecture, src: 
         if ckpt.shape(name) != want:
             raise FormatError(f"{ckpt.file_of(name)}: tensor {name!r} has shape {list(ckpt.shape(name))} but "
                               f"config.json implies {list(want)}")
-        if ckpt.dtype(name) not in DTYPES.values():
+        if ckpt.dtype(name) not in FLOAT_DTYPES.values():
             raise FormatError(f"{ckpt.file_of(name)}: tensor {name!r} has dtype {ckpt.dtype(name)}; "
                               "expected float32, float16 or bfloat16 (quantized checkpoints need --model-format awq)")
         needed.add(name)
@@ -143,12 +148,12 @@ def _check_quantized(ckpt: Checkpoint, cfg: ModelConfig, arch: Architecture, can
 def _pick_dtype(dtype: str, ckpt: Checkpoint, needed: set[str], hf: dict[str, Any], src: Path) -> torch.dtype:
     """``auto`` keeps the stored dtype, so an unchanged dtype converts bit for bit."""
     if dtype != "auto":
-        return DTYPES[dtype]
+        return FLOAT_DTYPES[dtype]
     stored = {ckpt.dtype(n) for n in needed}
     if len(stored) == 1:
         return stored.pop()
     declared = declared_dtype(hf)
-    if declared in DTYPES:
-        return DTYPES[declared]
+    if declared in FLOAT_DTYPES:
+        return FLOAT_DTYPES[declared]
     raise FormatError(f"{src}: weights are stored in mixed dtypes {sorted(map(str, stored))} and config.json "
                       "declares none; choose one with --dtype float16|bfloat16|float32")

@@ -42,6 +42,11 @@ class Int4Format:
     bits: int = 4
 
 
+def is_part(name: str) -> bool:
+    """Whether a canonical tensor name is one of an int4 linear's parts (``...wqkv.qweight``)."""
+    return name.rpartition(".")[2] in PARTS
+
+
 def pack(values: torch.Tensor) -> torch.Tensor:
     """(K, N) integers in [0, 15] -> (K/8, N) int32 in the canonical order (CPU; conversion time)."""
     k, n = values.shape

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from formats import layout
 from formats.config import ModelConfig, _strict_keys
 from formats.errors import FormatError
@@ -20,7 +22,10 @@ from formats.plan import Piece
 SCHEMA_VERSION = 2
 READABLE_VERSIONS = (1, 2)
 FORMAT_NAME = "tpdeploy-workspace"
-DTYPES = ("float32", "float16", "bfloat16")
+# Dense tensor dtypes by their manifest name; int4 parts are stored as int32 (qweight) and uint8 (zeros).
+FLOAT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+STORED_DTYPES = {**FLOAT_DTYPES, "int32": torch.int32, "uint8": torch.uint8}
+DTYPES = tuple(FLOAT_DTYPES)
 
 
 @dataclass(frozen=True)

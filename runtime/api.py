@@ -14,12 +14,13 @@ from typing import Any
 import torch
 
 from formats.errors import TpDeployError
+from formats.manifest import FLOAT_DTYPES
 from runtime.engine import Engine, OnDelta, Sequence
 from runtime.launch import Driver
 from runtime.runner import RunnerSpec
 from runtime.sampling import SamplingParams, TokenLogprobs
 from runtime.tokenizer import Tokenizer
-from runtime.workspace import DTYPES, open_workspace
+from runtime.workspace import open_workspace
 
 Prompt = str | list[int]
 Messages = list[dict[str, Any]]
@@ -123,6 +124,6 @@ def _max_model_len(requested: int | None, model_max: int) -> int:
 
 def _dtype(requested: str, stored: str) -> torch.dtype:
     name = stored if requested == "auto" else requested
-    if name not in DTYPES:
-        raise TpDeployError(f"--dtype {requested!r} is not supported; choose auto, {', '.join(DTYPES)}")
-    return DTYPES[name]
+    if name not in FLOAT_DTYPES:
+        raise TpDeployError(f"--dtype {requested!r} is not supported; choose auto, {', '.join(FLOAT_DTYPES)}")
+    return FLOAT_DTYPES[name]

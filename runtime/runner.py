@@ -36,10 +36,6 @@ class RunnerSpec:
     threads: int = field(default=0)  # CPU threads per rank (0: cores // tp)
 
 
-def _is_int4_part(name: str) -> bool:
-    return name.rpartition(".")[2] in int4.PARTS
-
-
 class ModelRunner:
     def __init__(self, spec: RunnerSpec, rank: int, comm: Comm):
         cfg, tp = spec.manifest.model, spec.manifest.tp
@@ -50,7 +46,7 @@ class ModelRunner:
             torch.set_num_threads(spec.threads or max(1, (os.cpu_count() or 1) // tp))
         weights = load_rank(spec.workspace, spec.manifest, rank, self.device)
         # Dense tensors take the compute dtype; int4 parts keep theirs (scales dequantize exactly as stored).
-        weights = {k: w if _is_int4_part(k) or w.dtype == spec.dtype else w.to(spec.dtype) for k, w in weights.items()}
+        weights = {k: w if int4.is_part(k) or w.dtype == spec.dtype else w.to(spec.dtype) for k, w in weights.items()}
         self.model = Model(cfg, tp, rank, weights, comm, spec.manifest.weights.quantization)
         self.cache = SequenceKVCache(cfg.num_layers, kv_heads_per_rank(cfg, tp), cfg.head_dim, spec.dtype,
                                      self.device, cfg.sliding_window)

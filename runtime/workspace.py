@@ -13,11 +13,9 @@ import torch
 
 from formats import layout
 from formats.errors import FormatError
-from formats.manifest import Manifest, RankEntry, load_manifest
+from formats.manifest import STORED_DTYPES, Manifest, RankEntry, load_manifest
 from formats.safetensors_io import read_header
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}  # compute dtypes
-STORED = {**DTYPES, "int32": torch.int32, "uint8": torch.uint8}  # int4 qweight and zeros
 
 
 def open_workspace(path: Path) -> Manifest:
@@ -50,7 +48,7 @@ def load_rank(ws: Path, manifest: Manifest, rank: int, device: torch.device) -> 
         buf = _map(path)
         for t in (t for t in entry.tensors if t.file == f.path):
             info = header.get(t.name)
-            if info is None or info.dtype != STORED.get(t.dtype) or list(info.shape) != list(t.shape):
+            if info is None or info.dtype != STORED_DTYPES.get(t.dtype) or list(info.shape) != list(t.shape):
                 raise FormatError(f"{path}: tensor {t.name!r} does not match manifest.json; run `tpconv verify`")
             view = torch.frombuffer(buf, dtype=info.dtype, count=info.nbytes // info.dtype.itemsize,
                                     offset=info.begin).view(info.shape) if info.nbytes else torch.empty(info.shape, dtype=info.dtype)
