@@ -28,6 +28,7 @@ class AwqGemm:
     zero_point: bool = True
     name: str = "awq-gemm"
     suffixes: tuple[str, ...] = ("qweight", "qzeros", "scales")
+    scale_suffix: str = "scales"
 
     @classmethod
     def from_config(cls, qc: dict[str, Any], where: str) -> "AwqGemm":
@@ -58,6 +59,7 @@ class CompressedTensorsW4A16:
     group_size: int
     zero_point: bool
     name: str = "compressed-tensors"
+    scale_suffix: str = "weight_scale"
 
     @property
     def suffixes(self) -> tuple[str, ...]:
@@ -97,7 +99,7 @@ class CompressedTensorsW4A16:
         else:
             zeros = torch.full(t["weight_scale"].shape, 8, dtype=torch.uint8)
         return {"qweight": int4.pack(q.T), "scales": t["weight_scale"].T.contiguous(),
-                "zeros": zeros.T.contiguous().to(torch.uint8)}
+                "zeros": zeros.T.contiguous()}
 
 
 def _nibbles(packed: torch.Tensor, order: tuple[int, ...] = tuple(range(8))) -> torch.Tensor:

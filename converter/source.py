@@ -79,12 +79,11 @@ def open_source(src: Path, model_format: str = "auto", dtype: str = "auto") -> S
     arch = architecture_of(hf, where)[1]
     config = model_config(hf, where)
     ckpt = Checkpoint(src)
-    needed = _check_tensors(ckpt, config, arch, src, quant)
-    unused = sorted(n for n in ckpt.names() - needed if not IGNORED.match(n))
-    dense = {n for n in needed if ckpt.dtype(n).is_floating_point and not n.endswith(".scales")}
+    dense, quantized = _check_tensors(ckpt, config, arch, src, quant)
+    unused = sorted(n for n in ckpt.names() - dense - quantized if not IGNORED.match(n))
     source = Source(src, hf, config, arch, ckpt, _pick_dtype(dtype, ckpt, dense, hf, src), unused, quant)
     if quant is not None:
-        scale = ckpt.dtype(next(n for n in needed if n.endswith(".scales") or n.endswith(".weight_scale")))
+        scale = ckpt.dtype(next(n for n in sorted(quantized) if n.endswith("." + quant.scale_suffix)))
         source.int4 = Int4Format(quant.group_size, quant.zero_point, quant.name, str(scale).removeprefix("torch."))
         source._reader = QuantizedReader(quant, ckpt)
     return source
@@ -103,12 +102,13 @@ def _read_config(src: Path) -> dict[str, Any]:
     return hf
 
 
-def _check_tensors(ckpt: Checkpoint, cfg: ModelConfig, arch: Architecture, src: Path, quant) -> set[str]:
-    """Every tensor the plan needs exists with the shape config.json implies."""
-    needed = set()
+def _check_tensors(ckpt: Checkpoint, cfg: ModelConfig, arch: Architecture, src: Path,
+                   quant) -> tuple[set[str], set[str]]:
+    """Every tensor the plan needs exists with the shape config.json implies: (dense, int4 source) names."""
+    needed, quantized = set(), set()
     for canonical in source_names(cfg, quantized=quant is not None):
         if canonical.endswith(".qweight"):
-            needed |= _check_quantized(ckpt, cfg, arch, canonical, quant)
+            quantized |= _check_quantized(ckpt, cfg, arch, canonical, quant)
             continue
         if canonical.endswith((".scales", ".zeros")):
             continue  # checked with their qweight
@@ -122,9 +122,10 @@ def _check_tensors(ckpt: Checkpoint, cfg: ModelConfig, arch: Architecture, src: 
                               f"config.json implies {list(want)}")
         if ckpt.dtype(name) not in FLOAT_DTYPES.values():
             raise FormatError(f"{ckpt.file_of(name)}: tensor {name!r} has dtype {ckpt.dtype(name)}; "
-                              "expected float32, float16 or bfloat16 (quantized checkpoints need --model-format awq)")
+                              "expected float32, float16 or bfloat16 (int4 checkpoints are recognized by the "
+                              "quantization_config in config.json)")
         needed.add(name)
-    return needed
+    return needed, quantized
 
 
 def _check_quantized(ckpt: Checkpoint, cfg: ModelConfig, arch: Architecture, canonical: str, quant) -> set[str]:
