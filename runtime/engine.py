@@ -44,6 +44,10 @@ class Sequence:
     def context(self) -> int:
         return len(self.prompt) + len(self.out)
 
+    def history(self) -> list[int]:
+        """Ids the repetition penalty looks at; built only for sequences that use one (hot path)."""
+        return self.prompt + self.out if self.params.repetition_penalty != 1.0 else []
+
 
 OnDelta = Callable[[Sequence, str], None]  # streamed text as it becomes final
 
@@ -70,15 +74,14 @@ class Engine:
                         allocate=tuple((s.seq_id, s.capacity) for s in new), free=tuple(to_free))
             logits = self.driver.execute(step)
             result = self.sampler.sample(logits, [s.params for s in step_seqs], [s.generator for s in step_seqs],
-                                         [s.prompt + s.out for s in step_seqs])
+                                         [s.history() for s in step_seqs])
             to_free = []
             for s, token, lp in zip(step_seqs, result.tokens.tolist(), result.logprobs):
                 self._advance(s, token, lp, on_delta)
                 if s.finish_reason:
                     to_free.append(s.seq_id)
             running = [s for s in step_seqs if not s.finish_reason]
-        if to_free:
-            self.driver.execute(Step(tokens=[], batch=StepBatch(()), free=tuple(to_free)))
+        self._free(to_free)
         return seqs
 
     def prompt_logits(self, prompt: list[int]) -> torch.Tensor:
@@ -88,8 +91,13 @@ class Engine:
         seq_id = self._next_id
         batch = StepBatch((SeqSlice(seq_id, len(prompt), len(prompt)),))
         logits = self.driver.execute(Step(prompt, batch, allocate=((seq_id, len(prompt)),), all_logits=True))
-        self.driver.execute(Step(tokens=[], batch=StepBatch(()), free=(seq_id,)))
+        self._free([seq_id])
         return logits
+
+    def _free(self, seq_ids: list[int]) -> None:
+        """Release caches on every rank with a step that runs no forward."""
+        if seq_ids:
+            self.driver.execute(Step(tokens=[], batch=StepBatch(()), free=tuple(seq_ids)))
 
     def _sequence(self, request: int, index: int, prompt: list[int], params: SamplingParams) -> Sequence:
         self._check_prompt(request, prompt)

@@ -81,9 +81,7 @@ class Driver:
 def _worker_main(spec: RunnerSpec, rank: int, tp: int, port: int) -> None:
     comm = init_process_group(rank, tp, port, torch.device(spec.device))
     runner, error = _load(spec, rank, comm)
-    errors = [None] * tp
-    dist.all_gather_object(errors, error)
-    if not any(errors):
+    if not _load_errors(comm, error):
         while (step := comm.broadcast_object(None)) is not None:
             runner.execute(step)
     dist.destroy_process_group()
@@ -98,12 +96,17 @@ def _load(spec: RunnerSpec, rank: int, comm: Comm) -> tuple[ModelRunner | None, 
         return None, traceback.format_exc(limit=3)
 
 
-def _raise_load_errors(comm: Comm, error: str | None) -> None:
+def _load_errors(comm: Comm, error: str | None) -> list[tuple[int, str]]:
+    """Every rank's load error, on every rank, so all of them stop together or go on together."""
     errors = [error]
     if comm.world > 1:
         errors = [None] * comm.world
         dist.all_gather_object(errors, error)
-    failed = [(r, e) for r, e in enumerate(errors) if e]
+    return [(r, e) for r, e in enumerate(errors) if e]
+
+
+def _raise_load_errors(comm: Comm, error: str | None) -> None:
+    failed = _load_errors(comm, error)
     if failed:
         if comm.world > 1:
             dist.destroy_process_group()
