@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import errno
+import math
 import os
 import shutil
 import time
@@ -97,10 +98,7 @@ def planned_bytes(src: Source, tp: int) -> int:
     for group in file_groups(src.config, quantized=src.int4 is not None):
         for rank in range(tp):
             for t in group.tensors:
-                numel = 1
-                for s in rank_tensor(t, src.config, tp, rank, group_size).shape:
-                    numel *= s
-                n += numel * src.out_dtype(t).itemsize
+                n += math.prod(rank_tensor(t, src.config, tp, rank, group_size).shape) * src.out_dtype(t).itemsize
     return n
 
 

@@ -78,8 +78,8 @@ def source_names(cfg: ModelConfig, quantized: bool = False) -> list[str]:
 
 def rank_tensor(name: str, cfg: ModelConfig, tp: int, rank: int, group_size: int = 0) -> RankTensor:
     """The shape of ``name`` on ``rank`` and the source slices that fill it."""
-    base, _, part = name.rpartition(".")
-    if part in int4.PARTS:
+    if int4.is_part(name):
+        base, _, part = name.rpartition(".")
         return _int4_rank_tensor(rank_tensor(base + ".weight", cfg, tp, rank), part, group_size)
     prefix, rule = _rule(name)
     if isinstance(rule, Replicate):
@@ -106,8 +106,7 @@ def int4_source_shape(name: str, cfg: ModelConfig, group_size: int) -> tuple[int
 
 
 def _int4_names(weight_name: str) -> list[str]:
-    base = weight_name.removesuffix(".weight")
-    return [f"{base}.{part}" for part in int4.PARTS]
+    return [_part_name(weight_name, part) for part in int4.PARTS]
 
 
 def _int4_rank_tensor(dense: RankTensor, part: str, group_size: int) -> RankTensor:
