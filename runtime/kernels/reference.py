@@ -1,4 +1,11 @@
-"""Plain-torch references: the math the runtime's CPU path runs and the Triton kernels must match."""
+"""Plain-torch references: the math the runtime's CPU path runs and the Triton kernels must match.
+
+* ``w4a16_linear``: x @ dequant(W) over the canonical int4 layout (``formats.int4``).
+* ``write_kv``: quantize (int8/int4) or cast the step's K/V and scatter them into their slots.
+* ``prefill_attention``: causal GQA attention of packed variable-length queries over each
+  sequence's paged cache (cached tokens and this step's alike: chunked prefill).
+* ``decode_attention``: one query per sequence over its block table, all sequences in one batch.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -7,6 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from formats import int4
+from runtime.kv.batch import LayerKV, PagedBatch
+from runtime.kv.format import dequantize, quantize
 
 
 @dataclass(frozen=True)
@@ -24,6 +33,78 @@ def w4a16_linear(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None = Non
     weight = int4.dequantize(w.qweight, w.scales, w.zeros, w.group_size).to(x.dtype)  # (K, N)
     out = x @ weight
     return out if bias is None else out + bias
+
+
+def write_kv(kv: LayerKV, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
+    """Store k, v (T, Hkv, D) at ``slots`` (T,) = block * block_size + offset, in the cache's precision."""
+    for data, params, x in ((kv.k, kv.k_params, k), (kv.v, kv.v_params, v)):
+        blocks, offsets = slots // kv.block_size, slots % kv.block_size  # advanced indices: (T, Hkv, X) views
+        if kv.quantized:
+            codes, p = quantize(x, kv.bits)
+            data[blocks, :, offsets] = codes
+            params[blocks, :, offsets] = p
+        else:
+            data[blocks, :, offsets] = x.to(data.dtype)
+
+
+def gather_kv(kv: LayerKV, table: torch.Tensor, n: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``n`` tokens of one sequence as (Hkv, n, D) keys and values in ``dtype``."""
+    blocks = table[: -(-n // kv.block_size)].long()
+    return _gather(kv.k, kv.k_params, blocks, n, kv.bits, dtype), _gather(kv.v, kv.v_params, blocks, n, kv.bits, dtype)
+
+
+def _gather(data, params, blocks, n, bits, dtype) -> torch.Tensor:
+    def flat(t):  # (nb, H, bs, X) -> (H, nb * bs, X)[:, :n]
+        return t[blocks].transpose(0, 1).flatten(1, 2)[:, :n]
+    if params is None:
+        return flat(data).to(dtype)
+    return dequantize(flat(data), flat(params), bits, dtype)
+
+
+def allowed(qpos: torch.Tensor, kpos: torch.Tensor, window: int | None) -> torch.Tensor:
+    """Causal (and sliding-window, as Mistral: key j visible from query i iff i - window < j <= i)."""
+    ok = kpos[None, :] <= qpos[:, None]
+    if window is not None:
+        ok &= kpos[None, :] > qpos[:, None] - window
+    return ok
+
+
+def prefill_attention(q: torch.Tensor, kv: LayerKV, pb: PagedBatch, scale: float,
+                      window: int | None = None) -> torch.Tensor:
+    """q (T, Hq, D) packed by ``pb.query_start`` -> (T, Hq, D); new tokens sit at the end of each context."""
+    out = torch.empty_like(q)
+    starts, lens = pb.query_start.tolist(), pb.seq_lens.tolist()
+    for b, n in enumerate(lens):
+        s, e = starts[b], starts[b + 1]
+        k, v = gather_kv(kv, pb.block_tables[b], n, q.dtype)
+        qpos = torch.arange(n - (e - s), n, device=q.device)
+        mask = allowed(qpos, torch.arange(n, device=q.device), window)
+        o = F.scaled_dot_product_attention(q[s:e].transpose(0, 1), k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+        out[s:e] = o.transpose(0, 1)
+    return out
+
+
+def decode_attention(q: torch.Tensor, kv: LayerKV, block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
+                     window: int | None = None) -> torch.Tensor:
+    """q (B, Hq, D), one query per sequence at position seq_len - 1 -> (B, Hq, D); one batched gather."""
+    width = -(-int(seq_lens.max()) // kv.block_size)
+    tables = block_tables[:, :width].long()
+    k, v = (_gather_batch(d, p, tables, kv.bits, q.dtype) for d, p in ((kv.k, kv.k_params), (kv.v, kv.v_params)))
+    kpos = torch.arange(k.shape[2], device=q.device)
+    last = (seq_lens.long() - 1)[:, None]
+    mask = kpos[None, :] <= last
+    if window is not None:
+        mask &= kpos[None, :] > last - window
+    o = F.scaled_dot_product_attention(q[:, :, None], k, v, attn_mask=mask[:, None, None, :], scale=scale, enable_gqa=True)
+    return o[:, :, 0]
+
+
+def _gather_batch(data, params, tables, bits, dtype) -> torch.Tensor:
+    def flat(t):  # (nb, H, bs, X)[tables] -> (B, H, width * bs, X)
+        return t[tables].transpose(1, 2).flatten(2, 3)
+    if params is None:
+        return flat(data).to(dtype)
+    return dequantize(flat(data), flat(params), bits, dtype)
 
 
 def linear(x: torch.Tensor, w: torch.Tensor | Int4Weight, bias: torch.Tensor | None = None) -> torch.Tensor:

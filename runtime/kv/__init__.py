@@ -1,0 +1,1 @@
+"""The paged KV cache: storage format, block management, and the per-step views the kernels read."""

@@ -1,0 +1,87 @@
+"""What one step asks of the cache: which sequences, how many new tokens, which blocks.
+
+``StepBatch`` is what rank 0 broadcasts (plain Python, cheap to pickle); ``PagedBatch`` is the same
+on the device, as the kernels read it; ``LayerKV`` is one layer's paged storage.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class SeqSlice:
+    """One sequence's part of a packed step: ``new`` tokens, after which it holds ``context`` tokens
+    in the cache blocks ``blocks`` (in order; enough of them for ``context`` tokens)."""
+
+    seq_id: int
+    new: int
+    context: int
+    blocks: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class StepBatch:
+    seqs: tuple[SeqSlice, ...]
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.new for s in self.seqs)
+
+    @property
+    def decode_only(self) -> bool:
+        return all(s.new == 1 for s in self.seqs)
+
+    def positions(self) -> torch.Tensor:
+        return torch.cat([torch.arange(s.context - s.new, s.context) for s in self.seqs])
+
+    def last_token_index(self) -> torch.Tensor:
+        """Row of each sequence's last new token in the packed step (where logits are needed)."""
+        ends = torch.tensor([s.new for s in self.seqs]).cumsum(0)
+        return ends - 1
+
+
+@dataclass(frozen=True)
+class PagedBatch:
+    """A StepBatch as device tensors: the kernels' view of a step."""
+
+    block_tables: torch.Tensor  # (B, max_blocks) int32; rows padded with block 0 (never read: masked by length)
+    seq_lens: torch.Tensor  # (B,) int32: context after this step
+    query_start: torch.Tensor  # (B + 1,) int32: row of each sequence's first new token in the packed step
+    slots: torch.Tensor  # (T,) int64: block * block_size + offset of every new token
+    max_query_len: int
+    max_seq_len: int
+    decode_only: bool
+
+    @classmethod
+    def build(cls, batch: StepBatch, block_size: int, device: torch.device) -> "PagedBatch":
+        width = max(len(s.blocks) for s in batch.seqs)
+        tables = torch.tensor([list(s.blocks) + [0] * (width - len(s.blocks)) for s in batch.seqs], dtype=torch.int32)
+        news = torch.tensor([s.new for s in batch.seqs], dtype=torch.int32)
+        slots = []
+        for s in batch.seqs:
+            pos = torch.arange(s.context - s.new, s.context)
+            slots.append(torch.tensor(s.blocks, dtype=torch.int64)[pos // block_size] * block_size + pos % block_size)
+        return cls(tables.to(device), torch.tensor([s.context for s in batch.seqs], dtype=torch.int32).to(device),
+                   torch.cat([torch.zeros(1, dtype=torch.int32), news.cumsum(0, dtype=torch.int32)]).to(device),
+                   torch.cat(slots).to(device), int(news.max()), max(s.context for s in batch.seqs), batch.decode_only)
+
+
+@dataclass(frozen=True)
+class LayerKV:
+    """One layer's cache. k, v: (num_blocks, kv_heads, block_size, packed_dim); params (…, 2) fp16 or None."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    k_params: torch.Tensor | None
+    v_params: torch.Tensor | None
+    bits: int  # 4 or 8: codes + params; 16 or 32: plain floats
+
+    @property
+    def block_size(self) -> int:
+        return self.k.shape[2]
+
+    @property
+    def quantized(self) -> bool:
+        return self.bits in (4, 8)

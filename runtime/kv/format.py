@@ -1,0 +1,122 @@
+"""How keys and values are stored in the paged cache: precision, block shape, bytes.
+
+Layout (per layer, K and V alike; ``docs/kv-cache.md``):
+
+* data   ``(num_blocks, kv_heads, block_size, packed_dim)``: the compute dtype (fp32/fp16/bf16), or
+  uint8 holding int8 codes (``packed_dim = head_dim``) or two int4 codes per byte
+  (``packed_dim = head_dim / 2``; element ``2j`` in the low nibble, ``2j + 1`` in the high one);
+* params ``(num_blocks, kv_heads, block_size, 2)`` float16, only for int8/int4: ``[scale, zero]``
+  of each token and head, so that ``x ≈ code * scale + zero`` (asymmetric, zero = the minimum).
+
+Quantization (the torch reference below; the Triton write kernel does the same arithmetic):
+``lo, hi = min, max over head_dim``; ``scale = fp16(max(hi - lo, tiny) / qmax)``, ``zero = fp16(lo)``;
+``code = clamp(floor((x - zero) / scale + 0.5), 0, qmax)``. Scale and zero are rounded to float16
+*before* the codes are computed, so the codes are chosen for the parameters actually stored.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from formats.errors import TpDeployError
+
+BLOCK_SIZE = 64  # tokens per block: a power of two, a whole number of kernel tiles
+PARAM_DTYPE = torch.float16  # scale and zero: 2 bytes each keeps int8 at >= 1.85x fp16's tokens at D=64
+_FP16_MAX = 65504.0
+_MIN_SCALE = 2.0 ** -14  # smallest normal fp16: a constant row still dequantizes exactly to its value
+
+KV_DTYPES = ("auto", "fp32", "fp16", "bf16", "int8", "int4")
+QUANT_POLICY = {0: "auto", 8: "int8", 4: "int4"}  # LMDeploy's --quant-policy
+_FLOAT = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class KVFormat:
+    """One cache precision: ``bits`` 16/32 (float, stored as ``dtype``), 8 or 4 (codes + fp16 params)."""
+
+    name: str
+    dtype: torch.dtype  # storage dtype of the data tensor
+    bits: int
+
+    @property
+    def quantized(self) -> bool:
+        return self.bits in (4, 8)
+
+    def packed_dim(self, head_dim: int) -> int:
+        return head_dim // 2 if self.bits == 4 else head_dim
+
+    def bytes_per_token_head(self, head_dim: int) -> int:
+        """Bytes one token of one KV head takes in K (or V), parameters included."""
+        params = 2 * PARAM_DTYPE.itemsize if self.quantized else 0
+        return self.packed_dim(head_dim) * self.dtype.itemsize + params
+
+
+def kv_format(kv_dtype: str, compute_dtype: torch.dtype, head_dim: int) -> KVFormat:
+    """The format for ``--kv-dtype`` (``auto`` = the compute dtype)."""
+    if kv_dtype not in KV_DTYPES:
+        raise TpDeployError(f"--kv-dtype {kv_dtype!r} is not supported; choose one of {', '.join(KV_DTYPES)}")
+    if kv_dtype == "auto":
+        name = {v: k for k, v in _FLOAT.items()}[compute_dtype]
+        return KVFormat(name, compute_dtype, compute_dtype.itemsize * 8)
+    if kv_dtype in _FLOAT:
+        return KVFormat(kv_dtype, _FLOAT[kv_dtype], _FLOAT[kv_dtype].itemsize * 8)
+    if kv_dtype == "int4" and head_dim % 2:
+        raise TpDeployError(f"--kv-dtype int4 packs two values per byte and needs an even head_dim, got {head_dim}")
+    return KVFormat(kv_dtype, torch.uint8, int(kv_dtype[3:]))
+
+
+def from_quant_policy(policy: int) -> str:
+    """LMDeploy's ``--quant-policy 0|8|4`` as a ``--kv-dtype`` name."""
+    if policy not in QUANT_POLICY:
+        raise TpDeployError(f"--quant-policy {policy} is not supported; LMDeploy's values are 0 (off), 8 (int8), 4 (int4)")
+    return QUANT_POLICY[policy]
+
+
+@dataclass(frozen=True)
+class KVShape:
+    """The cache of one rank: every layer, this rank's KV heads, in blocks of ``block_size`` tokens."""
+
+    num_layers: int
+    kv_heads: int
+    head_dim: int
+    fmt: KVFormat
+    block_size: int = BLOCK_SIZE
+
+    def __post_init__(self):
+        b = self.block_size
+        if b < 1 or b & (b - 1):
+            raise TpDeployError(f"--block-size must be a power of two, got {b}")
+
+    @property
+    def bytes_per_token(self) -> int:
+        """K and V of one token in every layer, with the int8/int4 scale and zero counted."""
+        return 2 * self.num_layers * self.kv_heads * self.fmt.bytes_per_token_head(self.head_dim)
+
+    @property
+    def bytes_per_block(self) -> int:
+        return self.block_size * self.bytes_per_token
+
+    def blocks_for(self, budget_bytes: int) -> int:
+        return max(0, budget_bytes // self.bytes_per_block)
+
+
+def quantize(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (..., D) -> codes uint8 (..., D or D/2) and params float16 (..., 2) = [scale, zero]."""
+    qmax = (1 << bits) - 1
+    x32 = x.float().clamp(-_FP16_MAX, _FP16_MAX)
+    lo, hi = x32.amin(-1, keepdim=True), x32.amax(-1, keepdim=True)
+    scale = ((hi - lo) / qmax).clamp(_MIN_SCALE, _FP16_MAX).to(PARAM_DTYPE)
+    zero = lo.to(PARAM_DTYPE)
+    codes = torch.floor((x32 - zero.float()) / scale.float() + 0.5).clamp(0, qmax).to(torch.uint8)
+    if bits == 4:
+        codes = codes[..., 0::2] | (codes[..., 1::2] << 4)
+    return codes, torch.cat([scale, zero], dim=-1)
+
+
+def dequantize(codes: torch.Tensor, params: torch.Tensor, bits: int, dtype: torch.dtype) -> torch.Tensor:
+    """codes (..., D or D/2) uint8 and params (..., 2) -> values (..., D) in ``dtype`` (math in fp32)."""
+    if bits == 4:
+        codes = torch.stack([codes & 0xF, codes >> 4], dim=-1).flatten(-2)
+    p = params.float()
+    return (codes.float() * p[..., :1] + p[..., 1:]).to(dtype)

@@ -1,0 +1,63 @@
+"""Random paged caches for kernel tests: scattered, shuffled blocks, any precision, any lengths."""
+from __future__ import annotations
+
+import torch
+
+from runtime.kernels import reference
+from runtime.kv.batch import LayerKV, PagedBatch, SeqSlice, StepBatch
+from runtime.kv.format import kv_format
+
+KV_NAMES = {32: "fp32", 16: "fp16", 8: "int8", 4: "int4"}
+
+
+def empty_cache(bits: int, num_blocks: int, kv_heads: int, block_size: int, head_dim: int, device,
+                dtype: torch.dtype = torch.float32) -> LayerKV:
+    """An empty layer cache; float caches are stored in ``dtype`` (fp16 or fp32) for bits 16/32."""
+    fmt = kv_format(KV_NAMES[bits] if bits in (4, 8) else {torch.float16: "fp16", torch.float32: "fp32",
+                                                              torch.bfloat16: "bf16"}[dtype], dtype, head_dim)
+    shape = (num_blocks, kv_heads, block_size, fmt.packed_dim(head_dim))
+    k, v = torch.zeros(shape, dtype=fmt.dtype, device=device), torch.zeros(shape, dtype=fmt.dtype, device=device)
+    if not fmt.quantized:
+        return LayerKV(k, v, None, None, fmt.bits)
+    pshape = shape[:3] + (2,)
+    return LayerKV(k, v, torch.zeros(pshape, dtype=torch.float16, device=device),
+                   torch.zeros(pshape, dtype=torch.float16, device=device), fmt.bits)
+
+
+def step(contexts: list[int], news: list[int], block_size: int, seed: int = 0) -> tuple[StepBatch, int]:
+    """A StepBatch whose sequences own disjoint, shuffled blocks (so block order matters); and the block count."""
+    need = [-(-c // block_size) for c in contexts]
+    perm = torch.randperm(sum(need) + 3, generator=torch.Generator().manual_seed(seed)).tolist()
+    seqs, at = [], 0
+    for i, (c, n, k) in enumerate(zip(contexts, news, need)):
+        seqs.append(SeqSlice(i + 1, n, c, tuple(perm[at:at + k])))
+        at += k
+    return StepBatch(tuple(seqs)), sum(need) + 3
+
+
+def filled(bits: int, contexts: list[int], news: list[int], kv_heads: int, head_dim: int, block_size: int, device,
+           dtype: torch.dtype = torch.float32, seed: int = 0, scale: float = 1.0):
+    """A cache holding every sequence's first ``context - new`` tokens (written by the reference),
+    plus this step's batch: returns (kv, paged_batch, k_new, v_new) with k/v_new (T, Hkv, D)."""
+    batch, num_blocks = step(contexts, news, block_size, seed)
+    kv = empty_cache(bits, num_blocks, kv_heads, block_size, head_dim, device, dtype)
+    g = torch.Generator().manual_seed(seed + 1)
+    past = StepBatch(tuple(SeqSlice(s.seq_id, s.context - s.new, s.context - s.new, s.blocks)
+                           for s in batch.seqs if s.context > s.new))
+    if past.seqs:
+        pb_past = PagedBatch.build(past, block_size, device)
+        t = past.num_tokens
+        reference.write_kv(kv, _rand((t, kv_heads, head_dim), g, scale, dtype, device),
+                           _rand((t, kv_heads, head_dim), g, scale, dtype, device), pb_past.slots)
+    t = batch.num_tokens
+    k_new, v_new = (_rand((t, kv_heads, head_dim), g, scale, dtype, device) for _ in range(2))
+    return kv, PagedBatch.build(batch, block_size, device), k_new, v_new
+
+
+def _rand(shape, g, scale, dtype, device) -> torch.Tensor:
+    return (torch.randn(shape, generator=g) * scale).to(dtype).to(device)
+
+
+def clone(kv: LayerKV) -> LayerKV:
+    c = (lambda t: None if t is None else t.clone())
+    return LayerKV(kv.k.clone(), kv.v.clone(), c(kv.k_params), c(kv.v_params), kv.bits)
