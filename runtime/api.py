@@ -16,7 +16,9 @@ import torch
 from formats.errors import TpDeployError
 from formats.manifest import FLOAT_DTYPES
 from runtime.engine import Engine, OnDelta, Sequence
+from runtime.kv.blocks import BlockManager
 from runtime.launch import Driver
+from runtime.memory import CacheConfig
 from runtime.runner import RunnerSpec
 from runtime.sampling import SamplingParams, TokenLogprobs
 from runtime.tokenizer import Tokenizer
@@ -55,7 +57,8 @@ class LLM:
     """Loads a workspace on ``tp`` ranks (one process each) and generates from rank 0."""
 
     def __init__(self, workspace: str | Path, *, device: str | None = None, dtype: str = "auto",
-                 max_model_len: int | None = None, max_batch_size: int = 64, seed: int | None = None):
+                 max_model_len: int | None = None, max_batch_size: int = 64, seed: int | None = None,
+                 cache: CacheConfig | None = None):
         ws = Path(workspace)
         self.manifest = open_workspace(ws)
         cfg = self.manifest.model
@@ -64,9 +67,13 @@ class LLM:
             raise TpDeployError(f"--device must be cpu or cuda, got {device!r}")
         self.max_model_len = _max_model_len(max_model_len, cfg.max_position_embeddings)
         self.tokenizer = Tokenizer.from_workspace(ws)
-        spec = RunnerSpec(ws, self.manifest, device, _dtype(dtype, self.manifest.weights.dtype))
+        spec = RunnerSpec(ws, self.manifest, device, _dtype(dtype, self.manifest.weights.dtype), cache or CacheConfig(),
+                          cache_cap_tokens=max_batch_size * self.max_model_len)
         self.driver = Driver(spec)
-        self.engine = Engine(self.driver, self.tokenizer, cfg.vocab_size, self.max_model_len, max_batch_size, seed)
+        kv = self.driver.runner.cache
+        self.blocks = BlockManager(kv.num_blocks, kv.shape.block_size)
+        self.engine = Engine(self.driver, self.tokenizer, self.blocks, cfg.vocab_size, self.max_model_len,
+                             max_batch_size, seed)
 
     def generate(self, prompts: Prompt | list[Prompt], sampling_params: SamplingParams | list[SamplingParams] | None = None,
                  on_delta: OnDelta | None = None) -> list[RequestOutput]:
@@ -85,10 +92,11 @@ class LLM:
         ids = [self.tokenizer.encode(t, add_special_tokens=False) for t in texts]
         return self._run(texts, ids, sampling_params, on_delta)
 
-    def prompt_logits(self, prompt: Prompt) -> torch.Tensor:
-        """(T, vocab) float32 logits at every position of one prompt (scoring, perplexity, tests)."""
+    def prompt_logits(self, prompt: Prompt, chunk: int | None = None) -> torch.Tensor:
+        """(T, vocab) float32 logits at every position of one prompt (scoring, perplexity, tests);
+        ``chunk`` prefills it that many tokens per step (chunked prefill over the paged cache)."""
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        return self.engine.prompt_logits(ids)
+        return self.engine.prompt_logits(ids, chunk)
 
     def _run(self, texts, ids, sampling_params, on_delta) -> list[RequestOutput]:
         params = sampling_params if isinstance(sampling_params, list) else [sampling_params or SamplingParams()] * len(ids)

@@ -1,6 +1,7 @@
 """The ``tprun`` command line."""
 from __future__ import annotations
 
+import functools
 import json
 import sys
 import time
@@ -10,12 +11,50 @@ import click
 
 from formats.errors import TpDeployError
 from runtime import __version__
+from runtime.kv.format import KV_DTYPES
 
 
 @click.group()
 @click.version_option(__version__, prog_name="tprun")
 def main() -> None:
     """Run tpdeploy workspaces with tensor parallelism: one process per rank, each mapping only its own shard."""
+
+
+def runtime_options(f):
+    """Device, dtype and KV-cache flags shared by every command that loads a workspace."""
+    options = [
+        click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None, help="Default: cuda when available."),
+        click.option("--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]), default="auto",
+                     show_default=True),
+        click.option("--max-model-len", type=int, default=None, help="Context window (default: the model's)."),
+        click.option("--kv-dtype", type=click.Choice(KV_DTYPES), default="auto", show_default=True,
+                     help="KV cache precision; auto = the compute dtype."),
+        click.option("--quant-policy", type=int, default=None, help="LMDeploy's spelling: 0 (off), 8 (int8), 4 (int4)."),
+        click.option("--cache-max-entry-count", type=float, default=0.8, show_default=True,
+                     help="λ: the KV cache takes this fraction of the memory left after the weights."),
+        click.option("--kv-cache-tokens", type=int, default=None, help="An exact KV cache size in tokens instead of λ."),
+        click.option("--block-size", type=int, default=64, show_default=True, help="Tokens per KV block (power of two)."),
+    ]
+    return functools.reduce(lambda g, opt: opt(g), reversed(options), f)
+
+
+def _llm(workspace: Path, device, dtype, max_model_len, kv_dtype, quant_policy, cache_max_entry_count,
+         kv_cache_tokens, block_size, **extra):
+    from runtime.api import LLM
+    from runtime.kv.format import from_quant_policy
+    from runtime.memory import CacheConfig
+
+    if quant_policy is not None:
+        if kv_dtype != "auto":
+            raise TpDeployError(f"--quant-policy {quant_policy} and --kv-dtype {kv_dtype} both set the KV precision; give one")
+        kv_dtype = from_quant_policy(quant_policy)
+    cache = CacheConfig(kv_dtype, block_size, cache_max_entry_count, kv_cache_tokens)
+    return LLM(workspace, device=device, dtype=dtype, max_model_len=max_model_len, cache=cache, **extra)
+
+
+def _fail(e: TpDeployError) -> None:
+    click.echo(f"tprun: error: {e}", err=True)
+    sys.exit(2)
 
 
 @main.command("generate")
@@ -28,21 +67,17 @@ def main() -> None:
 @click.option("--top-p", type=float, default=1.0, show_default=True)
 @click.option("--top-k", type=int, default=0, show_default=True)
 @click.option("--seed", type=int, default=None)
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None, help="Default: cuda when available.")
-@click.option("--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]), default="auto", show_default=True)
-@click.option("--max-model-len", type=int, default=None, help="Context window (default: the model's).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of streaming text.")
+@runtime_options
 def generate_cmd(workspace: Path, prompt: str, chat: bool, system: str | None, max_tokens: int, temperature: float,
-                 top_p: float, top_k: int, seed: int | None, device: str | None, dtype: str,
-                 max_model_len: int | None, as_json: bool) -> None:
+                 top_p: float, top_k: int, seed: int | None, as_json: bool, **runtime) -> None:
     """Generate from WORKSPACE, streaming tokens to the terminal as they are produced."""
-    from runtime.api import LLM
     from runtime.sampling import SamplingParams
 
     t0 = time.perf_counter()
     try:
         params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
-        with LLM(workspace, device=device, dtype=dtype, max_model_len=max_model_len) as llm:
+        with _llm(workspace, **runtime) as llm:
             loaded = time.perf_counter()
             stream = None if as_json else (lambda seq, delta: (sys.stdout.write(delta), sys.stdout.flush()))
             if chat:
@@ -51,8 +86,7 @@ def generate_cmd(workspace: Path, prompt: str, chat: bool, system: str | None, m
             else:
                 out = llm.generate(prompt, params, on_delta=stream)[0]
     except TpDeployError as e:
-        click.echo(f"tprun: error: {e}", err=True)
-        sys.exit(2)
+        _fail(e)
     done = time.perf_counter()
     c = out.outputs[0]
     if as_json:
@@ -63,3 +97,33 @@ def generate_cmd(workspace: Path, prompt: str, chat: bool, system: str | None, m
         click.echo()
         click.echo(f"[{c.finish_reason}: {out.num_prompt_tokens} prompt + {len(c.token_ids)} generated tokens, "
                    f"{len(c.token_ids) / max(done - loaded, 1e-9):.1f} tokens/s]", err=True)
+
+
+@main.command("perplexity")
+@click.argument("workspace", type=click.Path(path_type=Path))
+@click.option("--file", "text_file", required=True, type=click.Path(path_type=Path), help="A plain-text (UTF-8) file.")
+@click.option("--context", type=int, default=512, show_default=True, help="Window length in tokens.")
+@click.option("--prefill-chunk", type=int, default=None, help="Prefill each window this many tokens per step.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@runtime_options
+def perplexity_cmd(workspace: Path, text_file: Path, context: int, prefill_chunk: int | None, as_json: bool,
+                   **runtime) -> None:
+    """Perplexity of TEXT through the serving path, to judge a --kv-dtype on your own text."""
+    from runtime.perplexity import perplexity
+
+    try:
+        try:
+            text = text_file.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise TpDeployError(f"cannot read --file {text_file}: {e}") from e
+        with _llm(workspace, max_batch_size=1, **runtime) as llm:
+            ids = llm.tokenizer.encode(text)
+            result = perplexity(llm, ids, context, prefill_chunk)
+            kv = llm.driver.runner.cache.shape.fmt.name
+    except TpDeployError as e:
+        _fail(e)
+    if as_json:
+        click.echo(json.dumps({"kv_dtype": kv, **result.to_dict()}))
+    else:
+        click.echo(f"perplexity {result.perplexity:.4f} (kv {kv}; {result.windows} windows of {context} tokens, "
+                   f"{result.scored_tokens} scored of {result.text_tokens})")

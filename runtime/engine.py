@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 import torch
 
 from formats.errors import TpDeployError
-from runtime.kv_cache import SeqSlice, StepBatch
+from runtime.kv.batch import SeqSlice, StepBatch
+from runtime.kv.blocks import BlockManager
 from runtime.runner import Step
 from runtime.sampling import Sampler, SamplingParams, TokenLogprobs, make_generator
 from runtime.stops import StopChecker, safe_prefix
@@ -53,9 +54,9 @@ OnDelta = Callable[[Sequence, str], None]  # streamed text as it becomes final
 
 
 class Engine:
-    def __init__(self, driver, tokenizer, vocab_size: int, max_model_len: int, max_batch_size: int = 64,
-                 seed: int | None = None):
-        self.driver, self.tokenizer, self.vocab_size = driver, tokenizer, vocab_size
+    def __init__(self, driver, tokenizer, blocks: BlockManager, vocab_size: int, max_model_len: int,
+                 max_batch_size: int = 64, seed: int | None = None):
+        self.driver, self.tokenizer, self.blocks, self.vocab_size = driver, tokenizer, blocks, vocab_size
         self.max_model_len, self.max_batch_size = max_model_len, max_batch_size
         self.sampler = Sampler(seed)
         self._next_id = 0
@@ -64,40 +65,64 @@ class Engine:
                  on_delta: OnDelta | None = None) -> list[list[Sequence]]:
         """Generate for every prompt; returns, per prompt, its ``n`` finished sequences."""
         seqs = [[self._sequence(r, i, p, sp) for i in range(sp.n)] for r, (p, sp) in enumerate(zip(prompts, params))]
-        waiting, running, to_free = deque(s for group in seqs for s in group), [], []
-        while waiting or running:
-            new = [waiting.popleft() for _ in range(min(len(waiting), self.max_batch_size - len(running)))]
-            step_seqs = new + running
-            step = Step(tokens=[t for s in new for t in s.prompt] + [s.out[-1] for s in running],
-                        batch=StepBatch(tuple(SeqSlice(s.seq_id, len(s.prompt), len(s.prompt)) for s in new)
-                                        + tuple(SeqSlice(s.seq_id, 1, s.context) for s in running)),
-                        allocate=tuple((s.seq_id, s.capacity) for s in new), free=tuple(to_free))
-            logits = self.driver.execute(step)
-            result = self.sampler.sample(logits, [s.params for s in step_seqs], [s.generator for s in step_seqs],
-                                         [s.history() for s in step_seqs])
-            to_free = []
-            for s, token, lp in zip(step_seqs, result.tokens.tolist(), result.logprobs):
-                self._advance(s, token, lp, on_delta)
-                if s.finish_reason:
-                    to_free.append(s.seq_id)
-            running = [s for s in step_seqs if not s.finish_reason]
-        self._free(to_free)
+        waiting, running = deque(s for group in seqs for s in group), []
+        try:
+            while waiting or running:
+                new = self._admit(waiting, len(running))
+                step_seqs = new + running
+                step = Step(tokens=[t for s in new for t in s.prompt] + [s.out[-1] for s in running],
+                            batch=StepBatch(tuple(self._slice(s, len(s.prompt)) for s in new)
+                                            + tuple(self._slice(s, 1) for s in running)))
+                logits = self.driver.execute(step)
+                result = self.sampler.sample(logits, [s.params for s in step_seqs], [s.generator for s in step_seqs],
+                                             [s.history() for s in step_seqs])
+                for s, token, lp in zip(step_seqs, result.tokens.tolist(), result.logprobs):
+                    self._advance(s, token, lp, on_delta)
+                    if s.finish_reason:
+                        self.blocks.free(s.seq_id)
+                running = [s for s in step_seqs if not s.finish_reason]
+        finally:  # an error mid-run must not leak blocks into the next call
+            for s in list(waiting) + running:
+                self.blocks.free(s.seq_id)
         return seqs
 
-    def prompt_logits(self, prompt: list[int]) -> torch.Tensor:
-        """(T, vocab) float32 logits at every prompt position, through the same path as generation."""
+    def _admit(self, waiting: deque, running: int) -> list[Sequence]:
+        """Waiting sequences that fit: a batch slot and cache blocks for their whole budget (reserved now,
+        so a running sequence never runs out mid-generation)."""
+        new = []
+        while waiting and running + len(new) < self.max_batch_size and self.blocks.can_grow(waiting[0].seq_id,
+                                                                                              waiting[0].capacity):
+            s = waiting.popleft()
+            self.blocks.grow(s.seq_id, s.capacity)
+            new.append(s)
+        if waiting and not new and not running:
+            s = waiting[0]
+            raise TpDeployError(f"a sequence of {len(s.prompt)} prompt tokens with room for {s.capacity - len(s.prompt)} "
+                                f"new ones needs {s.capacity} tokens of KV cache, but the cache holds "
+                                f"{self.blocks.capacity_tokens}; lower max_tokens, or give the cache more memory "
+                                "(--cache-max-entry-count, --kv-cache-tokens, a smaller --kv-dtype)")
+        return new
+
+    def _slice(self, s: Sequence, new: int) -> SeqSlice:
+        return SeqSlice(s.seq_id, new, s.context, tuple(self.blocks.tables[s.seq_id]))
+
+    def prompt_logits(self, prompt: list[int], chunk: int | None = None) -> torch.Tensor:
+        """(T, vocab) float32 logits at every prompt position, through the same path as generation;
+        with ``chunk``, the prompt is prefilled ``chunk`` tokens per step, each attending to the cache."""
         self._check_prompt(0, prompt)
         self._next_id += 1
-        seq_id = self._next_id
-        batch = StepBatch((SeqSlice(seq_id, len(prompt), len(prompt)),))
-        logits = self.driver.execute(Step(prompt, batch, allocate=((seq_id, len(prompt)),), all_logits=True))
-        self._free([seq_id])
-        return logits
-
-    def _free(self, seq_ids: list[int]) -> None:
-        """Release caches on every rank with a step that runs no forward."""
-        if seq_ids:
-            self.driver.execute(Step(tokens=[], batch=StepBatch(()), free=tuple(seq_ids)))
+        seq_id, chunk = self._next_id, chunk or len(prompt)
+        if not self.blocks.can_grow(seq_id, len(prompt)):
+            raise TpDeployError(f"a prompt of {len(prompt)} tokens does not fit in the KV cache "
+                                f"({self.blocks.num_free * self.blocks.block_size} tokens free); give the cache more memory")
+        table = self.blocks.grow(seq_id, len(prompt))
+        try:
+            parts = [self.driver.execute(Step(prompt[a:a + chunk], StepBatch((SeqSlice(
+                seq_id, len(prompt[a:a + chunk]), a + len(prompt[a:a + chunk]), table),)), all_logits=True))
+                for a in range(0, len(prompt), chunk)]
+        finally:
+            self.blocks.free(seq_id)
+        return torch.cat(parts)
 
     def _sequence(self, request: int, index: int, prompt: list[int], params: SamplingParams) -> Sequence:
         self._check_prompt(request, prompt)

@@ -50,6 +50,7 @@ class Driver:
             self._closing = True  # the workers exit cleanly after the same all-gather
             atexit.unregister(self.close)
             raise
+        runner.init_cache(self.comm)
         self.runner = runner
 
     def execute(self, step: Step) -> torch.Tensor | None:
@@ -82,6 +83,7 @@ def _worker_main(spec: RunnerSpec, rank: int, tp: int, port: int) -> None:
     comm = init_process_group(rank, tp, port, torch.device(spec.device))
     runner, error = _load(spec, rank, comm)
     if not _load_errors(comm, error):
+        runner.init_cache(comm)
         while (step := comm.broadcast_object(None)) is not None:
             runner.execute(step)
     dist.destroy_process_group()

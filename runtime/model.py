@@ -14,8 +14,10 @@ import torch.nn.functional as F
 from formats.config import ModelConfig
 from formats.int4 import Int4Format
 from formats.sharding import heads_per_rank, kv_heads_per_rank
-from runtime.kernels.reference import Int4Weight, linear
-from runtime.kv_cache import StepBatch
+from runtime.kernels import Kernels
+from runtime.kernels.reference import Int4Weight
+from runtime.kv.batch import PagedBatch, StepBatch
+from runtime.kv.cache import PagedKVCache
 from runtime.parallel import Comm
 from runtime.rope import apply_rope, cos_sin, inv_frequencies
 
@@ -33,8 +35,8 @@ class Layer:
 
 class Model:
     def __init__(self, cfg: ModelConfig, tp: int, rank: int, weights: dict[str, torch.Tensor], comm: Comm,
-                 int4: Int4Format | None = None):
-        self.cfg, self.comm, self.int4 = cfg, comm, int4
+                 kernels: Kernels, int4: Int4Format | None = None):
+        self.cfg, self.comm, self.kernels, self.int4 = cfg, comm, kernels, int4
         self.hq, self.hkv, self.d = heads_per_rank(cfg, tp), kv_heads_per_rank(cfg, tp), cfg.head_dim
         self.embed = weights["tok_embeddings.weight"]
         self.vocab_start = rank * self.embed.shape[0]  # vocab-parallel: this rank's first row
@@ -56,12 +58,14 @@ class Model:
                      lin("feed_forward.w_down"))
 
     @torch.inference_mode()
-    def forward(self, tokens: torch.Tensor, batch: StepBatch, cache, all_logits: bool = False) -> torch.Tensor | None:
+    def forward(self, tokens: torch.Tensor, batch: StepBatch, cache: PagedKVCache,
+                all_logits: bool = False) -> torch.Tensor | None:
         """Logits (rank 0 only) for each sequence's last new token, or for every token if ``all_logits``."""
         x = self._embed(tokens)  # (T, hidden)
         cos, sin = cos_sin(self.inv_freq, batch.positions().to(x.device), x.dtype)
+        pb = cache.prepare(batch)
         for i, layer in enumerate(self.layers):
-            x = x + self._attention(i, layer, rms_norm(x, layer.attention_norm, self.cfg.rms_norm_eps), cos, sin, batch, cache)
+            x = x + self._attention(i, layer, rms_norm(x, layer.attention_norm, self.cfg.rms_norm_eps), cos, sin, pb, cache)
             x = x + self._mlp(layer, rms_norm(x, layer.ffn_norm, self.cfg.rms_norm_eps))
         if not all_logits:
             x = x[batch.last_token_index().to(x.device)]  # (B, hidden): only what sampling needs
@@ -77,18 +81,25 @@ class Model:
         x[outside] = 0  # another rank owns these rows; the all-reduce brings them in
         return self.comm.all_reduce(x)
 
-    def _attention(self, i: int, layer: Layer, x: torch.Tensor, cos, sin, batch: StepBatch, cache) -> torch.Tensor:
+    def _attention(self, i: int, layer: Layer, x: torch.Tensor, cos, sin, pb: PagedBatch,
+                   cache: PagedKVCache) -> torch.Tensor:
         t = x.shape[0]
-        qkv = linear(x, layer.wqkv, layer.bqkv)  # (T, (hq + 2 hkv) D)
+        qkv = self._linear(x, layer.wqkv, layer.bqkv)  # (T, (hq + 2 hkv) D)
         q, k, v = qkv.split([self.hq * self.d, self.hkv * self.d, self.hkv * self.d], dim=-1)
         q = apply_rope(q.reshape(t, self.hq, self.d), cos, sin)  # (T, hq, D)
         k = apply_rope(k.reshape(t, self.hkv, self.d), cos, sin)  # (T, hkv, D)
-        o = cache.attend(i, q, k, v.reshape(t, self.hkv, self.d), batch)  # (T, hq, D)
-        return self.comm.all_reduce(linear(o.reshape(t, self.hq * self.d), layer.wo))
+        o = cache.attend(i, q, k, v.reshape(t, self.hkv, self.d), pb)  # (T, hq, D)
+        return self.comm.all_reduce(self._linear(o.reshape(t, self.hq * self.d), layer.wo))
 
     def _mlp(self, layer: Layer, x: torch.Tensor) -> torch.Tensor:
-        gate, up = linear(x, layer.w_gate_up).chunk(2, dim=-1)  # (T, I/tp) each
-        return self.comm.all_reduce(linear(F.silu(gate) * up, layer.w_down))
+        gate, up = self._linear(x, layer.w_gate_up).chunk(2, dim=-1)  # (T, I/tp) each
+        return self.comm.all_reduce(self._linear(F.silu(gate) * up, layer.w_down))
+
+    def _linear(self, x: torch.Tensor, w: torch.Tensor | Int4Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """The one place the model multiplies by a weight, dense (N, K) or int4."""
+        if isinstance(w, Int4Weight):
+            return self.kernels.w4a16_linear(x, w, bias)
+        return F.linear(x, w, bias)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

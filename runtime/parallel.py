@@ -30,6 +30,14 @@ class Comm:
         dist.gather(t, parts, dst=0)
         return torch.cat(parts, dim=-1) if self.rank == 0 else None
 
+    def all_gather_int(self, value: int) -> list[int]:
+        """One integer from every rank, on every rank (ranks agreeing on a size)."""
+        if self.world == 1:
+            return [value]
+        out = [None] * self.world
+        dist.all_gather_object(out, value)
+        return out
+
     def broadcast_object(self, obj: object) -> object:
         """Rank 0 sends one step description; the others receive it."""
         if self.world == 1:

@@ -5,8 +5,13 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Triton reads this when a kernel module is first imported: without a GPU, kernels (and the model path
+# through them, TPDEPLOY_KERNELS=triton) run in Triton's interpreter.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture

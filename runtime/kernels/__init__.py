@@ -1,1 +1,39 @@
-"""Compute kernels. ``reference`` holds the plain-torch math every fast kernel is tested against."""
+"""The one place that picks the kernels: Triton on CUDA, the torch references on CPU.
+
+``TPDEPLOY_KERNELS=triton`` forces the Triton kernels (on CPU, with ``TRITON_INTERPRET=1``, which
+is how the model path through the kernels is tested without a GPU); ``=torch`` forces the references.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from formats.errors import TpDeployError
+
+
+@dataclass(frozen=True)
+class Kernels:
+    name: str
+    write_kv: Callable
+    prefill_attention: Callable
+    decode_attention: Callable
+    w4a16_linear: Callable
+
+
+def select(device: torch.device) -> Kernels:
+    choice = os.environ.get("TPDEPLOY_KERNELS", "triton" if device.type == "cuda" else "torch")
+    if choice == "torch":
+        from runtime.kernels import reference as r
+        return Kernels("torch", r.write_kv, r.prefill_attention, r.decode_attention, r.w4a16_linear)
+    if choice == "triton":
+        try:
+            from runtime.kernels import decode_attention, prefill_attention, w4a16
+        except ImportError as e:
+            raise TpDeployError(f"the Triton kernels need the `triton` package ({e}); install it, or set "
+                                "TPDEPLOY_KERNELS=torch to run the torch reference kernels") from e
+        return Kernels("triton", prefill_attention.write_kv, prefill_attention.prefill_attention,
+                       decode_attention.decode_attention, w4a16.w4a16_linear)
+    raise TpDeployError(f"TPDEPLOY_KERNELS={choice!r} is not known; use triton or torch")

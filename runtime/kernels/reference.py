@@ -92,7 +92,10 @@ def decode_attention(q: torch.Tensor, kv: LayerKV, block_tables: torch.Tensor, s
     k, v = (_gather_batch(d, p, tables, kv.bits, q.dtype) for d, p in ((kv.k, kv.k_params), (kv.v, kv.v_params)))
     kpos = torch.arange(k.shape[2], device=q.device)
     last = (seq_lens.long() - 1)[:, None]
-    mask = kpos[None, :] <= last
+    mask = kpos[None, :] <= last  # (B, L)
+    # Slots past a sequence's length were never written (the cache is torch.empty): zero them, since
+    # a NaN there would survive the -inf mask through the 0 * NaN of the value product.
+    k, v = (torch.where(mask[:, None, :, None], t, 0) for t in (k, v))
     if window is not None:
         mask &= kpos[None, :] > last - window
     o = F.scaled_dot_product_attention(q[:, :, None], k, v, attn_mask=mask[:, None, None, :], scale=scale, enable_gqa=True)
@@ -106,9 +109,3 @@ def _gather_batch(data, params, tables, bits, dtype) -> torch.Tensor:
         return flat(data).to(dtype)
     return dequantize(flat(data), flat(params), bits, dtype)
 
-
-def linear(x: torch.Tensor, w: torch.Tensor | Int4Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """The one place the model multiplies by a weight, dense (N, K) or int4."""
-    if isinstance(w, Int4Weight):
-        return w4a16_linear(x, w, bias)
-    return F.linear(x, w, bias)

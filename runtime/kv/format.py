@@ -9,9 +9,14 @@ Layout (per layer, K and V alike; ``docs/kv-cache.md``):
   of each token and head, so that ``x ≈ code * scale + zero`` (asymmetric, zero = the minimum).
 
 Quantization (the torch reference below; the Triton write kernel does the same arithmetic):
-``lo, hi = min, max over head_dim``; ``scale = fp16(max(hi - lo, tiny) / qmax)``, ``zero = fp16(lo)``;
+``lo, hi = min, max over head_dim``; ``scale = fp16(clamp((hi - lo) / qmax, 2^-14, 65504))``, ``zero = fp16(lo)``;
 ``code = clamp(floor((x - zero) / scale + 0.5), 0, qmax)``. Scale and zero are rounded to float16
 *before* the codes are computed, so the codes are chosen for the parameters actually stored.
+
+Keys of a quantized cache are stored rotated by an orthonormal Hadamard matrix ``R`` (queries are
+rotated by the same ``R`` before attention, so ``(q R) . (k R) = q . k``): a few channels of a key
+carry most of its range, and the rotation spreads them over all channels, so a per-token scale wastes
+fewer levels. Values are stored as they are (measured: rotating them helps nothing).
 """
 from __future__ import annotations
 
@@ -99,6 +104,16 @@ class KVShape:
 
     def blocks_for(self, budget_bytes: int) -> int:
         return max(0, budget_bytes // self.bytes_per_block)
+
+
+def key_rotation(head_dim: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """(D, D) orthonormal, symmetric: block-diagonal Sylvester Hadamard blocks of the largest power of two
+    dividing ``head_dim`` (all of it for 64 or 128)."""
+    block = head_dim & -head_dim
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while h.shape[0] < block:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return torch.block_diag(*[h / block ** 0.5] * (head_dim // block)).to(dtype=dtype, device=device)
 
 
 def quantize(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -12,7 +12,9 @@ KV_NAMES = {32: "fp32", 16: "fp16", 8: "int8", 4: "int4"}
 
 def empty_cache(bits: int, num_blocks: int, kv_heads: int, block_size: int, head_dim: int, device,
                 dtype: torch.dtype = torch.float32) -> LayerKV:
-    """An empty layer cache; float caches are stored in ``dtype`` (fp16 or fp32) for bits 16/32."""
+    """An empty layer cache; float caches (bits 16/32) are stored in ``dtype``, which must have that width."""
+    if bits not in (4, 8) and dtype.itemsize * 8 != bits:
+        raise ValueError(f"bits={bits} but dtype {dtype} has {dtype.itemsize * 8} bits")
     fmt = kv_format(KV_NAMES[bits] if bits in (4, 8) else {torch.float16: "fp16", torch.float32: "fp32",
                                                               torch.bfloat16: "bf16"}[dtype], dtype, head_dim)
     shape = (num_blocks, kv_heads, block_size, fmt.packed_dim(head_dim))

@@ -1,0 +1,273 @@
+"""Triton kernels for a prefill step over the paged KV cache: write this step's K/V, then attend.
+
+``write_kv``: one program per (token, KV head). A float cache gets the value cast to its dtype; an
+int8/int4 cache gets codes and ``[scale, zero]`` computed exactly as ``runtime.kv.format.quantize``:
+fp32 min/max over head_dim, scale and zero rounded to fp16 *before* the codes, round-half-up codes.
+Divisions are IEEE round-to-nearest (``div_rn``), so the codes are bit-identical to the torch
+reference on GPU as well as in the interpreter. int4 stores element 2j in the low nibble of byte j.
+
+``prefill_attention``: causal (optionally sliding-window) GQA attention of the packed new tokens of
+every sequence over that sequence's whole context, read from the cache (chunked prefill: the new
+tokens also see the tokens cached by earlier steps; the caller has already written this step's
+K/V). FlashAttention-2 forward (Dao 2023; Triton's fused-attention tutorial): one program owns
+BLOCK_M query rows of one sequence and one query head, streams BLOCK_N keys at a time, keeps the
+online-softmax running max ``m``, sum ``l`` and fp32 accumulator, and divides once at the end.
+Keys are looked up per key through the block table (``block_size`` may be smaller than BLOCK_N)
+and int8/int4 are dequantized in registers in fp32, then cast to q's dtype, as the reference does.
+
+Grid ``(query tiles, Hq)``. A sequence with ``n`` new tokens owns ``ceil(n / BLOCK_M)`` tiles; the
+wrapper maps tile -> (sequence, first packed row) with a few torch ops on the device
+(``_tile_map``: cumsum + searchsorted, no host sync). The grid is sized by an upper bound on the
+tile count, ``min(T, ceil(T / BLOCK_M) + B)``; the spare tiles get zero valid rows and do nothing.
+
+Layouts: q, out ``(T, Hq, D)``; cache data ``(num_blocks, Hkv, block_size, packed_dim)``; params
+``(num_blocks, Hkv, block_size, 2)`` fp16 (``runtime/kv/format.py``).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from formats.errors import TpDeployError
+from runtime.kv.batch import LayerKV, PagedBatch
+
+_LOG2E = 1.4426950408889634  # 1/ln 2: softmax runs on exp2, so scores are pre-scaled by it
+_MASKED = tl.constexpr(-1.0e30)  # finite: a row's all-masked first tile adds exp2(0) junk, not NaN; alpha=0 clears it
+_BLOCK_N = 64  # keys per step: a whole number of MMA tiles, and K+V tiles of D=128 fp16 fit shared memory
+_BLOCK_N_FP32_D128 = 32  # fp32 K+V tiles of 64 x 128 need 115 KB of shared memory; sm_86/89 have 100 KB
+_HEAD_DIMS = (16, 32, 64, 128)  # powers of two for tl.arange, >= 16 for tl.dot; 16 is the tiny test models'
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@triton.jit
+def _load_clamped(ptr):
+    """fp32 values clamped to fp16's range first, so scale and zero stay finite in fp16."""
+    return tl.minimum(tl.maximum(tl.load(ptr).to(tl.float32), -65504.0), 65504.0)
+
+
+@triton.jit
+def _quant_params(lo, hi, QMAX: tl.constexpr):
+    """fp16-rounded scale and zero of one row (returned in fp32), as ``format.quantize``."""
+    scale = tl.math.div_rn(hi - lo, QMAX * 1.0)
+    scale = tl.minimum(tl.maximum(scale, 6.103515625e-05), 65504.0)  # [2**-14 (smallest normal fp16), fp16 max]
+    return scale.to(tl.float16).to(tl.float32), lo.to(tl.float16).to(tl.float32)
+
+
+@triton.jit
+def _codes(x, scale, zero, QMAX: tl.constexpr):
+    """Round-half-up codes in [0, QMAX] (uint8) for the stored (fp16-rounded) scale and zero."""
+    c = tl.floor(tl.math.div_rn(x - zero, scale) + 0.5)
+    return tl.minimum(tl.maximum(c, 0.0), QMAX * 1.0).to(tl.uint8)
+
+
+@triton.jit
+def _write_kv_kernel(x_ptr, slot_ptr, data_ptr, params_ptr,
+                     sx_t, sx_h, sd_b, sd_h, sd_o, sp_b, sp_h, sp_o,
+                     BLOCK_SIZE: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr):
+    t, h = tl.program_id(0), tl.program_id(1)
+    slot = tl.load(slot_ptr + t)
+    blk, off = slot // BLOCK_SIZE, slot % BLOCK_SIZE
+    src = x_ptr + t * sx_t + h * sx_h  # last dim contiguous (checked by the wrapper)
+    dst = data_ptr + blk * sd_b + h * sd_h + off * sd_o
+    if BITS > 8:
+        d = tl.arange(0, D)
+        tl.store(dst + d, tl.load(src + d).to(data_ptr.dtype.element_ty))
+    else:
+        QMAX: tl.constexpr = (1 << BITS) - 1
+        if BITS == 8:
+            d = tl.arange(0, D)
+            x = _load_clamped(src + d)
+            scale, zero = _quant_params(tl.min(x, 0), tl.max(x, 0), QMAX)
+            tl.store(dst + d, _codes(x, scale, zero, QMAX))
+        else:  # int4: even elements -> low nibble, odd -> high nibble of the same byte
+            j = tl.arange(0, D // 2)
+            even, odd = _load_clamped(src + 2 * j), _load_clamped(src + 2 * j + 1)
+            lo = tl.minimum(tl.min(even, 0), tl.min(odd, 0))
+            hi = tl.maximum(tl.max(even, 0), tl.max(odd, 0))
+            scale, zero = _quant_params(lo, hi, QMAX)
+            tl.store(dst + j, _codes(even, scale, zero, QMAX) | (_codes(odd, scale, zero, QMAX) << 4))
+        pdst = params_ptr + blk * sp_b + h * sp_h + off * sp_o
+        tl.store(pdst, scale.to(tl.float16))
+        tl.store(pdst + 1, zero.to(tl.float16))
+
+
+@triton.jit
+def _load_kv_tile(data_ptr, params_ptr, blk, kvh, off, ok, sd_b, sd_h, sd_o, sp_b, sp_h, sp_o,
+                  D: tl.constexpr, BITS: tl.constexpr):
+    """(BLOCK_N, D) fp32 values of the keys at (blk, off) of head kvh; masked keys read as 0."""
+    d = tl.arange(0, D)
+    row = blk * sd_b + kvh * sd_h + off * sd_o  # (BLOCK_N,)
+    if BITS > 8:
+        vals = tl.load(data_ptr + row[:, None] + d[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
+    else:
+        if BITS == 8:
+            code = tl.load(data_ptr + row[:, None] + d[None, :], mask=ok[:, None], other=0)
+        else:  # each byte is read for both of its nibbles; the second read hits L1
+            byte = tl.load(data_ptr + row[:, None] + (d // 2)[None, :], mask=ok[:, None], other=0)
+            code = (byte >> ((d % 2) * 4)[None, :]) & 0xF
+        prow = params_ptr + blk * sp_b + kvh * sp_h + off * sp_o
+        scale = tl.load(prow, mask=ok, other=0.0).to(tl.float32)
+        zero = tl.load(prow + 1, mask=ok, other=0.0).to(tl.float32)
+        vals = code.to(tl.float32) * scale[:, None] + zero[:, None]
+    return vals
+
+
+@triton.jit
+def _dot(a, b, DOT_PRECISION: tl.constexpr, DOT_F32: tl.constexpr):
+    """a @ b with fp32 accumulation. DOT_F32 widens bf16 operands first: the interpreter multiplies
+    bf16 as raw uint16 bits; bf16 products are exact in fp32, so the result is what the GPU gives."""
+    if DOT_F32:
+        a, b = a.to(tl.float32), b.to(tl.float32)
+    return tl.dot(a, b, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def _prefill_kernel(q_ptr, o_ptr, k_ptr, v_ptr, kp_ptr, vp_ptr,
+                    tables_ptr, seq_lens_ptr, query_start_ptr, tile_seq_ptr, tile_row_ptr,
+                    sq_t, sq_h, so_t, so_h, sd_b, sd_h, sd_o, sp_b, sp_h, sp_o, st_b,
+                    qk_scale, window,
+                    GROUP: tl.constexpr, BLOCK_SIZE: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
+                    WINDOWED: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_F32: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    tile, h = tl.program_id(0), tl.program_id(1)
+    kvh = h // GROUP
+    b = tl.load(tile_seq_ptr + tile)
+    row0 = tl.load(tile_row_ptr + tile)
+    ctx = tl.load(seq_lens_ptr + b)
+    q_end = tl.load(query_start_ptr + b + 1)
+    n_rows = tl.minimum(q_end - row0, BLOCK_M)  # <= 0 for the spare tiles past the last one
+    m = tl.arange(0, BLOCK_M)
+    d = tl.arange(0, D)
+    row_ok = m < n_rows
+    rows = row0 + m
+    first_pos = ctx - (q_end - row0)  # new tokens are the last q_end - query_start[b] of the context
+    qpos = first_pos + m  # (BLOCK_M,)
+    q = tl.load(q_ptr + rows[:, None] * sq_t + h * sq_h + d[None, :], mask=row_ok[:, None], other=0.0)
+
+    hi = tl.where(n_rows > 0, first_pos + n_rows, 0)  # causal: nothing past the tile's last query
+    lo = 0
+    if WINDOWED:  # keys before the first query's window are invisible to every row of the tile
+        lo = tl.maximum(first_pos - window + 1, 0) // BLOCK_N * BLOCK_N
+    m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    l_i = tl.zeros((BLOCK_M,), tl.float32)
+    acc = tl.zeros((BLOCK_M, D), tl.float32)
+    table = tables_ptr + b * st_b
+    for start in range(lo, hi, BLOCK_N):
+        kpos = start + tl.arange(0, BLOCK_N)
+        k_ok = kpos < hi
+        blk = tl.load(table + kpos // BLOCK_SIZE, mask=k_ok, other=0).to(tl.int64)
+        off = kpos % BLOCK_SIZE
+        k = _load_kv_tile(k_ptr, kp_ptr, blk, kvh, off, k_ok, sd_b, sd_h, sd_o, sp_b, sp_h, sp_o, D, BITS)
+        s = _dot(q, tl.trans(k.to(q.dtype)), DOT_PRECISION, DOT_F32) * qk_scale  # (BLOCK_M, BLOCK_N)
+        visible = kpos[None, :] <= qpos[:, None]
+        if WINDOWED:
+            visible &= kpos[None, :] > qpos[:, None] - window
+        s = tl.where(visible, s, _MASKED)
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.math.exp2(m_i - m_new)
+        p = tl.math.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = _load_kv_tile(v_ptr, vp_ptr, blk, kvh, off, k_ok, sd_b, sd_h, sd_o, sp_b, sp_h, sp_o, D, BITS)
+        acc = acc * alpha[:, None] + _dot(p.to(q.dtype), v.to(q.dtype), DOT_PRECISION, DOT_F32)
+        m_i = m_new
+    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # l_i == 0 only in spare tiles, whose rows are not stored
+    tl.store(o_ptr + rows[:, None] * so_t + h * so_h + d[None, :], out.to(o_ptr.dtype.element_ty),
+             mask=row_ok[:, None])
+
+
+def write_kv(kv: LayerKV, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
+    """Store k, v (T, Hkv, D) at ``slots`` (T,) = block * block_size + offset, in the cache's precision."""
+    _check_kv(kv, k, v, slots)
+    if k.shape[0] == 0:
+        return
+    t, hkv, dim = k.shape
+    for data, params, x in ((kv.k, kv.k_params, k), (kv.v, kv.v_params, v)):
+        x = x if x.stride(2) == 1 else x.contiguous()  # views of a fused QKV output are fine as they are
+        p = params if params is not None else data  # float caches have no params; the pointer goes unused
+        _write_kv_kernel[(t, hkv)](x, slots, data, p, x.stride(0), x.stride(1),
+                                   data.stride(0), data.stride(1), data.stride(2),
+                                   p.stride(0), p.stride(1), p.stride(2),
+                                   BLOCK_SIZE=kv.block_size, D=dim, BITS=kv.bits)
+
+
+def prefill_attention(q: torch.Tensor, kv: LayerKV, pb: PagedBatch, scale: float,
+                      window: int | None = None) -> torch.Tensor:
+    """q (T, Hq, D) packed by ``pb.query_start`` -> (T, Hq, D); new tokens sit at the end of each context."""
+    _check_attention(q, kv, pb, window)
+    out = torch.empty_like(q)
+    t, hq, dim = q.shape
+    if t == 0:
+        return out
+    block_m = max(16, min(64, triton.next_power_of_2(pb.max_query_len)))  # >= 16 for tl.dot on GPU
+    block_n = _BLOCK_N_FP32_D128 if q.dtype == torch.float32 and dim == 128 else _BLOCK_N
+    tile_seq, tile_row = _tile_map(pb.query_start, block_m, t)
+    k_params, v_params = (kv.k_params, kv.v_params) if kv.quantized else (kv.k, kv.v)
+    tables = pb.block_tables
+    _prefill_kernel[(tile_seq.shape[0], hq)](
+        q, out, kv.k, kv.v, k_params, v_params, tables, pb.seq_lens, pb.query_start, tile_seq, tile_row,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        kv.k.stride(0), kv.k.stride(1), kv.k.stride(2), k_params.stride(0), k_params.stride(1), k_params.stride(2),
+        tables.stride(0), scale * _LOG2E, window or 0,
+        GROUP=hq // kv.k.shape[1], BLOCK_SIZE=kv.block_size, D=dim, BITS=kv.bits, WINDOWED=window is not None,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # fp32 models get fp32 dots, not TF32
+        DOT_F32=q.dtype == torch.bfloat16 and q.device.type == "cpu",  # on CPU = interpreted: see _dot
+        BLOCK_M=block_m, BLOCK_N=block_n)
+    return out
+
+
+def _tile_map(query_start: torch.Tensor, block_m: int, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each grid tile: its sequence and its first packed query row (spare tiles: last sequence, row T)."""
+    news = query_start[1:] - query_start[:-1]  # (B,)
+    tiles = (news + block_m - 1) // block_m
+    ends = torch.cumsum(tiles, 0)  # (B,) tile index one past each sequence's last tile
+    num_seqs = news.shape[0]
+    grid = min(num_tokens, -(-num_tokens // block_m) + num_seqs)  # every tile holds >= 1 of the T tokens
+    idx = torch.arange(grid, device=query_start.device, dtype=ends.dtype)
+    raw = torch.searchsorted(ends, idx, right=True)  # (grid,) == B for spare tiles
+    seq = raw.clamp(max=num_seqs - 1)
+    row = query_start[seq] + (idx - (ends[seq] - tiles[seq])) * block_m
+    row = torch.where(raw < num_seqs, row, query_start[-1])
+    return seq.to(torch.int32), row.to(torch.int32)
+
+
+def _check_kv(kv: LayerKV, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
+    if k.shape != v.shape or k.dim() != 3:
+        raise TpDeployError(f"write_kv: k and v must both be (T, Hkv, D), got {tuple(k.shape)} and {tuple(v.shape)}")
+    t, hkv, dim = k.shape
+    _check_cache(kv, hkv, dim, "write_kv")
+    if slots.shape != (t,) or slots.dtype != torch.int64:
+        raise TpDeployError(f"write_kv: slots must be ({t},) int64, got {tuple(slots.shape)} {slots.dtype}")
+
+
+def _check_attention(q: torch.Tensor, kv: LayerKV, pb: PagedBatch, window: int | None) -> None:
+    if q.dim() != 3 or q.dtype not in _FLOATS:
+        raise TpDeployError(f"prefill_attention: q must be (T, Hq, D) in fp32/fp16/bf16, got "
+                            f"{tuple(q.shape)} {q.dtype}")
+    hkv = kv.k.shape[1]
+    _check_cache(kv, hkv, q.shape[2], "prefill_attention")
+    if q.shape[1] % hkv:
+        raise TpDeployError(f"prefill_attention: {q.shape[1]} query heads are not a multiple of {hkv} KV heads")
+    if q.stride(2) != 1:
+        raise TpDeployError("prefill_attention: q's head_dim must be contiguous (stride 1)")
+    if window is not None and window < 1:
+        raise TpDeployError(f"prefill_attention: window must be >= 1 or None, got {window}")
+    if pb.query_start.dtype != torch.int32 or pb.query_start.shape[0] != pb.seq_lens.shape[0] + 1:
+        raise TpDeployError("prefill_attention: query_start must be (B + 1,) int32 for (B,) seq_lens")
+    tables = pb.block_tables
+    if tables.dtype != torch.int32 or pb.seq_lens.dtype != torch.int32 or tables.stride(1) != 1:
+        raise TpDeployError(f"prefill_attention: block_tables (row-contiguous) and seq_lens must be int32, got "
+                            f"{tables.dtype} stride {tables.stride()} and {pb.seq_lens.dtype}")
+
+
+def _check_cache(kv: LayerKV, hkv: int, dim: int, who: str) -> None:
+    if dim not in _HEAD_DIMS:
+        raise TpDeployError(f"{who}: head_dim {dim} is not supported; the kernels are built for {_HEAD_DIMS}")
+    packed = dim // 2 if kv.bits == 4 else dim
+    if kv.k.shape[1] != hkv or kv.k.shape[3] != packed or kv.v.shape != kv.k.shape:
+        raise TpDeployError(f"{who}: cache {tuple(kv.k.shape)} does not hold {hkv} KV heads of head_dim {dim} "
+                            f"(packed_dim {packed} for {kv.bits}-bit)")
+    if kv.k.stride(3) != 1 or kv.v.stride() != kv.k.stride():
+        raise TpDeployError(f"{who}: K and V caches must share strides with a contiguous last dim")
+    if kv.quantized and (kv.k_params is None or kv.k_params.stride() != kv.v_params.stride()):
+        raise TpDeployError(f"{who}: a {kv.bits}-bit cache needs K and V params of the same layout")

@@ -1,0 +1,52 @@
+"""One rank's paged KV cache: the storage tensors and the single ``attend`` call site of the model.
+
+Storage per K and V: ``(layers, num_blocks, kv_heads, block_size, packed_dim)`` plus, for int8/int4,
+fp16 ``[scale, zero]`` of shape ``(layers, num_blocks, kv_heads, block_size, 2)`` (``format.py``).
+``attend`` writes the step's keys and values into their slots, then attends over the paged cache:
+a decode-only step takes the decode kernel, anything with a prompt chunk the prefill kernel.
+"""
+from __future__ import annotations
+
+import torch
+
+from runtime.kernels import Kernels
+from runtime.kv.batch import LayerKV, PagedBatch, StepBatch
+from runtime.kv.format import PARAM_DTYPE, KVShape, key_rotation
+
+
+class PagedKVCache:
+    def __init__(self, shape: KVShape, num_blocks: int, device: torch.device, kernels: Kernels,
+                 sliding_window: int | None = None, compute_dtype: torch.dtype = torch.float32):
+        self.shape, self.num_blocks, self.kernels, self.window = shape, num_blocks, kernels, sliding_window
+        self.scale = shape.head_dim ** -0.5
+        fmt = shape.fmt
+        data = (shape.num_layers, num_blocks, shape.kv_heads, shape.block_size, fmt.packed_dim(shape.head_dim))
+        # torch.empty: pages are committed only when written; never-written slots are masked out by length.
+        self.k = torch.empty(data, dtype=fmt.dtype, device=device)
+        self.v = torch.empty(data, dtype=fmt.dtype, device=device)
+        params = data[:-1] + (2,)
+        self.k_params = torch.empty(params, dtype=PARAM_DTYPE, device=device) if fmt.quantized else None
+        self.v_params = torch.empty(params, dtype=PARAM_DTYPE, device=device) if fmt.quantized else None
+        self.rotation = key_rotation(shape.head_dim, compute_dtype, device) if fmt.quantized else None
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.k, self.v, self.k_params, self.v_params) if t is not None)
+
+    def layer(self, i: int) -> LayerKV:
+        p = (lambda t: None if t is None else t[i])
+        return LayerKV(self.k[i], self.v[i], p(self.k_params), p(self.v_params), self.shape.fmt.bits)
+
+    def prepare(self, batch: StepBatch) -> PagedBatch:
+        """The step's block tables and slots on the device, built once and shared by every layer."""
+        return PagedBatch.build(batch, self.shape.block_size, self.k.device)
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pb: PagedBatch) -> torch.Tensor:
+        """Store k, v (T, Hkv, D) and attend: q (T, Hq, D) -> (T, Hq, D)."""
+        kv = self.layer(layer)
+        if self.rotation is not None:  # int8/int4 keys are stored rotated (format.py); scores are unchanged
+            q, k = q @ self.rotation, k @ self.rotation
+        self.kernels.write_kv(kv, k, v, pb.slots)
+        if pb.decode_only:
+            return self.kernels.decode_attention(q, kv, pb.block_tables, pb.seq_lens, self.scale, self.window)
+        return self.kernels.prefill_attention(q, kv, pb, self.scale, self.window)

@@ -1,0 +1,40 @@
+"""How many KV blocks a rank gets: λ × the memory left after the weights (``--cache-max-entry-count``),
+or an explicit token count, never more than the largest batch could ever use."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import psutil
+import torch
+
+from formats.errors import TpDeployError
+from runtime.kv.format import BLOCK_SIZE, KVShape
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    kv_dtype: str = "auto"  # auto (= compute dtype), fp32, fp16, bf16, int8, int4
+    block_size: int = BLOCK_SIZE
+    cache_max_entry_count: float = 0.8  # λ: fraction of the memory free after loading the weights
+    kv_cache_tokens: int | None = None  # an exact size instead of λ (tests, CPU runs, reproducible plans)
+
+    def __post_init__(self):
+        if not 0 < self.cache_max_entry_count <= 1:
+            raise TpDeployError(f"--cache-max-entry-count must be in (0, 1], got {self.cache_max_entry_count}")
+        if self.kv_cache_tokens is not None and self.kv_cache_tokens < 1:
+            raise TpDeployError(f"--kv-cache-tokens must be >= 1, got {self.kv_cache_tokens}")
+
+
+def free_bytes(device: torch.device, ranks_on_host: int) -> int:
+    """Memory this rank may still use: the GPU's free memory, or its share of the host's available RAM."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    return psutil.virtual_memory().available // ranks_on_host
+
+
+def local_blocks(cfg: CacheConfig, shape: KVShape, device: torch.device, ranks_on_host: int, cap_tokens: int) -> int:
+    """This rank's block count before the ranks agree (they take the minimum)."""
+    cap = -(-cap_tokens // shape.block_size)
+    if cfg.kv_cache_tokens is not None:
+        return -(-cfg.kv_cache_tokens // shape.block_size)
+    return min(cap, shape.blocks_for(int(cfg.cache_max_entry_count * free_bytes(device, ranks_on_host))))
