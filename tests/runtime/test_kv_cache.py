@@ -1,0 +1,106 @@
+"""The paged cache's bookkeeping: formats and their byte counts, blocks, rotation, sizing."""
+import pytest
+import torch
+
+from formats.errors import TpDeployError
+from runtime import kernels
+from runtime.kv.blocks import BlockManager
+from runtime.kv.cache import PagedKVCache
+from runtime.kv.format import (PARAM_DTYPE, KVShape, dequantize, from_quant_policy, key_rotation, kv_format,
+                               quantize)
+from runtime.memory import CacheConfig, local_blocks
+
+# (head_dim, int8 minimum, int4 minimum): tokens at equal memory vs fp16, scale and zero counted.
+CAPACITY_TARGETS = [(64, 1.85, 3.5), (128, 1.9, 3.7)]
+
+
+@pytest.mark.parametrize("head_dim,int8_min,int4_min", CAPACITY_TARGETS, ids=lambda v: str(v))
+def test_quantized_caches_hold_more_tokens_in_the_same_memory(head_dim, int8_min, int4_min):
+    budget = 1 << 30
+
+    def tokens(name):
+        shape = KVShape(30, 3, head_dim, kv_format(name, torch.float16, head_dim))
+        return BlockManager(shape.blocks_for(budget), shape.block_size).capacity_tokens
+
+    assert tokens("int8") / tokens("fp16") >= int8_min
+    assert tokens("int4") / tokens("fp16") >= int4_min
+
+
+@pytest.mark.parametrize("name", ["fp32", "bf16", "int8", "int4"])
+def test_allocated_bytes_are_what_the_accounting_says(name):
+    shape = KVShape(2, 3, 64, kv_format(name, torch.float32, 64), block_size=16)
+    cache = PagedKVCache(shape, 5, torch.device("cpu"), kernels.select(torch.device("cpu")))
+    assert cache.nbytes == 5 * shape.bytes_per_block
+    assert (cache.k_params is None) == (name in ("fp32", "bf16"))
+    if cache.k_params is not None:
+        assert cache.k_params.dtype == PARAM_DTYPE and cache.k_params.shape == (2, 5, 3, 16, 2)
+
+
+def test_auto_follows_the_compute_dtype_and_bad_names_are_refused():
+    assert kv_format("auto", torch.bfloat16, 64).name == "bf16"
+    assert kv_format("int4", torch.float16, 64).packed_dim(64) == 32
+    with pytest.raises(TpDeployError, match="--kv-dtype 'fp8' is not supported; choose one of auto, fp32"):
+        kv_format("fp8", torch.float16, 64)
+    with pytest.raises(TpDeployError, match="even head_dim"):
+        kv_format("int4", torch.float16, 65)
+    with pytest.raises(TpDeployError, match="power of two, got 48"):
+        KVShape(1, 1, 64, kv_format("fp16", torch.float16, 64), block_size=48)
+
+
+def test_lmdeploy_quant_policy_maps_to_kv_dtype():
+    assert [from_quant_policy(p) for p in (0, 8, 4)] == ["auto", "int8", "int4"]
+    with pytest.raises(TpDeployError, match="--quant-policy 2 is not supported"):
+        from_quant_policy(2)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantization_error_is_at_most_half_a_step(bits):
+    x = torch.randn(7, 3, 64) * torch.tensor([0.01, 1.0, 300.0])[None, :, None]  # (T, H, D): three magnitudes
+    codes, params = quantize(x, bits)
+    assert codes.shape == (7, 3, 64 if bits == 8 else 32) and params.shape == (7, 3, 2)
+    err = (dequantize(codes, params, bits, torch.float32) - x).abs()
+    assert (err <= params[..., :1].float() * 0.5 + 1e-3 * x.abs()).all()  # + fp16 rounding of the zero point
+
+
+def test_constant_rows_survive_quantization():
+    x = torch.full((2, 1, 64), 3.0)
+    codes, params = quantize(x, 4)
+    assert torch.equal(dequantize(codes, params, 4, torch.float32), x)
+
+
+@pytest.mark.parametrize("head_dim", [64, 128, 80])
+def test_key_rotation_is_orthonormal_so_scores_are_unchanged(head_dim):
+    r = key_rotation(head_dim, torch.float64, torch.device("cpu"))
+    torch.testing.assert_close(r @ r.T, torch.eye(head_dim, dtype=torch.float64))
+    q, k = torch.randn(5, head_dim, dtype=torch.float64), torch.randn(9, head_dim, dtype=torch.float64)
+    torch.testing.assert_close((q @ r) @ (k @ r).T, q @ k.T)
+
+
+def test_block_manager_grows_frees_and_reuses_blocks():
+    bm = BlockManager(num_blocks=4, block_size=16)
+    assert bm.grow(1, 17) == (0, 1)  # two blocks for 17 tokens
+    assert bm.grow(1, 32) == (0, 1)  # still fits
+    assert bm.grow(2, 1) == (2,)
+    assert not bm.can_grow(3, 33) and bm.can_grow(3, 16)
+    with pytest.raises(TpDeployError, match="out of blocks: sequence 3 needs 3 more, 1 of 4 are free"):
+        bm.grow(3, 33)
+    bm.free(1)
+    assert bm.num_free == 3 and bm.grow(3, 33) == (0, 1, 3)  # freed blocks come back first
+    bm.free(2), bm.free(3), bm.free(99)  # freeing an unknown sequence is a no-op
+    assert bm.num_free == 4 and bm.tables == {}
+
+
+def test_block_manager_refuses_an_empty_cache():
+    with pytest.raises(TpDeployError, match="no room for even one block"):
+        BlockManager(0, 64)
+
+
+def test_cache_size_follows_lambda_tokens_and_cap():
+    shape = KVShape(2, 1, 64, kv_format("fp16", torch.float16, 64), block_size=16)
+    cpu = torch.device("cpu")
+    assert local_blocks(CacheConfig(kv_cache_tokens=33), shape, cpu, 1, cap_tokens=10**9) == 3
+    assert local_blocks(CacheConfig(), shape, cpu, 1, cap_tokens=100) == 7  # never more than the batch can use
+    small, large = (local_blocks(CacheConfig(cache_max_entry_count=lam), shape, cpu, 1, 10**12) for lam in (0.1, 0.2))
+    assert 0 < small < large
+    with pytest.raises(TpDeployError, match="--cache-max-entry-count must be in"):
+        CacheConfig(cache_max_entry_count=1.5)
