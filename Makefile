@@ -8,7 +8,7 @@ MODEL := $(CACHE)/smollm2-135m-instruct
 DEMO_WS ?= workspace
 DEMO_TP ?= 3
 
-.PHONY: setup model demo test test-fast bench bench-convert bench-generate clean
+.PHONY: setup model demo test test-fast bench bench-convert bench-generate bench-kernels clean
 
 setup: $(VENV)/.installed
 
@@ -37,7 +37,7 @@ test: setup
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow"
 
-bench: bench-convert bench-generate
+bench: bench-convert bench-generate bench-kernels
 
 bench-convert: model
 	TPDEPLOY_CACHE=$(CACHE) $(PY) -m tests.bench.bench_convert
@@ -45,6 +45,12 @@ bench-convert: model
 
 bench-generate: model
 	TPDEPLOY_CACHE=$(CACHE) $(PY) -m tests.bench.bench_generate
+
+# GPU only (each script says so and exits 0 without CUDA): decode attention vs copy bandwidth and
+# SDPA; W4A16 vs fp16 matmul on Llama-8B shapes.
+bench-kernels: setup
+	$(PY) -m tests.bench.bench_attention --markdown /tmp/bench_attention.md
+	$(PY) -m tests.bench.bench_w4a16 --markdown /tmp/bench_w4a16.md
 
 clean:
 	rm -rf $(VENV) $(DEMO_WS) .pytest_cache
