@@ -15,7 +15,7 @@ import torch
 
 from formats.errors import TpDeployError
 from formats.manifest import FLOAT_DTYPES
-from runtime.engine import Engine, OnDelta, Sequence
+from runtime.engine import MAX_BATCH_TOKENS, Engine, OnDelta, Sequence
 from runtime.kv.blocks import BlockManager
 from runtime.launch import Driver
 from runtime.memory import CacheConfig
@@ -58,7 +58,8 @@ class LLM:
 
     def __init__(self, workspace: str | Path, *, device: str | None = None, dtype: str = "auto",
                  max_model_len: int | None = None, max_batch_size: int = 64, seed: int | None = None,
-                 cache: CacheConfig | None = None):
+                 cache: CacheConfig | None = None, max_prefill_tokens: int = MAX_BATCH_TOKENS,
+                 enable_prefix_caching: bool = False):
         ws = Path(workspace)
         self.manifest = open_workspace(ws)
         cfg = self.manifest.model
@@ -68,12 +69,12 @@ class LLM:
         self.max_model_len = _max_model_len(max_model_len, cfg.max_position_embeddings)
         self.tokenizer = Tokenizer.from_workspace(ws)
         spec = RunnerSpec(ws, self.manifest, device, _dtype(dtype, self.manifest.weights.dtype), cache or CacheConfig(),
-                          cache_cap_tokens=max_batch_size * self.max_model_len)
+                          max_batch_size=max_batch_size, max_prefill_tokens=max_prefill_tokens)
         self.driver = Driver(spec)
         kv = self.driver.runner.cache
-        self.blocks = BlockManager(kv.num_blocks, kv.shape.block_size)
+        self.blocks = BlockManager(kv.num_blocks, kv.shape.block_size, enable_prefix_caching)
         self.engine = Engine(self.driver, self.tokenizer, self.blocks, cfg.vocab_size, self.max_model_len,
-                             max_batch_size, seed)
+                             max_batch_size, seed, max_prefill_tokens)
 
     def generate(self, prompts: Prompt | list[Prompt], sampling_params: SamplingParams | list[SamplingParams] | None = None,
                  on_delta: OnDelta | None = None) -> list[RequestOutput]:

@@ -1,13 +1,12 @@
-"""Rank 0's generation loop: batch the sequences, run a step on every rank, sample, detokenize, stop.
+"""Rank 0's generation loop: schedule, run a step on every rank, sample, detokenize, stop.
 
-Every step packs the prompts of newly admitted sequences with one token of each running sequence,
-so new requests join a running batch without waiting for it to drain. Text is re-decoded from all
-generated ids each step (exactly ``decode(ids)``), then passed through the stop-string checker,
-which holds back any tail that could still become a stop string.
+``Scheduler`` decides each step (continuous batching, chunked prefill, preemption, prefix cache);
+this module turns its work into a ``Step`` for the ranks and the logits back into tokens and text.
+Text is re-decoded from all generated ids each step (exactly ``decode(ids)``), then passed through
+the stop-string checker, which holds back any tail that could still become a stop string.
 """
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -18,10 +17,13 @@ from runtime.kv.batch import SeqSlice, StepBatch
 from runtime.kv.blocks import BlockManager
 from runtime.runner import Step
 from runtime.sampling import Sampler, SamplingParams, TokenLogprobs, make_generator
+from runtime.scheduler import Scheduler
 from runtime.stops import StopChecker, safe_prefix
 
+MAX_BATCH_TOKENS = 2048  # new tokens per step: long prompts are prefilled in chunks of at most this
 
-@dataclass
+
+@dataclass(eq=False)
 class Sequence:
     """One sample being generated (a request with n > 1 has n of them)."""
 
@@ -36,6 +38,12 @@ class Sequence:
     logprobs: list[TokenLogprobs] = field(default_factory=list)
     finish_reason: str | None = None
     stops: StopChecker = field(default_factory=StopChecker)
+    tokens: list[int] = field(default_factory=list)  # prompt + out: what the cache must hold
+    computed: int = 0  # leading tokens whose K/V are in the cache
+    cached: int = -1  # prompt tokens found in the prefix cache at first admission (-1: not admitted yet)
+
+    def __post_init__(self):
+        self.tokens = list(self.prompt) + list(self.out)
 
     @property
     def text(self) -> str:
@@ -43,11 +51,11 @@ class Sequence:
 
     @property
     def context(self) -> int:
-        return len(self.prompt) + len(self.out)
+        return len(self.tokens)
 
     def history(self) -> list[int]:
-        """Ids the repetition penalty looks at; built only for sequences that use one (hot path)."""
-        return self.prompt + self.out if self.params.repetition_penalty != 1.0 else []
+        """Ids the repetition penalty looks at; only for sequences that use one (hot path)."""
+        return self.tokens if self.params.repetition_penalty != 1.0 else []
 
 
 OnDelta = Callable[[Sequence, str], None]  # streamed text as it becomes final
@@ -55,56 +63,72 @@ OnDelta = Callable[[Sequence, str], None]  # streamed text as it becomes final
 
 class Engine:
     def __init__(self, driver, tokenizer, blocks: BlockManager, vocab_size: int, max_model_len: int,
-                 max_batch_size: int = 64, seed: int | None = None):
+                 max_batch_size: int = 64, seed: int | None = None, max_batch_tokens: int = MAX_BATCH_TOKENS):
         self.driver, self.tokenizer, self.blocks, self.vocab_size = driver, tokenizer, blocks, vocab_size
         self.max_model_len, self.max_batch_size = max_model_len, max_batch_size
+        self.scheduler = Scheduler(blocks, max_batch_size, max_batch_tokens)
         self.sampler = Sampler(seed)
         self._next_id = 0
 
     def generate(self, prompts: list[list[int]], params: list[SamplingParams],
                  on_delta: OnDelta | None = None) -> list[list[Sequence]]:
         """Generate for every prompt; returns, per prompt, its ``n`` finished sequences."""
-        seqs = [[self._sequence(r, i, p, sp) for i in range(sp.n)] for r, (p, sp) in enumerate(zip(prompts, params))]
-        waiting, running = deque(s for group in seqs for s in group), []
+        seqs = [self.sequences(r, p, sp) for r, (p, sp) in enumerate(zip(prompts, params))]
         try:
-            while waiting or running:
-                new = self._admit(waiting, len(running))
-                step_seqs = new + running
-                step = Step(tokens=[t for s in new for t in s.prompt] + [s.out[-1] for s in running],
-                            batch=StepBatch(tuple(self._slice(s, len(s.prompt)) for s in new)
-                                            + tuple(self._slice(s, 1) for s in running)))
-                logits = self.driver.execute(step)
-                result = self.sampler.sample(logits, [s.params for s in step_seqs], [s.generator for s in step_seqs],
-                                             [s.history() for s in step_seqs])
-                for s, token, lp in zip(step_seqs, result.tokens.tolist(), result.logprobs):
-                    self._advance(s, token, lp, on_delta)
-                    if s.finish_reason:
-                        self.blocks.free(s.seq_id)
-                running = [s for s in step_seqs if not s.finish_reason]
+            for s in (s for group in seqs for s in group):
+                self.scheduler.add(s)
+            while self.scheduler.has_work:
+                self.step(on_delta)
         finally:  # an error mid-run must not leak blocks into the next call
-            for s in list(waiting) + running:
-                self.blocks.free(s.seq_id)
+            self.abort([s for group in seqs for s in group])
         return seqs
 
-    def _admit(self, waiting: deque, running: int) -> list[Sequence]:
-        """Waiting sequences that fit: a batch slot and cache blocks for their whole budget (reserved now,
-        so a running sequence never runs out mid-generation)."""
-        new = []
-        while waiting and running + len(new) < self.max_batch_size and self.blocks.can_grow(waiting[0].seq_id,
-                                                                                              waiting[0].capacity):
-            s = waiting.popleft()
-            self.blocks.grow(s.seq_id, s.capacity)
-            new.append(s)
-        if waiting and not new and not running:
-            s = waiting[0]
-            raise TpDeployError(f"a sequence of {len(s.prompt)} prompt tokens with room for {s.capacity - len(s.prompt)} "
-                                f"new ones needs {s.capacity} tokens of KV cache, but the cache holds "
-                                f"{self.blocks.capacity_tokens}; lower max_tokens, or give the cache more memory "
-                                "(--cache-max-entry-count, --kv-cache-tokens, a smaller --kv-dtype)")
-        return new
+    def sequences(self, request: int, prompt: list[int], params: SamplingParams) -> list[Sequence]:
+        """The ``n`` sequences of one request, checked against the context window and the cache."""
+        self.check(request, prompt, params)
+        return [self._sequence(request, i, prompt, params) for i in range(params.n)]
 
-    def _slice(self, s: Sequence, new: int) -> SeqSlice:
-        return SeqSlice(s.seq_id, new, s.context, tuple(self.blocks.tables[s.seq_id]))
+    def check(self, request: int, prompt: list[int], params: SamplingParams) -> None:
+        """Refuse what could never run (no state is touched: safe from any thread)."""
+        self._check_prompt(request, prompt)
+        need = self._capacity(prompt, params)
+        if need > self.blocks.capacity_tokens:
+            raise TpDeployError(f"a sequence of {len(prompt)} prompt tokens with room for {need - len(prompt)} new ones "
+                                f"needs {need} tokens of KV cache, but the cache holds {self.blocks.capacity_tokens}; "
+                                "lower max_tokens, or give the cache more memory (--cache-max-entry-count, "
+                                "--kv-cache-tokens, a smaller --kv-dtype)")
+
+    def _capacity(self, prompt: list[int], params: SamplingParams) -> int:
+        budget = self.max_model_len - len(prompt)
+        return len(prompt) + (budget if params.max_tokens is None else min(params.max_tokens, budget))
+
+    def abort(self, seqs: list[Sequence]) -> None:
+        """Stop sequences now (cancelled, disconnected, or an error) and free their blocks."""
+        for s in seqs:
+            if s.finish_reason is None:
+                s.finish_reason = "abort"
+            self.scheduler.remove(s)
+
+    def step(self, on_delta: OnDelta | None = None) -> list[Sequence]:
+        """Run one scheduled step on every rank; returns the sequences it sampled a token for."""
+        work = self.scheduler.schedule()
+        if not work:
+            raise TpDeployError("internal: sequences are waiting but none fits the KV cache")
+        step = Step(tokens=[t for w in work for t in w.seq.tokens[w.start:w.start + w.new]],
+                    batch=StepBatch(tuple(self.scheduler.slice(w) for w in work)))
+        logits = self.driver.execute(step)
+        self.scheduler.finished_step(work)
+        rows = [i for i, w in enumerate(work) if w.sample]
+        seqs = [work[i].seq for i in rows]
+        if not rows:
+            return []
+        result = self.sampler.sample(logits[rows], [s.params for s in seqs], [s.generator for s in seqs],
+                                     [s.history() for s in seqs])
+        for s, token, lp in zip(seqs, result.tokens.tolist(), result.logprobs):
+            self._advance(s, token, lp, on_delta)
+            if s.finish_reason:
+                self.scheduler.remove(s)
+        return seqs
 
     def prompt_logits(self, prompt: list[int], chunk: int | None = None) -> torch.Tensor:
         """(T, vocab) float32 logits at every prompt position, through the same path as generation;
@@ -125,13 +149,10 @@ class Engine:
         return torch.cat(parts)
 
     def _sequence(self, request: int, index: int, prompt: list[int], params: SamplingParams) -> Sequence:
-        self._check_prompt(request, prompt)
-        budget = self.max_model_len - len(prompt)
-        max_new = budget if params.max_tokens is None else min(params.max_tokens, budget)
         # n samples of one seeded request must differ; wrap to stay a valid torch seed.
         seed = None if params.seed is None else (params.seed + index) % 2**63
         self._next_id += 1
-        return Sequence(self._next_id, request, index, prompt, params, len(prompt) + max_new,
+        return Sequence(self._next_id, request, index, prompt, params, self._capacity(prompt, params),
                         make_generator(seed), stops=StopChecker(params.stop))
 
     def _check_prompt(self, request: int, prompt: list[int]) -> None:
@@ -146,6 +167,7 @@ class Engine:
 
     def _advance(self, s: Sequence, token: int, lp: TokenLogprobs | None, on_delta: OnDelta | None) -> None:
         s.out.append(token)
+        s.tokens.append(token)
         if lp is not None:
             s.logprobs.append(lp)
         if token in s.params.stop_token_ids or (token in self.tokenizer.eos_token_ids and not s.params.ignore_eos):

@@ -1,5 +1,7 @@
-"""How many KV blocks a rank gets: λ × the memory left after the weights (``--cache-max-entry-count``),
-or an explicit token count, never more than the largest batch could ever use."""
+"""The KV cache's size settings, and how much memory a rank can still use.
+
+The arithmetic (λ × (T − S/P − reserve)) lives in ``runtime/serve/plan.py``, shared by ``tprun plan``
+and the runner, so the plan and the server always agree."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -8,7 +10,7 @@ import psutil
 import torch
 
 from formats.errors import TpDeployError
-from runtime.kv.format import BLOCK_SIZE, KVShape
+from runtime.kv.format import BLOCK_SIZE
 
 
 @dataclass(frozen=True)
@@ -17,12 +19,15 @@ class CacheConfig:
     block_size: int = BLOCK_SIZE
     cache_max_entry_count: float = 0.8  # λ: fraction of the memory free after loading the weights
     kv_cache_tokens: int | None = None  # an exact size instead of λ (tests, CPU runs, reproducible plans)
+    gpu_mem: int | None = None  # T: memory per rank to plan for, instead of measuring what is free
 
     def __post_init__(self):
         if not 0 < self.cache_max_entry_count <= 1:
             raise TpDeployError(f"--cache-max-entry-count must be in (0, 1], got {self.cache_max_entry_count}")
         if self.kv_cache_tokens is not None and self.kv_cache_tokens < 1:
             raise TpDeployError(f"--kv-cache-tokens must be >= 1, got {self.kv_cache_tokens}")
+        if self.gpu_mem is not None and self.gpu_mem < 1:
+            raise TpDeployError(f"--gpu-mem must be positive, got {self.gpu_mem}")
 
 
 def free_bytes(device: torch.device, ranks_on_host: int) -> int:
@@ -31,10 +36,3 @@ def free_bytes(device: torch.device, ranks_on_host: int) -> int:
         return torch.cuda.mem_get_info(device)[0]
     return psutil.virtual_memory().available // ranks_on_host
 
-
-def local_blocks(cfg: CacheConfig, shape: KVShape, device: torch.device, ranks_on_host: int, cap_tokens: int) -> int:
-    """This rank's block count before the ranks agree (they take the minimum)."""
-    cap = -(-cap_tokens // shape.block_size)
-    if cfg.kv_cache_tokens is not None:
-        return -(-cfg.kv_cache_tokens // shape.block_size)
-    return min(cap, shape.blocks_for(int(cfg.cache_max_entry_count * free_bytes(device, ranks_on_host))))

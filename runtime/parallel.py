@@ -30,8 +30,8 @@ class Comm:
         dist.gather(t, parts, dst=0)
         return torch.cat(parts, dim=-1) if self.rank == 0 else None
 
-    def all_gather_int(self, value: int) -> list[int]:
-        """One integer from every rank, on every rank (ranks agreeing on a size)."""
+    def all_gather(self, value: object) -> list:
+        """One small object from every rank, on every rank (ranks agreeing on a size)."""
         if self.world == 1:
             return [value]
         out = [None] * self.world

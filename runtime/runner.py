@@ -1,6 +1,7 @@
 """One rank's worker: its own shard, its model, its KV cache; executes the steps rank 0 sends."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 from dataclasses import dataclass, field
@@ -15,9 +16,10 @@ from runtime import kernels
 from runtime.kv.batch import StepBatch
 from runtime.kv.cache import PagedKVCache
 from runtime.kv.format import KVShape, kv_format
-from runtime.memory import CacheConfig, local_blocks
+from runtime.memory import CacheConfig, free_bytes
 from runtime.model import Model
 from runtime.parallel import Comm
+from runtime.serve.plan import kv_bytes, reserve_bytes, weights_bytes
 from runtime.workspace import load_rank
 
 
@@ -37,7 +39,8 @@ class RunnerSpec:
     device: str  # "cpu" or "cuda"
     dtype: torch.dtype
     cache: CacheConfig = field(default_factory=CacheConfig)
-    cache_cap_tokens: int = 1 << 20  # the most tokens the engine could ever hold at once
+    max_batch_size: int = 64  # with max_prefill_tokens: the largest step, which the reserve must cover
+    max_prefill_tokens: int = 2048
     threads: int = 0  # CPU threads per rank (0: cores // tp)
 
 
@@ -45,6 +48,28 @@ def kv_shape(spec: RunnerSpec) -> KVShape:
     cfg, tp = spec.manifest.model, spec.manifest.tp
     fmt = kv_format(spec.cache.kv_dtype, spec.dtype, cfg.head_dim)
     return KVShape(cfg.num_layers, kv_heads_per_rank(cfg, tp), cfg.head_dim, fmt, spec.cache.block_size)
+
+
+@dataclass(frozen=True)
+class RankMemory:
+    """What one rank holds, for the start-up table: T, S/P, reserve, and its KV cache."""
+
+    rank: int
+    total: int
+    weights: int
+    reserve: int
+    blocks: int  # this rank's proposal
+    bytes_per_block: int
+    block_size: int
+    blocks_agreed: int = 0
+
+    @property
+    def kv_bytes(self) -> int:
+        return self.blocks_agreed * self.bytes_per_block
+
+    @property
+    def kv_tokens(self) -> int:
+        return self.blocks_agreed * self.block_size
 
 
 class ModelRunner:
@@ -65,16 +90,34 @@ class ModelRunner:
         self.cache: PagedKVCache | None = None
 
     def init_cache(self, comm: Comm) -> None:
-        """Size the cache once every rank has loaded: all ranks take the smallest block count."""
-        spec, rank, shape = self.spec, self.rank, self.shape
-        ranks_on_host = 1 if self.device.type == "cuda" else comm.world
-        per_rank = comm.all_gather_int(local_blocks(spec.cache, shape, self.device, ranks_on_host, spec.cache_cap_tokens))
-        num_blocks = min(per_rank)
-        if rank == 0 and len(set(per_rank)) > 1:
-            sys.stderr.write(f"tprun: rank {per_rank.index(num_blocks)} limits the KV cache to {num_blocks} blocks "
-                             f"(per rank: {per_rank})\n")
-        self.cache = PagedKVCache(shape, num_blocks, self.device, self.kernels, spec.manifest.model.sliding_window,
-                                  spec.dtype)
+        """Size the cache once every rank has loaded: each proposes λ × (free − reserve) (the formula of
+        ``tprun plan``), and all ranks take the smallest proposal."""
+        mine = self._memory(comm.world)
+        everyone = comm.all_gather(mine)
+        num_blocks = min(m.blocks for m in everyone)
+        self.memory = [dataclasses.replace(m, blocks_agreed=num_blocks) for m in everyone]
+        if self.rank == 0 and len({m.blocks for m in everyone}) > 1:
+            limit = [m.blocks for m in everyone].index(num_blocks)
+            sys.stderr.write(f"tprun: rank {limit} limits the KV cache to {num_blocks} blocks "
+                             f"(proposed per rank: {[m.blocks for m in everyone]})\n")
+        self.cache = PagedKVCache(self.shape, num_blocks, self.device, self.kernels,
+                                  self.spec.manifest.model.sliding_window, self.spec.dtype)
+
+    def _memory(self, world: int) -> "RankMemory":
+        spec, shape = self.spec, self.shape
+        weights = weights_bytes(spec.manifest, self.rank, spec.dtype)
+        reserve = reserve_bytes(spec.manifest.model, spec.manifest.tp, spec.dtype, spec.max_prefill_tokens,
+                                spec.max_batch_size, rank=self.rank)
+        if spec.cache.gpu_mem is not None:
+            total, free = spec.cache.gpu_mem, spec.cache.gpu_mem - weights
+        else:  # measured now that the weights are loaded
+            free = free_bytes(self.device, 1 if self.device.type == "cuda" else world)
+            total = free + weights
+        if spec.cache.kv_cache_tokens is not None:
+            blocks = -(-spec.cache.kv_cache_tokens // shape.block_size)
+        else:
+            blocks = shape.blocks_for(kv_bytes(free, reserve, spec.cache.cache_max_entry_count))
+        return RankMemory(self.rank, total, weights, reserve, blocks, shape.bytes_per_block, shape.block_size)
 
     def execute(self, step: Step) -> torch.Tensor | None:
         if not step.batch.seqs:

@@ -1,26 +1,45 @@
-"""Rank 0's bookkeeping of cache blocks: a free list and one block table per sequence.
+"""Rank 0's bookkeeping of cache blocks: a free list, one block table per sequence, and (optionally)
+a prefix cache of full blocks shared between sequences.
 
 Every rank holds the same number of blocks, so one manager on rank 0 decides for all of them;
 the tables travel to the other ranks inside each step's ``SeqSlice.blocks``.
+
+Prefix caching: a block that is full is known by the hash of its tokens and of every token before
+it (``hash(parent_hash, block_tokens)``), so two prompts that share their first N blocks share the
+blocks themselves. Shared blocks are reference-counted; a block nobody holds keeps its contents and
+its hash, and is reused for new data only when no never-cached block is left (least recently
+released first), so a repeated system prompt stays cached as long as memory allows.
 """
 from __future__ import annotations
+
+from collections import OrderedDict
 
 from formats.errors import TpDeployError
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int):
+    def __init__(self, num_blocks: int, block_size: int, prefix_caching: bool = False):
         if num_blocks < 1:
             raise TpDeployError("the KV cache has no room for even one block; give it more memory "
                                 "(--cache-max-entry-count, --kv-cache-tokens) or pick a smaller --kv-dtype")
-        self.num_blocks, self.block_size = num_blocks, block_size
+        self.num_blocks, self.block_size, self.prefix_caching = num_blocks, block_size, prefix_caching
         # LIFO: a block freed just now is reused first (its pages are warm and already committed).
         self._free = list(range(num_blocks - 1, -1, -1))
+        self._cached: OrderedDict[int, int] = OrderedDict()  # block -> hash, unreferenced, oldest first
+        self._by_hash: dict[int, int] = {}  # hash -> block
+        self._hash_of: dict[int, int] = {}  # block -> hash
+        self._refs = [0] * num_blocks
+        self._hashed: dict[int, tuple[int, int]] = {}  # seq -> (blocks hashed so far, last hash)
         self.tables: dict[int, list[int]] = {}
 
     @property
     def num_free(self) -> int:
-        return len(self._free)
+        """Blocks available for new data (cached but unreferenced blocks count: they can be reused)."""
+        return len(self._free) + len(self._cached)
+
+    @property
+    def num_used(self) -> int:
+        return self.num_blocks - self.num_free
 
     @property
     def capacity_tokens(self) -> int:
@@ -30,20 +49,73 @@ class BlockManager:
         return -(-tokens // self.block_size)
 
     def can_grow(self, seq_id: int, tokens: int) -> bool:
-        return self._missing(seq_id, tokens) <= len(self._free)
+        return self._missing(seq_id, tokens) <= self.num_free
 
     def grow(self, seq_id: int, tokens: int) -> tuple[int, ...]:
         """Make ``seq_id``'s table hold ``tokens`` tokens; returns the whole table."""
         missing = self._missing(seq_id, tokens)
-        if missing > len(self._free):
+        if missing > self.num_free:
             raise TpDeployError(f"the KV cache is out of blocks: sequence {seq_id} needs {missing} more, "
-                                f"{len(self._free)} of {self.num_blocks} are free")
+                                f"{self.num_free} of {self.num_blocks} are free")
         table = self.tables.setdefault(seq_id, [])
-        table.extend(self._free.pop() for _ in range(missing))
+        for _ in range(missing):
+            block = self._take()
+            self._refs[block] = 1
+            table.append(block)
         return tuple(table)
 
     def free(self, seq_id: int) -> None:
-        self._free.extend(reversed(self.tables.pop(seq_id, [])))
+        self._hashed.pop(seq_id, None)
+        for block in reversed(self.tables.pop(seq_id, [])):
+            self._refs[block] -= 1
+            if self._refs[block] == 0:
+                if block in self._hash_of:
+                    self._cached[block] = self._hash_of[block]
+                else:
+                    self._free.append(block)
+
+    # -- prefix caching -------------------------------------------------------------------------------
+
+    def match_prefix(self, seq_id: int, tokens: list[int]) -> int:
+        """Share the cached full blocks that start ``tokens`` with a new ``seq_id``; returns the number of
+        tokens they cover. The last token is always left to compute (its logits are needed)."""
+        if not self.prefix_caching or seq_id in self.tables:
+            return 0
+        table, parent = [], 0
+        for start in range(0, len(tokens) - 1 - self.block_size + 1, self.block_size):
+            parent = hash((parent, tuple(tokens[start:start + self.block_size])))
+            block = self._by_hash.get(parent)
+            if block is None:
+                break
+            if self._refs[block] == 0:
+                del self._cached[block]
+            self._refs[block] += 1
+            table.append(block)
+        if table:
+            self.tables[seq_id] = table
+            self._hashed[seq_id] = (len(table), parent)
+        return len(table) * self.block_size
+
+    def register_full_blocks(self, seq_id: int, tokens: list[int], computed: int) -> None:
+        """Record the hashes of ``seq_id``'s blocks that are full of computed tokens (incrementally)."""
+        if not self.prefix_caching:
+            return
+        table = self.tables.get(seq_id, [])
+        done, parent = self._hashed.get(seq_id, (0, 0))
+        for i in range(done, min(computed // self.block_size, len(table))):
+            parent = hash((parent, tuple(tokens[i * self.block_size:(i + 1) * self.block_size])))
+            block = table[i]
+            if parent not in self._by_hash and block not in self._hash_of:
+                self._by_hash[parent], self._hash_of[block] = block, parent
+            done = i + 1
+        self._hashed[seq_id] = (done, parent)
+
+    def _take(self) -> int:
+        if self._free:
+            return self._free.pop()
+        block, h = self._cached.popitem(last=False)  # least recently released cached block
+        del self._by_hash[h], self._hash_of[block]
+        return block
 
     def _missing(self, seq_id: int, tokens: int) -> int:
         return max(0, self.blocks_for(tokens) - len(self.tables.get(seq_id, ())))

@@ -8,7 +8,7 @@ from runtime.kv.blocks import BlockManager
 from runtime.kv.cache import PagedKVCache
 from runtime.kv.format import (PARAM_DTYPE, KVShape, dequantize, from_quant_policy, key_rotation, kv_format,
                                quantize)
-from runtime.memory import CacheConfig, local_blocks
+from runtime.memory import CacheConfig
 
 # (head_dim, int8 minimum, int4 minimum): tokens at equal memory vs fp16, scale and zero counted.
 CAPACITY_TARGETS = [(64, 1.85, 3.5), (128, 1.9, 3.7)]
@@ -95,12 +95,10 @@ def test_block_manager_refuses_an_empty_cache():
         BlockManager(0, 64)
 
 
-def test_cache_size_follows_lambda_tokens_and_cap():
-    shape = KVShape(2, 1, 64, kv_format("fp16", torch.float16, 64), block_size=16)
-    cpu = torch.device("cpu")
-    assert local_blocks(CacheConfig(kv_cache_tokens=33), shape, cpu, 1, cap_tokens=10**9) == 3
-    assert local_blocks(CacheConfig(), shape, cpu, 1, cap_tokens=100) == 7  # never more than the batch can use
-    small, large = (local_blocks(CacheConfig(cache_max_entry_count=lam), shape, cpu, 1, 10**12) for lam in (0.1, 0.2))
-    assert 0 < small < large
+def test_cache_config_refuses_bad_sizes():
     with pytest.raises(TpDeployError, match="--cache-max-entry-count must be in"):
         CacheConfig(cache_max_entry_count=1.5)
+    with pytest.raises(TpDeployError, match="--kv-cache-tokens must be >= 1"):
+        CacheConfig(kv_cache_tokens=0)
+    with pytest.raises(TpDeployError, match="--gpu-mem must be positive"):
+        CacheConfig(gpu_mem=0)

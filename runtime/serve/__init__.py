@@ -1,0 +1,1 @@
+"""``tprun serve``: the continuous-batching engine loop, the memory plan, and the OpenAI-compatible API."""

@@ -1,0 +1,286 @@
+"""The memory plan behind ``tprun plan`` and the server's KV sizing: pure arithmetic on the manifest.
+
+Per rank (LMDeploy's rule, ``--cache-max-entry-count λ``)::
+
+    KV = λ × (T − S/P − reserve)
+
+``T`` is the memory of one GPU, ``S/P`` the rank's weights as they sit in memory after loading
+(``weights_bytes``), ``reserve`` the activation workspace of the largest step (``reserve_bytes``).
+Every rank proposes ``KV // bytes_per_block`` blocks and all ranks allocate the smallest proposal.
+``kv_bytes`` is the one formula: the planner feeds it ``T − S/P``, the server the free memory it
+measures after loading. No model is loaded and no GPU is touched here.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from formats import int4
+from formats.config import ModelConfig
+from formats.errors import TpDeployError
+from formats.manifest import FLOAT_DTYPES, STORED_DTYPES, Manifest
+from formats.sharding import heads_per_rank, kv_heads_per_rank, padded_size
+from runtime.kv.format import KVShape, kv_format
+from runtime.memory import CacheConfig
+
+# PyTorch's caching allocator rounds large blocks up to 2 MiB segments and cannot always reuse a freed
+# block for a differently sized request (fragmentation); cuBLAS workspaces (up to 32 MiB per handle on
+# Hopper), NCCL's channel buffers and Triton's launch scratch come out of the same memory. 256 MiB
+# covers these plus the short-lived temporaries the per-layer estimate leaves out (RMSNorm's fp32 copy,
+# RoPE outputs). The CUDA context itself (~0.5 GiB) is not counted: the server measures free memory
+# after it exists, and `tprun plan --gpu-mem` means the memory the process can use.
+ALLOCATOR_SLACK = 256 << 20
+GIB = 1 << 30
+_LOGIT_BYTES = 4  # the runner hands logits to sampling as float32, whatever the compute dtype
+
+# One letter (80g) is binary, as in Docker and the JVM; "GB" is decimal, "GiB" binary.
+_UNITS = {"": 1, "b": 1,
+          **{p: 1024 ** i for i, p in enumerate("kmgt", 1)}, **{f"{p}ib": 1024 ** i for i, p in enumerate("kmgt", 1)},
+          **{f"{p}b": 1000 ** i for i, p in enumerate("kmgt", 1)}}
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*$")
+
+
+def parse_size(text: str | int, what: str = "size") -> int:
+    """``24GiB``, ``24GB``, ``24000MiB``, ``80g`` or ``123456`` (bytes) as a positive byte count."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        value = text
+    else:
+        m = _SIZE.match(str(text))
+        if m is None or m.group(2).lower() not in _UNITS:
+            raise TpDeployError(
+                f"{what} {text!r} is not a size; write bytes with an optional unit, e.g. 24GiB, 24GB, 24000MiB, "
+                "80g or 123456 (binary: KiB MiB GiB TiB and k m g t; decimal: KB MB GB TB)")
+        value = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    if value < 1:
+        raise TpDeployError(f"{what} {text!r} must be at least 1 byte")
+    return value
+
+
+def weights_bytes(manifest: Manifest, rank: int, compute_dtype: torch.dtype) -> int:
+    """Bytes of ``rank``'s weights once loaded: dense float tensors in the compute dtype, int4 parts as
+    stored (the runner converts the former and keeps the latter, see ``runtime/runner.py``)."""
+    total = 0
+    for t in manifest.ranks[rank].tensors:
+        keeps_dtype = int4.is_part(t.name) or t.dtype not in FLOAT_DTYPES
+        itemsize = STORED_DTYPES[t.dtype].itemsize if keeps_dtype else compute_dtype.itemsize
+        total += math.prod(t.shape) * itemsize
+    return total
+
+
+def reserve_bytes(cfg: ModelConfig, tp: int, compute_dtype: torch.dtype, max_prefill_tokens: int,
+                  max_batch_size: int, *, rank: int = 0) -> int:
+    """Activation workspace of the largest step (the server's dummy forward), analytically, per rank.
+
+    Layers run one after another, so one layer's live tensors bound the peak; summing them all is an
+    over-estimate of at most a few tensors (which of them overlap depends on the allocator).
+    """
+    c = compute_dtype.itemsize
+    tokens = max(max_prefill_tokens, max_batch_size)  # a prefill chunk, or one token per decoding sequence
+    d, inter = cfg.head_dim, cfg.intermediate_size // tp
+    hq, hkv = heads_per_rank(cfg, tp), kv_heads_per_rank(cfg, tp)
+    per_token = (2 * cfg.hidden_size  # hidden states and the residual sum being formed (replicated)
+                 + (hq + 2 * hkv) * d  # fused qkv output, this rank's heads
+                 + hq * d  # attention output before wo
+                 + 2 * inter  # gate_up output [gate; up]
+                 + inter)  # silu(gate) * up, the input of w_down
+    layer = tokens * per_token * c
+    vocab = padded_size(cfg.vocab_size, tp)
+    logits = max_batch_size * (vocab // tp) * _LOGIT_BYTES  # this rank's vocabulary slice, one row per sequence
+    if rank == 0:  # rank 0 also holds the gathered full-vocabulary logits that sampling reads
+        logits += max_batch_size * vocab * _LOGIT_BYTES
+    return layer + logits + ALLOCATOR_SLACK
+
+
+def kv_bytes(available_after_weights: int, reserve: int, lam: float) -> int:
+    """λ × (memory left after the weights − reserve), floored; the one formula `tprun plan` and the server share."""
+    return max(0, math.floor(lam * (available_after_weights - reserve)))
+
+
+@dataclass(frozen=True)
+class ModelSummary:
+    architecture: str
+    parameters: int
+    layers: int
+    hidden_size: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab_size: int
+
+
+@dataclass(frozen=True)
+class RankPlan:
+    rank: int
+    total: int  # T: memory of this rank's GPU
+    weights: int  # S/P as loaded
+    reserve: int
+    kv_bytes: int  # this rank's KV budget (λ formula, or --kv-cache-tokens rounded up to blocks)
+    kv_blocks: int  # blocks the budget holds: this rank's proposal before the ranks agree
+    kv_tokens: int
+    kv_allocated: int  # bytes of the agreed block count, what the rank really allocates
+    unused: int  # total − weights − reserve − kv_allocated
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    model: ModelSummary
+    tp: int
+    gpu_mem: int  # T
+    lam: float
+    kv_source: str  # "cache_max_entry_count" (λ) or "kv_cache_tokens"
+    kv_cache_tokens: int | None  # requested, when kv_source says so
+    compute_dtype: str
+    weight_format: str
+    max_batch_size: int
+    max_prefill_tokens: int
+    ranks: tuple[RankPlan, ...]
+    num_blocks: int  # agreed: the minimum over ranks
+    limiting_rank: int
+    block_size: int
+    kv_dtype: str
+    bytes_per_token: int  # K and V of one token, every layer, one rank's KV heads
+    kv_tokens: int  # num_blocks × block_size
+    max_model_len: int
+    max_concurrency: int  # whole max_model_len requests the cache holds at once
+    concurrency: float  # the same, as a fraction
+    warnings: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def plan_memory(manifest: Manifest, *, gpu_mem: int, cache: CacheConfig, compute_dtype: torch.dtype,
+                max_model_len: int | None = None, max_batch_size: int = 64,
+                max_prefill_tokens: int = 2048) -> MemoryPlan:
+    """Every rank's weights, reserve and KV cache on a GPU of ``gpu_mem`` bytes, and the agreed cache."""
+    cfg, tp = manifest.model, manifest.tp
+    max_model_len = cfg.max_position_embeddings if max_model_len is None else max_model_len
+    for flag, value in (("--gpu-mem", gpu_mem), ("--max-model-len", max_model_len),
+                        ("--max-batch-size", max_batch_size), ("--max-prefill-tokens", max_prefill_tokens)):
+        if value < 1:
+            raise TpDeployError(f"{flag} must be a positive number, got {value}")
+    shape = KVShape(cfg.num_layers, kv_heads_per_rank(cfg, tp), cfg.head_dim,
+                    kv_format(cache.kv_dtype, compute_dtype, cfg.head_dim), cache.block_size)
+    budgets = [_rank_budget(manifest, r, gpu_mem, cache, shape, compute_dtype, max_prefill_tokens, max_batch_size)
+               for r in range(tp)]
+    proposals = [kv // shape.bytes_per_block for _, _, kv in budgets]
+    num_blocks = min(proposals)
+    allocated = num_blocks * shape.bytes_per_block
+    ranks = tuple(RankPlan(r, gpu_mem, w, res, kv, proposals[r], proposals[r] * shape.block_size, allocated,
+                           gpu_mem - w - res - allocated) for r, (w, res, kv) in enumerate(budgets))
+    kv_tokens = num_blocks * shape.block_size
+    return MemoryPlan(
+        model=_summary(cfg), tp=tp, gpu_mem=gpu_mem, lam=cache.cache_max_entry_count,
+        kv_source="cache_max_entry_count" if cache.kv_cache_tokens is None else "kv_cache_tokens",
+        kv_cache_tokens=cache.kv_cache_tokens, compute_dtype=_dtype_name(compute_dtype),
+        weight_format=_weight_format(manifest), max_batch_size=max_batch_size,
+        max_prefill_tokens=max_prefill_tokens, ranks=ranks, num_blocks=num_blocks,
+        limiting_rank=proposals.index(num_blocks), block_size=shape.block_size, kv_dtype=shape.fmt.name,
+        bytes_per_token=shape.bytes_per_token, kv_tokens=kv_tokens, max_model_len=max_model_len,
+        max_concurrency=kv_tokens // max_model_len, concurrency=kv_tokens / max_model_len,
+        warnings=_warnings(kv_tokens, max_model_len))
+
+
+def _rank_budget(manifest: Manifest, rank: int, gpu_mem: int, cache: CacheConfig, shape: KVShape,
+                 compute_dtype: torch.dtype, max_prefill_tokens: int, max_batch_size: int) -> tuple[int, int, int]:
+    """(weights, reserve, KV budget) of one rank; raises when they cannot fit on the GPU."""
+    weights = weights_bytes(manifest, rank, compute_dtype)
+    reserve = reserve_bytes(manifest.model, manifest.tp, compute_dtype, max_prefill_tokens, max_batch_size, rank=rank)
+    if weights + reserve > gpu_mem:
+        raise TpDeployError(
+            f"rank {rank} needs {_gib(weights)} GiB of weights + {_gib(reserve)} GiB reserve = "
+            f"{_gib(weights + reserve)} GiB, more than --gpu-mem {_gib(gpu_mem)} GiB (tp {manifest.tp}); "
+            f"use a larger --tp, int4 weights (tpconv convert an AWQ/W4A16 checkpoint) or a smaller "
+            f"--max-prefill-tokens (now {max_prefill_tokens})")
+    if cache.kv_cache_tokens is None:
+        return weights, reserve, kv_bytes(gpu_mem - weights, reserve, cache.cache_max_entry_count)
+    kv = -(-cache.kv_cache_tokens // shape.block_size) * shape.bytes_per_block
+    if weights + reserve + kv > gpu_mem:
+        raise TpDeployError(
+            f"rank {rank}: --kv-cache-tokens {cache.kv_cache_tokens} needs {_gib(kv)} GiB of KV cache on top of "
+            f"{_gib(weights + reserve)} GiB of weights and reserve, more than --gpu-mem {_gib(gpu_mem)} GiB; "
+            f"ask for at most {max(0, (gpu_mem - weights - reserve) // shape.bytes_per_token)} tokens, "
+            "or use a quantized --kv-dtype (int8, int4) or a larger --tp")
+    return weights, reserve, kv
+
+
+def _summary(cfg: ModelConfig) -> ModelSummary:
+    h, d = cfg.hidden_size, cfg.head_dim
+    qkv = (cfg.num_heads + 2 * cfg.num_kv_heads) * d
+    layer = qkv * h + (qkv if cfg.qkv_bias else 0) + cfg.num_heads * d * h + 3 * h * cfg.intermediate_size + 2 * h
+    embeddings = cfg.vocab_size * h * (1 if cfg.tie_word_embeddings else 2)
+    return ModelSummary(cfg.architecture, cfg.num_layers * layer + embeddings + h, cfg.num_layers, h,
+                        cfg.num_heads, cfg.num_kv_heads, d, cfg.vocab_size)
+
+
+def _weight_format(manifest: Manifest) -> str:
+    q = manifest.weights.quantization
+    if q is None:
+        return manifest.weights.dtype
+    return f"int4 (group {q.group_size}, {q.scale_dtype} scales)"
+
+
+def _warnings(kv_tokens: int, max_model_len: int) -> tuple[str, ...]:
+    if kv_tokens >= max_model_len:
+        return ()
+    return (f"the KV cache holds {kv_tokens:,} tokens, less than one {max_model_len:,}-token request: lower "
+            f"--max-model-len to {kv_tokens:,} or less, or make room with a larger --gpu-mem, "
+            "--cache-max-entry-count, a quantized --kv-dtype (int8, int4) or a larger --tp",)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _gib(n: int | float) -> str:
+    return f"{n / GIB:.2f}"
+
+
+def format_table(plan: MemoryPlan) -> str:
+    """Per-rank table, then the totals in words: why the process takes the memory it takes."""
+    m = plan.model
+    lines = [f"memory plan: {m.architecture}, {m.parameters / 1e6:,.1f}M parameters, tp {plan.tp}, weights "
+             f"{plan.weight_format} (computing in {plan.compute_dtype}), KV {plan.kv_dtype}, "
+             f"{_gib(plan.gpu_mem)} GiB per GPU",
+             f"{'rank':>4} {'weights':>9} {'reserve':>9} {'KV cache':>9} {'KV tokens':>12} {'unused':>9} "
+             f"{'total':>9} {'B/token':>9}"]
+    uneven = len({r.kv_blocks for r in plan.ranks}) > 1  # only then does one rank limit the others
+    for r in plan.ranks:
+        mark = "  *" if r.rank == plan.limiting_rank and uneven else ""
+        lines.append(f"{r.rank:>4} {_gib(r.weights):>9} {_gib(r.reserve):>9} {_gib(r.kv_allocated):>9} "
+                     f"{r.kv_tokens:>12,} {_gib(r.unused):>9} {_gib(r.total):>9} {plan.bytes_per_token:>9,}{mark}")
+    limited = f", * = rank {plan.limiting_rank} limits the cache" if uneven else ""
+    lines.append(f"(GiB; KV tokens = what each rank's budget holds; every rank allocates {plan.num_blocks:,} "
+                 f"blocks of {plan.block_size} = {plan.kv_tokens:,} tokens{limited})")
+    return "\n".join(lines + [""] + _explain(plan))
+
+
+def _explain(plan: MemoryPlan) -> list[str]:
+    r, m = plan.ranks[plan.limiting_rank], plan.model
+    per_head = plan.bytes_per_token // (2 * m.layers * max(1, m.kv_heads // plan.tp))
+    lines = [f"weights  {_gib(r.weights)} GiB/rank (S/P, rank {r.rank}; "
+             f"{_gib(sum(x.weights for x in plan.ranks))} GiB over all {plan.tp} ranks, as loaded in memory)",
+             f"reserve  {_gib(r.reserve)} GiB for the largest step ({plan.max_prefill_tokens} prefill tokens, "
+             f"{plan.max_batch_size} sequences of logits; {_gib(ALLOCATOR_SLACK)} GiB of it allocator slack)"]
+    if plan.kv_source == "kv_cache_tokens":
+        lines.append(f"KV cache = --kv-cache-tokens {plan.kv_cache_tokens:,} rounded up to {plan.num_blocks:,} "
+                     f"blocks = {_gib(r.kv_allocated)} GiB → {plan.kv_tokens:,} tokens (λ is not used)")
+    else:
+        lines.append(f"KV cache = λ {plan.lam:.2f} × ({_gib(r.total)} − {_gib(r.weights)} − {_gib(r.reserve)}) "
+                     f"GiB = {_gib(r.kv_bytes)} GiB → {plan.kv_tokens:,} tokens")
+    lines += [f"bytes per token {plan.bytes_per_token:,} = {m.layers} layers × K+V × "
+              f"{max(1, m.kv_heads // plan.tp)} KV heads/rank × {per_head} bytes ({plan.kv_dtype}, head_dim {m.head_dim})",
+              f"maximum concurrency for {plan.max_model_len}-token requests: {plan.max_concurrency} "
+              f"({plan.concurrency:.2f})"]
+    if plan.kv_source == "cache_max_entry_count":
+        lines.append(f"note: the KV cache takes λ = {plan.lam:.2f} of all memory left after weights and reserve, by "
+                     "design, so memory use grows with --gpu-mem, not with the model; lower "
+                     "--cache-max-entry-count or set --kv-cache-tokens to use less")
+        lines.append(f"unused   {_gib(r.unused)} GiB/rank: the 1 − λ share left for other processes, plus the "
+                     "rounding down to whole blocks and to the smallest rank's count")
+    return lines + [f"warning: {w}" for w in plan.warnings]
