@@ -39,7 +39,7 @@ def runtime_options(f):
 
 
 def _llm(workspace: Path, device, dtype, max_model_len, kv_dtype, quant_policy, cache_max_entry_count,
-         kv_cache_tokens, block_size, **extra):
+         kv_cache_tokens, block_size, gpu_mem: int | None = None, **extra):
     from runtime.api import LLM
     from runtime.kv.format import from_quant_policy
     from runtime.memory import CacheConfig
@@ -48,7 +48,7 @@ def _llm(workspace: Path, device, dtype, max_model_len, kv_dtype, quant_policy, 
         if kv_dtype != "auto":
             raise TpDeployError(f"--quant-policy {quant_policy} and --kv-dtype {kv_dtype} both set the KV precision; give one")
         kv_dtype = from_quant_policy(quant_policy)
-    cache = CacheConfig(kv_dtype, block_size, cache_max_entry_count, kv_cache_tokens)
+    cache = CacheConfig(kv_dtype, block_size, cache_max_entry_count, kv_cache_tokens, gpu_mem)
     return LLM(workspace, device=device, dtype=dtype, max_model_len=max_model_len, cache=cache, **extra)
 
 
@@ -127,3 +127,13 @@ def perplexity_cmd(workspace: Path, text_file: Path, context: int, prefill_chunk
     else:
         click.echo(f"perplexity {result.perplexity:.4f} (kv {kv}; {result.windows} windows of {context} tokens, "
                    f"{result.scored_tokens} scored of {result.text_tokens})")
+
+
+def _register_serving() -> None:
+    from runtime.serve.commands import plan_cmd, serve_cmd
+
+    main.add_command(runtime_options(serve_cmd))
+    main.add_command(plan_cmd)
+
+
+_register_serving()

@@ -5,6 +5,7 @@ on the device, as the kernels read it; ``LayerKV`` is one layer's paged storage.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -53,9 +54,24 @@ class PagedBatch:
     max_query_len: int
     max_seq_len: int
     decode_only: bool
+    # A step mixing prompt chunks with decodes runs as two kernel calls: (decode token rows, their batch)
+    # and (prefill token rows, their batch), so decoding rows keep the batched decode path.
+    split: tuple[torch.Tensor, "PagedBatch", torch.Tensor, "PagedBatch"] | None = None
 
     @classmethod
     def build(cls, batch: StepBatch, block_size: int, device: torch.device) -> "PagedBatch":
+        whole = cls._build(batch, block_size, device)
+        decode = [i for i, s in enumerate(batch.seqs) if s.new == 1]
+        if whole.decode_only or not decode:
+            return whole
+        prefill = [i for i, s in enumerate(batch.seqs) if s.new > 1]
+        starts = whole.query_start.tolist()
+        rows = (lambda idx: torch.tensor([r for i in idx for r in range(starts[i], starts[i + 1])], device=device))
+        sub = (lambda idx: cls._build(StepBatch(tuple(batch.seqs[i] for i in idx)), block_size, device))
+        return dataclasses.replace(whole, split=(rows(decode), sub(decode), rows(prefill), sub(prefill)))
+
+    @classmethod
+    def _build(cls, batch: StepBatch, block_size: int, device: torch.device) -> "PagedBatch":
         width = max(len(s.blocks) for s in batch.seqs)
         tables = torch.tensor([list(s.blocks) + [0] * (width - len(s.blocks)) for s in batch.seqs], dtype=torch.int32)
         news = torch.tensor([s.new for s in batch.seqs], dtype=torch.int32)

@@ -49,4 +49,11 @@ class PagedKVCache:
         self.kernels.write_kv(kv, k, v, pb.slots)
         if pb.decode_only:
             return self.kernels.decode_attention(q, kv, pb.block_tables, pb.seq_lens, self.scale, self.window)
-        return self.kernels.prefill_attention(q, kv, pb, self.scale, self.window)
+        if pb.split is None:
+            return self.kernels.prefill_attention(q, kv, pb, self.scale, self.window)
+        dec_rows, dec, pre_rows, pre = pb.split
+        out = torch.empty_like(q)
+        out[dec_rows] = self.kernels.decode_attention(q[dec_rows], kv, dec.block_tables, dec.seq_lens, self.scale,
+                                                      self.window)
+        out[pre_rows] = self.kernels.prefill_attention(q[pre_rows], kv, pre, self.scale, self.window)
+        return out

@@ -25,8 +25,8 @@ def ws(tmp_path_factory):
     return {tp: convert(ConvertOptions(src, root / f"tp{tp}", tp)) and root / f"tp{tp}" for tp in (1, 2)}
 
 
-def _llm(path, **cache) -> LLM:
-    return LLM(path, device="cpu", cache=CacheConfig(block_size=16, **cache))
+def _llm(path, max_prefill_tokens: int = 2048, **cache) -> LLM:
+    return LLM(path, device="cpu", cache=CacheConfig(block_size=16, **cache), max_prefill_tokens=max_prefill_tokens)
 
 
 @pytest.mark.parametrize("tp", [1, 2])
@@ -37,6 +37,13 @@ def test_chunked_prefill_gives_the_same_logits(ws, tp):
         chunked = llm.prompt_logits(prompt, chunk=7)
         assert llm.blocks.num_free == llm.blocks.num_blocks
     torch.testing.assert_close(chunked, whole, atol=LOGIT_ATOL, rtol=0)
+
+
+def test_prompt_chunks_beside_decodes_give_the_same_tokens(ws):
+    with _llm(ws[2], kv_cache_tokens=1024) as whole:
+        expected = [o.outputs[0].token_ids for o in whole.generate(PROMPTS, GREEDY)]
+    with _llm(ws[2], kv_cache_tokens=1024, max_prefill_tokens=6) as chunked:
+        assert [o.outputs[0].token_ids for o in chunked.generate(PROMPTS, GREEDY)] == expected
 
 
 def test_a_small_cache_queues_sequences_and_gives_the_same_answers(ws):
@@ -77,7 +84,8 @@ def test_triton_kernels_through_the_model_match_the_torch_path(ws, kv, monkeypat
     results = {}
     for name in ("torch", "triton"):
         monkeypatch.setenv("TPDEPLOY_KERNELS", name)
-        with _llm(ws[1], kv_cache_tokens=256, kv_dtype=kv) as llm:
+        # 16 new tokens per step: the 40-token prompt is prefilled in chunks beside the other's decodes
+        with _llm(ws[1], kv_cache_tokens=256, kv_dtype=kv, max_prefill_tokens=16) as llm:
             assert llm.driver.runner.kernels.name == name
             results[name] = (llm.prompt_logits(PROMPTS[3], chunk=13),
                              [o.outputs[0].token_ids for o in llm.generate(prompts, params)])

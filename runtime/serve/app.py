@@ -1,0 +1,364 @@
+"""The OpenAI-compatible HTTP layer of ``tprun serve``: routes, errors, API key, request counts, SSE.
+
+It talks to the engine only through ``contract.EngineClient``, so it runs (and is tested) against a
+fake engine. Two rules shape the code:
+
+- every error a client can cause becomes OpenAI's ``{"error": {...}}`` body with a real status code,
+  which is why the first Delta is awaited before a stream's 200 is sent (the engine raises
+  Overloaded / ContextTooLong before its first Delta);
+- a request whose client went away is aborted in the engine at once (its iterator is closed), so
+  its KV blocks go back to requests that still have a reader.
+"""
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import anyio
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from formats.errors import TpDeployError
+from runtime.sampling import SamplingParams
+from runtime.serve.contract import ContextTooLong, Delta, EngineClient, Overloaded
+from runtime.serve.metrics import CONTENT_TYPE, Metrics
+from runtime.serve.protocol import (APIError, ChatCompletionRequest, ChatRenderer,
+                                    CompletionRenderer, CompletionRequest, Renderer, error_body,
+                                    sse)
+
+log = logging.getLogger("tprun.serve")
+T = TypeVar("T")
+
+# Route labels for tprun_requests_total; any other path counts as "other" so that scanners
+# probing random URLs cannot grow the label set without bound.
+_ROUTES = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics"})
+_CLIENT_CLOSED = 499  # nginx's "client closed request": nobody reads it, metrics and logs do
+_SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # no proxy buffering
+
+
+def create_app(engine: EngineClient, *, served_model_name: str, api_key: str | None,
+               metrics: Metrics) -> FastAPI:
+    """The ASGI app: ``/v1/models``, ``/v1/chat/completions``, ``/v1/completions``, ``/health``,
+    ``/metrics``. With ``api_key`` every ``/v1`` route needs ``Authorization: Bearer <api_key>``."""
+    app = FastAPI(title="tprun", summary="tpdeploy's OpenAI-compatible server")
+    server = _Server(engine, served_model_name, metrics)
+    app.add_api_route("/v1/models", server.list_models, methods=["GET"])
+    app.add_api_route("/v1/models/{model_id:path}", server.get_model, methods=["GET"])
+    app.add_api_route("/v1/chat/completions", server.chat, methods=["POST"])
+    app.add_api_route("/v1/completions", server.completions, methods=["POST"])
+    app.add_api_route("/health", server.health, methods=["GET"])
+    app.add_api_route("/metrics", server.render_metrics, methods=["GET"])
+    _install_error_handlers(app)
+    app.add_middleware(_RequireApiKey, api_key=api_key)
+    app.add_middleware(_CountRequests, metrics=metrics)  # added last = outermost: sees 401s too
+    return app
+
+
+class _Server:
+    """Route handlers; one instance per app, holding what every request needs."""
+
+    def __init__(self, engine: EngineClient, model: str, metrics: Metrics) -> None:
+        self.engine, self.model, self._metrics = engine, model, metrics
+        self.created = int(time.time())
+
+    def _model_card(self) -> dict[str, Any]:
+        return {"id": self.model, "object": "model", "created": self.created,
+                "owned_by": "tpdeploy", "max_model_len": self.engine.max_model_len}
+
+    def _check_model(self, model: str | None) -> None:
+        if model is not None and model != self.model:
+            raise APIError(404, f"the model {model!r} does not exist on this server; it serves "
+                                f"{self.model!r} (GET /v1/models lists it)",
+                           param="model", code="model_not_found")
+
+    async def list_models(self) -> dict[str, Any]:
+        return {"object": "list", "data": [self._model_card()]}
+
+    async def get_model(self, model_id: str) -> dict[str, Any]:
+        self._check_model(model_id)
+        return self._model_card()
+
+    async def health(self) -> dict[str, str]:
+        return {"status": "ok"}
+
+    async def render_metrics(self) -> Response:
+        # The engine's metrics_text() renders this same registry: serving both would list each
+        # metric twice, which Prometheus rejects.
+        return Response(self._metrics.render(), media_type=CONTENT_TYPE)
+
+    async def chat(self, body: ChatCompletionRequest, request: Request) -> Response:
+        self._check_model(body.model)
+        params = body.sampling_params()
+        # Rendering and tokenizing a long conversation takes milliseconds: off the event loop, so
+        # the streams of other requests keep flowing meanwhile.
+        prompt_ids = await run_in_threadpool(self._chat_ids, body)
+        return await self._generate(request, body, params, prompt_ids, ChatRenderer, "chatcmpl")
+
+    def _chat_ids(self, body: ChatCompletionRequest) -> list[int]:
+        tok = self.engine.tokenizer
+        messages = [m.for_template() for m in body.messages]
+        text = tok.apply_chat_template(messages, add_generation_prompt=True)
+        return tok.encode(text, add_special_tokens=False)  # the template wrote BOS already
+
+    async def completions(self, body: CompletionRequest, request: Request) -> Response:
+        self._check_model(body.model)
+        params = body.sampling_params()
+        prompt = body.prompt
+        ids = await run_in_threadpool(self.engine.tokenizer.encode, prompt) \
+            if isinstance(prompt, str) else prompt
+        return await self._generate(request, body, params, ids, CompletionRenderer, "cmpl")
+
+    def _check_prompt(self, ids: list[int]) -> None:
+        if not ids:
+            raise APIError(400, "the prompt is empty after tokenization; send at least one token",
+                           param="prompt")
+        vocab = getattr(self.engine.tokenizer, "vocab_size", None)
+        # An id past the embedding table would crash the model (a CUDA device assert), not the request.
+        if vocab is not None and max(ids) >= vocab:
+            raise APIError(400, f"prompt token id {max(ids)} is out of range: this model's "
+                                f"vocabulary has ids 0..{vocab - 1}", param="prompt")
+
+    async def _generate(self, request: Request, body: Any, params: SamplingParams,
+                        prompt_ids: list[int], renderer_cls: type[Renderer],
+                        prefix: str) -> Response:
+        self._check_prompt(prompt_ids)
+        request_id = f"{prefix}-{uuid.uuid4().hex}"
+        renderer = renderer_cls(request_id, int(time.time()), self.model, self.engine.tokenizer,
+                                logprobs=params.logprobs is not None,
+                                include_usage=body.include_usage)
+        stream = self.engine.generate(request_id, prompt_ids, params)
+        streaming = False
+        try:
+            # The engine refuses (Overloaded, ContextTooLong) before its first Delta: wait for it so
+            # that a refusal still gets its status code, and give up if the client leaves meanwhile.
+            done, first = await _unless_disconnected(request, lambda: anext(stream, None))
+            if done and body.stream:
+                streaming = True  # from here on the response closes the stream
+                return _EventStream(self._events(renderer, params.n, first, stream), stream)
+            if done:
+                done, deltas = await _unless_disconnected(request, lambda: _collect(first, stream))
+        finally:
+            if not streaming:
+                await _close(stream)
+        if not done:
+            return Response(status_code=_CLIENT_CLOSED)
+        return JSONResponse(renderer.response(deltas, params.n, self.engine.usage(request_id)))
+
+    async def _events(self, renderer: Renderer, n: int, first: Delta | None,
+                      stream: AsyncIterator[Delta]) -> AsyncIterator[bytes]:
+        """The SSE body. Its finally aborts the engine request when the client goes away."""
+        try:
+            for chunk in renderer.opening_chunks(n):
+                yield sse(chunk)
+            delta = first
+            while delta is not None:
+                for chunk in renderer.delta_chunks(delta):
+                    yield sse(chunk)
+                delta = await anext(stream, None)
+            if renderer.include_usage:
+                yield sse(renderer.usage_chunk(self.engine.usage(renderer.id)))
+        except Exception as e:  # the 200 is already sent: report in-band, as OpenAI does
+            log.exception("request %s failed mid-stream", renderer.id)
+            yield sse(_in_band_error(e))
+        finally:
+            await _close(stream)
+        yield b"data: [DONE]\n\n"
+
+
+async def _collect(first: Delta | None, stream: AsyncIterator[Delta]) -> list[Delta]:
+    deltas = []
+    while first is not None:
+        deltas.append(first)
+        first = await anext(stream, None)
+    return deltas
+
+
+async def _close(stream: AsyncIterator[Delta]) -> None:
+    """Abort the request in the engine (no-op once finished); shielded because it usually runs in a
+    task that is being cancelled, and an unfinished close would leak the request's KV blocks."""
+    aclose = getattr(stream, "aclose", None)
+    if aclose is not None:
+        with anyio.CancelScope(shield=True):
+            await aclose()
+
+
+async def _unless_disconnected(request: Request,
+                               work: Callable[[], Awaitable[T]]) -> tuple[bool, T | None]:
+    """``(True, await work())``, or ``(False, None)`` if the client hangs up first (work is cancelled).
+
+    Starlette notices a disconnect only while streaming a body, so waits before that are watched
+    here: once the request body was read, ``receive()`` returns only when the client is gone.
+    """
+    result: list[T] = []
+    error: Exception | None = None
+    async with anyio.create_task_group() as tg:
+
+        async def watch() -> None:
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+            tg.cancel_scope.cancel()
+
+        async def run() -> None:
+            nonlocal error
+            try:
+                result.append(await work())
+            except Exception as e:  # re-raised below, unwrapped from the task group's ExceptionGroup
+                error = e
+            finally:
+                tg.cancel_scope.cancel()
+
+        tg.start_soon(watch)
+        tg.start_soon(run)
+    if error is not None:
+        raise error
+    return (True, result[0]) if result else (False, None)
+
+
+class _EventStream(StreamingResponse):
+    """SSE response that aborts the engine request however the response ends."""
+
+    media_type = "text/event-stream"
+
+    def __init__(self, events: AsyncIterator[bytes], engine_stream: AsyncIterator[Delta]) -> None:
+        super().__init__(events, headers=_SSE_HEADERS)
+        self._engine_stream = engine_stream
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            # When the client goes away Starlette cancels the sending task (or send raises) and
+            # leaves our generator suspended at a yield (or never started): close both here.
+            with anyio.CancelScope(shield=True):
+                await self.body_iterator.aclose()
+            await _close(self._engine_stream)
+
+
+# ------------------------------------------------------------------------------------------ errors
+def _error(status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
+           code: str | int | None = None, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(error_body(message, type, param, code), status_code=status, headers=headers)
+
+
+def _in_band_error(e: Exception) -> dict[str, Any]:
+    if isinstance(e, TpDeployError):
+        return error_body(str(e), "invalid_request_error")
+    return error_body(f"internal server error ({type(e).__name__}); see the server log", "server_error")
+
+
+def _validation_error(errors: list[dict[str, Any]]) -> tuple[str, str | None]:
+    """Message and param of the first problem pydantic (or FastAPI's JSON parser) found."""
+    err = errors[0]
+    kind, loc = err["type"], [p for p in err["loc"] if p != "body"]
+    if kind == "json_invalid":
+        reason = err.get("ctx", {}).get("error", err["msg"])
+        return f"the request body is not valid JSON: {reason} (at character {err['loc'][-1]})", None
+    if not loc:
+        return "the request body must be a JSON object (sent with Content-Type: application/json)", None
+    param = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".")
+    if kind == "missing":
+        return f"{param} is required", param
+    if kind == "value_error":  # our validators' own messages already say what was received
+        return f"{param}: {err['ctx']['error']}", param
+    return f"{param}: {err['msg']} (received {err['input']!r:.80})", param
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    """Map every exception to OpenAI's error body (Starlette picks the most specific class)."""
+
+    async def api_error(_: Request, e: APIError) -> JSONResponse:
+        return _error(e.status, e.message, e.type, e.param, e.code, e.headers)
+
+    async def invalid(_: Request, e: RequestValidationError) -> JSONResponse:
+        message, param = _validation_error(list(e.errors()))
+        return _error(400, message, param=param)
+
+    async def overloaded(_: Request, e: Overloaded) -> JSONResponse:
+        return _error(429, str(e), "rate_limit_error", code="rate_limit_exceeded",
+                      headers={"Retry-After": str(max(1, int(e.retry_after)))})
+
+    async def too_long(request: Request, e: ContextTooLong) -> JSONResponse:
+        param = "messages" if request.url.path.endswith("/chat/completions") else "prompt"
+        return _error(400, str(e), param=param, code="context_length_exceeded")
+
+    async def user_error(_: Request, e: TpDeployError) -> JSONResponse:
+        return _error(400, str(e))
+
+    async def http_error(_: Request, e: HTTPException) -> JSONResponse:
+        kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
+        return _error(e.status_code, str(e.detail), kind, headers=e.headers)
+
+    async def crash(request: Request, e: Exception) -> JSONResponse:
+        log.error("%s %s failed", request.method, request.url.path, exc_info=e)
+        return _error(500, f"internal server error ({type(e).__name__}); see the server log",
+                      "server_error")
+
+    for cls, handler in ((APIError, api_error), (RequestValidationError, invalid),
+                         (Overloaded, overloaded), (ContextTooLong, too_long),
+                         (TpDeployError, user_error), (HTTPException, http_error),
+                         (Exception, crash)):
+        app.add_exception_handler(cls, handler)
+
+
+# -------------------------------------------------------------------------------------- middleware
+class _RequireApiKey:
+    """401 for a /v1 request without ``Authorization: Bearer <key>``; /health and /metrics stay
+    open so that load balancers and Prometheus need no secret."""
+
+    def __init__(self, app: ASGIApp, api_key: str | None) -> None:
+        self.app, self.key = app, None if api_key is None else api_key.encode()
+
+    def _problem(self, scope: Scope) -> str | None:
+        header = dict(scope["headers"]).get(b"authorization")
+        if header is None:
+            return ("this server needs an API key: send the header 'Authorization: Bearer <key>' "
+                    "(OpenAI clients: api_key=<key>)")
+        scheme, _, token = header.partition(b" ")
+        if scheme.lower() != b"bearer" or not secrets.compare_digest(token.strip(), self.key):
+            return "invalid API key: send 'Authorization: Bearer <key>' with the server's key"
+        return None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope.get("path", "")
+        if self.key is not None and scope["type"] == "http" and (
+                path == "/v1" or path.startswith("/v1/")):
+            problem = self._problem(scope)
+            if problem is not None:
+                response = _error(401, problem, code="invalid_api_key",
+                                  headers={"WWW-Authenticate": "Bearer"})
+                return await response(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
+class _CountRequests:
+    """``tprun_requests_total{route,status}``: the status as sent, 500 when the app raised."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope["path"]
+        route = path if path in _ROUTES else \
+            "/v1/models/{model}" if path.startswith("/v1/models/") else "other"
+        status = 500
+
+        async def send_counted(message: dict[str, Any]) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_counted)
+        finally:
+            self.metrics.on_http_response(route, status)

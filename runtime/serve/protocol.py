@@ -1,0 +1,366 @@
+"""OpenAI request models (what clients send) and the response objects built from engine Deltas.
+
+Requests are validated by pydantic with OpenAI's field names; anything a client adds that we do not
+know (``user``, ``metadata``...) is ignored, as OpenAI-compatible servers do. Fields that OpenAI
+defines but this server cannot honour are accepted only at their neutral value, so that a client
+never silently gets an answer to a different question than the one it asked.
+"""
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from formats.errors import TpDeployError
+from runtime.sampling import MAX_LOGPROBS, SamplingParams
+from runtime.serve.contract import Delta, Usage
+
+MAX_STOP_STRINGS = 4  # OpenAI's limit; more would also slow the engine's per-token stop check
+MAX_COMPLETION_LOGPROBS = 5  # the legacy completions API's cap
+# JSON has no -inf; a token the model rules out gets vLLM's floor instead of breaking the response.
+_LOGPROB_FLOOR = -9999.0
+
+
+class APIError(Exception):
+    """An error the HTTP layer turns into OpenAI's ``{"error": {...}}`` body with ``status``."""
+
+    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
+                 param: str | None = None, code: str | int | None = None,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type = status, message, type
+        self.param, self.code, self.headers = param, code, headers
+
+
+def error_body(message: str, type: str, param: str | None = None,
+               code: str | int | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+# ---------------------------------------------------------------------------------------- requests
+def _is_neutral(value: Any) -> bool:
+    """True when an unsupported OpenAI field holds a value that asks for nothing (0, false, {}...)."""
+    if value is None or value is False or value in ("", {}, []):
+        return True
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == 0
+
+
+# field -> what to do instead; checked by _SamplingRequest._reject_unsupported
+_UNSUPPORTED = {
+    "presence_penalty": "use repetition_penalty (a vLLM extension, e.g. 1.1) instead",
+    "frequency_penalty": "use repetition_penalty (a vLLM extension, e.g. 1.1) instead",
+    "logit_bias": "remove it from the request",
+    "best_of": "use n and rank the samples on the client",
+    "echo": "prepend the prompt to the returned text on the client",
+    "suffix": "send the whole text as the prompt",
+    "tools": "this server has no tool calling; describe the tools in the messages instead",
+    "functions": "this server has no tool calling; describe the tools in the messages instead",
+    "response_format": "this server has no structured output; ask for the format in the prompt",
+}
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    include_usage: bool | None = False
+
+
+class _SamplingRequest(BaseModel):
+    """Fields shared by chat and completions; ``None`` everywhere means "the default"."""
+
+    model_config = ConfigDict(extra="ignore")
+    model: str | None = None  # absent = the served model, as in vLLM
+    n: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    stop: Any = None
+    seed: int | None = None
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    # vLLM extensions
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    ignore_eos: bool | None = False
+    stop_token_ids: list[int] | None = None
+    skip_special_tokens: bool | None = True
+    # OpenAI fields accepted only at neutral values (see _UNSUPPORTED)
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: Any = None
+    response_format: Any = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stop(cls, value: Any) -> tuple[str, ...]:
+        if value is None:
+            return ()
+        stops = [value] if isinstance(value, str) else value
+        if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
+            raise ValueError(f"must be a string or a list of strings, got {value!r:.80}")
+        if len(stops) > MAX_STOP_STRINGS:
+            raise ValueError(f"takes at most {MAX_STOP_STRINGS} strings (as OpenAI), got {len(stops)}")
+        return tuple(stops)
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream and self.stream_options and self.stream_options.include_usage)
+
+    def _reject_unsupported(self) -> None:
+        for field, advice in _UNSUPPORTED.items():
+            value = getattr(self, field, None)
+            if field == "best_of" and value == (self.n or 1):
+                continue  # best_of = n is plain sampling
+            if field == "response_format" and isinstance(value, dict) and value.get("type") == "text":
+                continue
+            if not _is_neutral(value):
+                raise APIError(400, f"{field}={value!r:.80} is not supported by this server; "
+                                    f"{advice}", param=field)
+
+    def _max_tokens(self) -> int | None:
+        raise NotImplementedError
+
+    def _logprobs(self) -> int | None:
+        raise NotImplementedError
+
+    def sampling_params(self) -> SamplingParams:
+        """The engine's parameters; raises APIError 400 naming the first bad field."""
+        self._reject_unsupported()
+        fields = dict(n=self.n, max_tokens=self._max_tokens(), temperature=self.temperature,
+                      top_p=self.top_p, top_k=self.top_k, min_p=self.min_p,
+                      repetition_penalty=self.repetition_penalty, seed=self.seed, stop=self.stop,
+                      stop_token_ids=self.stop_token_ids, ignore_eos=self.ignore_eos,
+                      logprobs=self._logprobs(), skip_special_tokens=self.skip_special_tokens)
+        # None (absent or JSON null) leaves SamplingParams' own default in place.
+        given = {k: v for k, v in fields.items() if v is not None or k in ("max_tokens", "logprobs")}
+        try:
+            return SamplingParams(**given)
+        except TpDeployError as e:  # its messages start with the field's name ("top_p must be...")
+            field = str(e).split(" ", 1)[0]
+            param = field if field in type(self).model_fields else None
+            raise APIError(400, str(e), param=param) from e
+
+
+class ChatMessage(BaseModel):
+    """One turn; extra keys (``name``, ``tool_calls``...) go to the chat template unchanged."""
+
+    model_config = ConfigDict(extra="allow")
+    role: str
+    content: Any = None
+
+    @field_validator("content")
+    @classmethod
+    def _content(cls, value: Any) -> str | None:
+        if value is None or isinstance(value, str):
+            return value
+        if not isinstance(value, list):
+            raise ValueError(f"must be a string or a list of text parts, got {value!r:.80}")
+        texts = []
+        for i, part in enumerate(value):
+            kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+            if kind != "text" or not isinstance(part.get("text"), str):
+                raise ValueError(f"part {i} is {kind!r}; this server takes text only: "
+                                 '{"type": "text", "text": "..."}')
+            texts.append(part["text"])
+        return "\n".join(texts)  # vLLM's rendering of several text parts for string templates
+
+    def for_template(self) -> dict[str, Any]:
+        return self.model_dump(exclude_none=False)
+
+
+class ChatCompletionRequest(_SamplingRequest):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = None  # absent = up to the context window
+    max_completion_tokens: int | None = None  # OpenAI's newer name; wins over max_tokens
+    logprobs: bool | None = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+    tools: Any = None
+    functions: Any = None
+
+    def _max_tokens(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    def _logprobs(self) -> int | None:
+        if not self.logprobs:
+            if self.top_logprobs:
+                raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+            return None
+        return self.top_logprobs or 0
+
+
+class CompletionRequest(_SamplingRequest):
+    prompt: Any = Field()  # required: a string or a list of token ids
+    max_tokens: int | None = 16  # the legacy API's default; null = up to the context window
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_COMPLETION_LOGPROBS)
+    best_of: Any = None
+    echo: Any = None
+    suffix: Any = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt(cls, value: Any) -> str | list[int]:
+        if isinstance(value, list) and value and all(isinstance(p, (str, list)) for p in value):
+            if len(value) > 1:
+                raise ValueError(f"got {len(value)} prompts; send one prompt per request")
+            value = value[0]
+        if isinstance(value, str):
+            return value
+        if isinstance(value, list) and value and all(
+                isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in value):
+            return value
+        raise ValueError("must be a string or a non-empty list of token ids (ints >= 0), "
+                         f"got {value!r:.80}")
+
+    def _max_tokens(self) -> int | None:
+        return self.max_tokens
+
+    def _logprobs(self) -> int | None:
+        return self.logprobs
+
+
+# --------------------------------------------------------------------------------------- responses
+def usage_body(usage: Usage) -> dict[str, Any]:
+    return {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
+            "total_tokens": usage.total_tokens,
+            "prompt_tokens_details": {"cached_tokens": usage.cached_prompt_tokens}}
+
+
+def sse(obj: Any) -> bytes:
+    """One server-sent event carrying ``obj`` as compact JSON."""
+    return b"data: " + json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
+
+
+def _finite(logprob: float) -> float:
+    return logprob if math.isfinite(logprob) and logprob > _LOGPROB_FLOOR else _LOGPROB_FLOOR
+
+
+class _Choice:
+    """Everything one sample produced so far (non-streaming responses)."""
+
+    def __init__(self) -> None:
+        self.text: list[str] = []
+        self.logprobs: list = []
+        self.finish_reason: str | None = None
+
+
+class Renderer:
+    """Turns Deltas of one request into OpenAI response or chunk objects."""
+
+    object_name = object_chunk = ""
+
+    def __init__(self, response_id: str, created: int, model: str, tokenizer: Any,
+                 logprobs: bool, include_usage: bool) -> None:
+        self.id, self.created, self.model = response_id, created, model
+        self._decode, self._tokens = tokenizer.decode, {}
+        self.logprobs, self.include_usage = logprobs, include_usage
+
+    def token_text(self, token_id: int) -> str:
+        if token_id not in self._tokens:  # top-k lists repeat the same ids token after token
+            self._tokens[token_id] = self._decode([token_id])
+        return self._tokens[token_id]
+
+    def _envelope(self, obj: str, choices: list[dict]) -> dict[str, Any]:
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model,
+                "choices": choices}
+
+    def chunk(self, choices: list[dict]) -> dict[str, Any]:
+        body = self._envelope(self.object_chunk, choices)
+        if self.include_usage:
+            body["usage"] = None  # OpenAI: null on every chunk but the last
+        return body
+
+    def usage_chunk(self, usage: Usage) -> dict[str, Any]:
+        return {**self._envelope(self.object_chunk, []), "usage": usage_body(usage)}
+
+    def response(self, deltas: list[Delta], n: int, usage: Usage) -> dict[str, Any]:
+        choices = [_Choice() for _ in range(n)]
+        for d in deltas:
+            c = choices[d.index]
+            c.text.append(d.text)
+            c.logprobs.extend(d.logprobs)
+            c.finish_reason = d.finish_reason or c.finish_reason
+        body = self._envelope(self.object_name, [self._choice(i, c) for i, c in enumerate(choices)])
+        return {**body, "usage": usage_body(usage)}
+
+    def _choice(self, index: int, choice: _Choice) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def opening_chunks(self, n: int) -> list[dict[str, Any]]:
+        return []
+
+    def delta_chunks(self, delta: Delta) -> list[dict[str, Any]]:
+        raise NotImplementedError
+
+
+class ChatRenderer(Renderer):
+    object_name, object_chunk = "chat.completion", "chat.completion.chunk"
+
+    def _token(self, token_id: int, logprob: float) -> dict[str, Any]:
+        text = self.token_text(token_id)
+        return {"token": text, "logprob": _finite(logprob), "bytes": list(text.encode())}
+
+    def _logprobs(self, entries: list) -> dict[str, Any] | None:
+        if not self.logprobs:
+            return None
+        return {"content": [{**self._token(e.token_id, e.logprob),
+                             "top_logprobs": [self._token(t, lp) for t, lp in e.top]}
+                            for e in entries]}
+
+    def _choice(self, index: int, choice: _Choice) -> dict[str, Any]:
+        return {"index": index, "message": {"role": "assistant", "content": "".join(choice.text)},
+                "logprobs": self._logprobs(choice.logprobs), "finish_reason": choice.finish_reason}
+
+    def opening_chunks(self, n: int) -> list[dict[str, Any]]:
+        return [self.chunk([{"index": i, "delta": {"role": "assistant", "content": ""},
+                             "logprobs": None, "finish_reason": None}]) for i in range(n)]
+
+    def delta_chunks(self, delta: Delta) -> list[dict[str, Any]]:
+        out = []
+        if delta.text or delta.logprobs:
+            out.append(self.chunk([{"index": delta.index, "delta": {"content": delta.text},
+                                    "logprobs": self._logprobs(delta.logprobs),
+                                    "finish_reason": None}]))
+        if delta.finish_reason is not None:
+            out.append(self.chunk([{"index": delta.index, "delta": {}, "logprobs": None,
+                                    "finish_reason": delta.finish_reason}]))
+        return out
+
+
+class CompletionRenderer(Renderer):
+    object_name = object_chunk = "text_completion"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._offsets: dict[int, int] = {}  # per choice: text_offset of its next token
+
+    def _logprobs(self, index: int, entries: list) -> dict[str, Any] | None:
+        """The legacy format; ``text_offset`` counts characters of the generated text."""
+        if not self.logprobs:
+            return None
+        out: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [],
+                                "text_offset": []}
+        offset = self._offsets.get(index, 0)
+        for e in entries:
+            token = self.token_text(e.token_id)
+            top = {self.token_text(t): _finite(lp) for t, lp in e.top}
+            top.setdefault(token, _finite(e.logprob))  # OpenAI: the chosen token is always listed
+            out["tokens"].append(token)
+            out["token_logprobs"].append(_finite(e.logprob))
+            out["top_logprobs"].append(top)
+            out["text_offset"].append(offset)
+            offset += len(token)
+        self._offsets[index] = offset
+        return out
+
+    def _choice(self, index: int, choice: _Choice) -> dict[str, Any]:
+        return {"index": index, "text": "".join(choice.text),
+                "logprobs": self._logprobs(index, choice.logprobs),
+                "finish_reason": choice.finish_reason}
+
+    def delta_chunks(self, delta: Delta) -> list[dict[str, Any]]:
+        if not (delta.text or delta.logprobs or delta.finish_reason is not None):
+            return []
+        return [self.chunk([{"index": delta.index, "text": delta.text,
+                             "logprobs": self._logprobs(delta.index, delta.logprobs),
+                             "finish_reason": delta.finish_reason}])]
