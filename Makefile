@@ -8,7 +8,7 @@ MODEL := $(CACHE)/smollm2-135m-instruct
 DEMO_WS ?= workspace
 DEMO_TP ?= 3
 
-.PHONY: setup model demo test test-fast bench bench-convert bench-generate bench-kernels clean
+.PHONY: setup model demo test test-fast bench bench-convert bench-generate bench-kernels bench-serve clean
 
 setup: $(VENV)/.installed
 
@@ -37,7 +37,7 @@ test: setup
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow"
 
-bench: bench-convert bench-generate bench-kernels
+bench: bench-convert bench-generate bench-kernels bench-serve
 
 bench-convert: model
 	TPDEPLOY_CACHE=$(CACHE) $(PY) -m tests.bench.bench_convert
@@ -45,6 +45,11 @@ bench-convert: model
 
 bench-generate: model
 	TPDEPLOY_CACHE=$(CACHE) $(PY) -m tests.bench.bench_generate
+
+# A loopback load generator against `tprun serve` at concurrency 1, 8, 32, beside transformers
+# generate run sequentially on the same prompts (before the server starts, so they never compete).
+bench-serve: model
+	TPDEPLOY_CACHE=$(CACHE) $(PY) -m tests.bench.bench_serve --markdown /tmp/bench_serve.md
 
 # GPU only (each script says so and exits 0 without CUDA): decode attention vs copy bandwidth and
 # SDPA; W4A16 vs fp16 matmul on Llama-8B shapes.
