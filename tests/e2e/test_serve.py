@@ -118,12 +118,15 @@ def test_a_client_that_disconnects_mid_stream_frees_its_blocks(server):
 
 
 def test_preemption_under_a_tiny_cache_completes_every_request(smollm2_ws, client):
-    expected = {q: _chat(client, q, max_tokens=40).choices[0].message.content for q in QUESTIONS}
-    tiny = Server(smollm2_ws[1], "--kv-cache-tokens", "384", "--block-size", "16", "--max-model-len", "512")
+    # Every request runs its full 40 tokens (~70 with the chat prompt, 5 blocks): 8 of them need 40
+    # blocks, the cache has 12, so the youngest are preempted and recomputed.
+    kw = {"max_tokens": 40, "extra_body": {"ignore_eos": True}}
+    expected = {q: _chat(client, q, **kw).choices[0].message.content for q in QUESTIONS}
+    tiny = Server(smollm2_ws[1], "--kv-cache-tokens", "192", "--block-size", "16", "--max-model-len", "512")
     try:
         c = openai.OpenAI(base_url=f"{tiny.url}/v1", api_key="none", max_retries=0, timeout=300)
         got = {}
-        threads = [threading.Thread(target=lambda q=q: got.__setitem__(q, _chat(c, q, max_tokens=40)))
+        threads = [threading.Thread(target=lambda q=q: got.__setitem__(q, _chat(c, q, **kw)))
                    for q in QUESTIONS]
         for t in threads:
             t.start()
@@ -145,4 +148,7 @@ def test_tp3_server_answers_like_tp1(smollm2_ws, client):
         assert "".join(ch.choices[0].delta.content or "" for ch in _chat(c, QUESTIONS[0], max_tokens=32, stream=True)
                        if ch.choices) == expected
     finally:
-        tp3.close()
+        log = tp3.close()
+    for rank in range(3):  # the start-up table: one line per rank, then the concurrency it buys
+        assert any(line.split()[:1] == [str(rank)] for line in log.splitlines()), log
+    assert "maximum concurrency for 8192-token requests" in log
