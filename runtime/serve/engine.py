@@ -40,7 +40,10 @@ class _Request:
     first_token: bool = False
 
     def send(self, item) -> None:
-        self.loop.call_soon_threadsafe(self.out.put_nowait, item)
+        try:
+            self.loop.call_soon_threadsafe(self.out.put_nowait, item)
+        except RuntimeError:  # its event loop is gone (shut down): nobody is listening any more
+            pass
 
 
 class AsyncEngine:
