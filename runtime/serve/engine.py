@@ -133,9 +133,13 @@ class AsyncEngine:
                 item = self._inbox.get_nowait()
             except queue.Empty:
                 break
+        self._promote()
+        return True
+
+    def _promote(self) -> None:
+        """Move queued requests into the scheduler while fewer than --max-concurrent-requests are in it."""
         while self._pending and len(self._active) < self.max_concurrent:
             self._admit(self._pending.popleft())
-        return True
 
     def _admit(self, req: _Request) -> None:
         try:
@@ -192,8 +196,7 @@ class AsyncEngine:
         req.send(error if error is not None else _DONE)
         if error is not None:
             req.send(_DONE)
-        while self._pending and len(self._active) < self.max_concurrent:
-            self._admit(self._pending.popleft())
+        self._promote()
 
     def _report(self) -> None:
         sched, blocks = self.engine.scheduler, self.engine.blocks
