@@ -38,8 +38,9 @@ def runtime_options(f):
     return functools.reduce(lambda g, opt: opt(g), reversed(options), f)
 
 
-def _llm(workspace: Path, device, dtype, max_model_len, kv_dtype, quant_policy, cache_max_entry_count,
-         kv_cache_tokens, block_size, gpu_mem: int | None = None, **extra):
+def open_llm(workspace: Path, device, dtype, max_model_len, kv_dtype, quant_policy, cache_max_entry_count,
+             kv_cache_tokens, block_size, gpu_mem: int | None = None, **extra):
+    """An LLM from the shared runtime flags (generate, perplexity, serve)."""
     from runtime.api import LLM
     from runtime.kv.format import from_quant_policy
     from runtime.memory import CacheConfig
@@ -77,7 +78,7 @@ def generate_cmd(workspace: Path, prompt: str, chat: bool, system: str | None, m
     t0 = time.perf_counter()
     try:
         params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
-        with _llm(workspace, **runtime) as llm:
+        with open_llm(workspace, **runtime) as llm:
             loaded = time.perf_counter()
             stream = None if as_json else (lambda seq, delta: (sys.stdout.write(delta), sys.stdout.flush()))
             if chat:
@@ -116,7 +117,7 @@ def perplexity_cmd(workspace: Path, text_file: Path, context: int, prefill_chunk
             text = text_file.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as e:
             raise TpDeployError(f"cannot read --file {text_file}: {e}") from e
-        with _llm(workspace, max_batch_size=1, **runtime) as llm:
+        with open_llm(workspace, max_batch_size=1, **runtime) as llm:
             ids = llm.tokenizer.encode(text)
             result = perplexity(llm, ids, context, prefill_chunk)
             kv = llm.driver.runner.cache.shape.fmt.name

@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from formats.errors import TpDeployError
+from runtime.kv.format import KV_DTYPES
 
 GIB = 1 << 30
 
@@ -44,14 +45,14 @@ def serve_cmd(ctx, workspace: Path, host: str, port: int, api_key: str | None, s
     """Serve WORKSPACE with an OpenAI-compatible API (continuous batching over the paged KV cache)."""
     import uvicorn
 
-    from runtime.cli import _llm
+    from runtime.cli import open_llm
     from runtime.serve.app import create_app
     from runtime.serve.engine import AsyncEngine
     from runtime.serve.metrics import Metrics
     from runtime.serve.plan import parse_size
 
     try:
-        llm = _llm(workspace, max_batch_size=options.pop("max_batch_size"),
+        llm = open_llm(workspace, max_batch_size=options.pop("max_batch_size"),
                    max_prefill_tokens=options.pop("max_prefill_tokens"),
                    gpu_mem=None if options["gpu_mem"] is None else parse_size(options["gpu_mem"], "--gpu-mem"),
                    enable_prefix_caching=enable_prefix_caching, **{k: v for k, v in options.items() if k != "gpu_mem"})
@@ -90,7 +91,7 @@ def startup_table(llm) -> str:
 @click.option("--gpu-mem", required=True, help="Memory of one GPU, e.g. 24GiB, 80GB.")
 @click.option("--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]), default="auto",
               show_default=True)
-@click.option("--kv-dtype", default="auto", show_default=True, help="auto, fp32, fp16, bf16, int8, int4.")
+@click.option("--kv-dtype", type=click.Choice(KV_DTYPES), default="auto", show_default=True)
 @click.option("--quant-policy", type=int, default=None, help="LMDeploy's spelling: 0, 8, 4.")
 @click.option("--cache-max-entry-count", type=float, default=0.8, show_default=True)
 @click.option("--kv-cache-tokens", type=int, default=None)
