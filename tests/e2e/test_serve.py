@@ -1,5 +1,7 @@
 """`tprun serve` on loopback with the real SmolLM2, driven by the official openai client."""
 import json
+import subprocess
+import sys
 import threading
 
 import httpx
@@ -139,9 +141,12 @@ def test_preemption_under_a_tiny_cache_completes_every_request(smollm2_ws, clien
         tiny.close()
 
 
-def test_tp3_server_answers_like_tp1(smollm2_ws, client):
+def test_tp3_server_answers_like_tp1_and_allocates_what_tprun_plan_says(smollm2_ws, client):
     expected = _chat(client, QUESTIONS[0], max_tokens=32).choices[0].message.content
-    tp3 = Server(smollm2_ws[3])
+    budget = ["--gpu-mem", "3GiB", "--max-model-len", "4096"]
+    plan = subprocess.run([sys.executable, "-m", "runtime", "plan", str(smollm2_ws[3]), "--json", *budget],
+                          capture_output=True, text=True, check=True).stdout
+    tp3 = Server(smollm2_ws[3], *budget)
     try:
         c = openai.OpenAI(base_url=f"{tp3.url}/v1", api_key="none", max_retries=0, timeout=300)
         assert _chat(c, QUESTIONS[0], max_tokens=32).choices[0].message.content == expected
@@ -151,4 +156,5 @@ def test_tp3_server_answers_like_tp1(smollm2_ws, client):
         log = tp3.close()
     for rank in range(3):  # the start-up table: one line per rank, then the concurrency it buys
         assert any(line.split()[:1] == [str(rank)] for line in log.splitlines()), log
-    assert "maximum concurrency for 8192-token requests" in log
+    assert "maximum concurrency for 4096-token requests" in log
+    assert f"KV cache: fp32, {json.loads(plan)['num_blocks']} blocks of 64 tokens" in log, log
