@@ -106,16 +106,18 @@ class AsyncEngine:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            if self._drain(block=not self.engine.scheduler.has_work):
-                self._report()  # aborts free blocks without a step: keep the gauges true
-            if not self.engine.scheduler.has_work:
-                continue
             try:
-                self._step()
-            except Exception as e:  # a failed step fails the requests in it, not the server
-                sys.stderr.write(f"tprun: step failed: {e!r}\n")
+                self._turn()
+            except Exception as e:  # a failed turn fails the requests in flight, never the loop itself
+                sys.stderr.write(f"tprun: engine step failed: {e!r}\n")
                 for req in list(self._active.values()):
                     self._finish(req, error=TpDeployError(f"generation failed: {e}"))
+
+    def _turn(self) -> None:
+        if self._drain(block=not self.engine.scheduler.has_work):
+            self._report()  # aborts free blocks without a step: keep the gauges true
+        if self.engine.scheduler.has_work:
+            self._step()
 
     def _drain(self, block: bool) -> bool:
         """Take every posted add/abort; True if there were any."""

@@ -78,3 +78,25 @@ def test_context_beyond_the_window_is_refused_before_any_work(llm):
             asyncio.run(_collect(engine.generate("x", list(range(10)), SamplingParams(max_tokens=600))))
     finally:
         engine.close()
+
+
+def test_a_failing_step_fails_its_requests_and_the_engine_keeps_serving(llm, monkeypatch):
+    engine = AsyncEngine(llm, Metrics())
+    real_execute = llm.driver.execute
+    calls = {"n": 0}
+
+    def flaky(step):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("device lost")
+        return real_execute(step)
+
+    monkeypatch.setattr(llm.driver, "execute", flaky)
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    try:
+        with pytest.raises(Exception, match="generation failed: device lost"):
+            asyncio.run(_collect(engine.generate("bad", [3, 4], params)))
+        deltas = asyncio.run(_collect(engine.generate("good", [3, 4], params)))
+        assert sum(len(d.token_ids) for d in deltas) == 4 and llm.blocks.num_used == 0
+    finally:
+        engine.close()
