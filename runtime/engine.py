@@ -65,7 +65,7 @@ class Engine:
     def __init__(self, driver, tokenizer, blocks: BlockManager, vocab_size: int, max_model_len: int,
                  max_batch_size: int = 64, seed: int | None = None, max_batch_tokens: int = MAX_BATCH_TOKENS):
         self.driver, self.tokenizer, self.blocks, self.vocab_size = driver, tokenizer, blocks, vocab_size
-        self.max_model_len, self.max_batch_size = max_model_len, max_batch_size
+        self.max_model_len = max_model_len
         self.scheduler = Scheduler(blocks, max_batch_size, max_batch_tokens)
         self.sampler = Sampler(seed)
         self._next_id = 0
@@ -141,9 +141,11 @@ class Engine:
                                 f"({self.blocks.num_free * self.blocks.block_size} tokens free); give the cache more memory")
         table = self.blocks.grow(seq_id, len(prompt))
         try:
-            parts = [self.driver.execute(Step(prompt[a:a + chunk], StepBatch((SeqSlice(
-                seq_id, len(prompt[a:a + chunk]), a + len(prompt[a:a + chunk]), table),)), all_logits=True))
-                for a in range(0, len(prompt), chunk)]
+            parts = []
+            for a in range(0, len(prompt), chunk):
+                part = prompt[a:a + chunk]
+                batch = StepBatch((SeqSlice(seq_id, len(part), a + len(part), table),))
+                parts.append(self.driver.execute(Step(part, batch, all_logits=True)))
         finally:
             self.blocks.free(seq_id)
         return torch.cat(parts)

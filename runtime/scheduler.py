@@ -64,7 +64,7 @@ class Scheduler:
             if seq not in self.running or budget == 0:
                 continue  # preempted while making room for an older sequence
             new = min(len(seq.tokens) - seq.computed, budget)
-            if self._make_room(seq, seq.computed + new, work):
+            if self._make_room(seq, seq.computed + new):
                 work.append(Work(seq, seq.computed, new))
                 budget -= new
         while self.waiting and budget and len(work) < self.max_batch_size and len(self.running) < self.max_batch_size:
@@ -101,21 +101,21 @@ class Scheduler:
         self.blocks.grow(seq.seq_id, seq.computed + new)
         return Work(seq, seq.computed, new)
 
-    def _make_room(self, seq, tokens: int, work: list[Work]) -> bool:
+    def _make_room(self, seq, tokens: int) -> bool:
         """Grow ``seq`` to ``tokens``, preempting younger sequences if needed; False if ``seq`` itself
-        had to go (it was the youngest)."""
+        had to go (it was the youngest). Running sequences are scheduled oldest first, so a victim is
+        never one already in this step's work."""
         while not self.blocks.can_grow(seq.seq_id, tokens):
             victim = max(self.running, key=lambda s: s.seq_id)
-            self._preempt(victim, work)
+            self._preempt(victim)
             if victim is seq:
                 return False
         self.blocks.grow(seq.seq_id, tokens)
         return True
 
-    def _preempt(self, seq, work: list[Work]) -> None:
+    def _preempt(self, seq) -> None:
         self.running.remove(seq)
         self.blocks.free(seq.seq_id)
         seq.computed = 0
         self.waiting.appendleft(seq)
         self.preemptions += 1
-        work[:] = [w for w in work if w.seq is not seq]  # cannot happen for older ones; kept safe
