@@ -1,11 +1,15 @@
 """Architecture readers: a Hugging Face ``config.json`` and tensor names, mapped to canonical ones.
 
 Adding an architecture is one entry in ``ARCHITECTURES`` (plus its test) as long as it is a
-Llama-family decoder; anything the runtime cannot run is refused here, by name.
+Llama-family decoder; anything the runtime cannot run is refused here, by name. Every config.json
+value read is checked for type and range against one table, ``CONFIG_FIELDS``, before it is used.
 """
 from __future__ import annotations
 
+import json
+import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,7 +60,8 @@ ARCHITECTURES: dict[str, Architecture] = {
 def architecture_of(hf: dict[str, Any], where: str) -> tuple[str, Architecture]:
     archs = hf.get("architectures") or []
     supported = ", ".join(ARCHITECTURES)
-    if len(archs) != 1 or archs[0] not in ARCHITECTURES:
+    one_name = isinstance(archs, list) and len(archs) == 1 and isinstance(archs[0], str)
+    if not one_name or archs[0] not in ARCHITECTURES:
         raise FormatError(f"{where}: architectures {archs} is not supported; supported: {supported}")
     return archs[0], ARCHITECTURES[archs[0]]
 
@@ -64,28 +69,28 @@ def architecture_of(hf: dict[str, Any], where: str) -> tuple[str, Architecture]:
 def model_config(hf: dict[str, Any], where: str) -> ModelConfig:
     """Normalize a transformers-4 or -5 style config.json into the manifest's ModelConfig."""
     name, arch = architecture_of(hf, where)
+    check_config(hf, where)  # from here on every value has its type and range
     for flag in ("attention_bias", "mlp_bias"):
         if hf.get(flag) and not (arch.qkv_bias and flag == "attention_bias"):
             raise FormatError(f"{where}: {flag}=true is not supported (biases on o_proj/MLP); "
                               "supported: Llama/Mistral without biases, Qwen2 with q/k/v biases")
-    heads = _req(hf, "num_attention_heads", where)
-    hidden = _req(hf, "hidden_size", where)
+    heads, hidden = hf["num_attention_heads"], hf["hidden_size"]
     theta, scaling = _rope(hf, where)
     eos = hf.get("eos_token_id")
     return ModelConfig(
         architecture=name,
-        num_layers=_req(hf, "num_hidden_layers", where),
+        num_layers=hf["num_hidden_layers"],
         hidden_size=hidden,
         num_heads=heads,
         num_kv_heads=hf.get("num_key_value_heads") or heads,
         head_dim=hf.get("head_dim") or hidden // heads,
-        intermediate_size=_req(hf, "intermediate_size", where),
-        vocab_size=_req(hf, "vocab_size", where),
-        max_position_embeddings=_req(hf, "max_position_embeddings", where),
-        rms_norm_eps=float(_req(hf, "rms_norm_eps", where)),
+        intermediate_size=hf["intermediate_size"],
+        vocab_size=hf["vocab_size"],
+        max_position_embeddings=hf["max_position_embeddings"],
+        rms_norm_eps=float(hf["rms_norm_eps"]),
         rope_theta=theta,
         rope_scaling=scaling,
-        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        tie_word_embeddings=hf.get("tie_word_embeddings") is True,
         qkv_bias=arch.qkv_bias,
         sliding_window=_sliding_window(hf),
         bos_token_id=hf.get("bos_token_id"),
@@ -99,32 +104,141 @@ def declared_dtype(hf: dict[str, Any]) -> str | None:
     return str(d).removeprefix("torch.") if d else None
 
 
-def _req(hf: dict[str, Any], key: str, where: str) -> Any:
-    if hf.get(key) is None:
-        raise FormatError(f"{where}: required field {key!r} is missing")
-    return hf[key]
-
-
 def _rope(hf: dict[str, Any], where: str) -> tuple[float, RopeScaling | None]:
-    """rope_theta/rope_scaling (transformers 4) or rope_parameters (transformers 5)."""
-    params = dict(hf.get("rope_parameters") or {})
-    theta = hf.get("rope_theta", params.pop("rope_theta", None))
-    scaling = hf.get("rope_scaling") or (params if params else None)
-    rope_type = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
+    """rope_theta/rope_scaling (transformers 4) or rope_parameters (transformers 5); values already checked."""
+    params = {k: v for k, v in (hf.get("rope_parameters") or {}).items() if k != "rope_theta"}
+    theta = hf.get("rope_theta")
+    if theta is None:
+        theta = (hf.get("rope_parameters") or {}).get("rope_theta")
+    key = "rope_scaling" if hf.get("rope_scaling") else "rope_parameters"
+    scaling = hf.get("rope_scaling") or params
+    rope_type = scaling.get("rope_type") or scaling.get("type") or "default"
+    if rope_type not in ROPE_REQUIRED:
+        raise FormatError(f"{where}: rope type {rope_type!r} is not supported; supported: {', '.join(ROPE_REQUIRED)}")
+    missing = sorted(k for k in ROPE_REQUIRED[rope_type] if scaling.get(k) is None)
+    if missing:
+        raise FormatError(f"{where}: field {key!r} has rope_type {rope_type!r} but lacks {missing}; {rope_type} "
+                          f"scaling needs {', '.join(ROPE_REQUIRED[rope_type])}")
+    theta = float(theta if theta is not None else 10000.0)
     if rope_type == "default":
-        scaling = None
-    elif rope_type == "llama3":
-        scaling = RopeScaling("llama3", float(scaling["factor"]), float(scaling["low_freq_factor"]),
-                              float(scaling["high_freq_factor"]), int(scaling["original_max_position_embeddings"]))
-    elif rope_type == "linear":
-        scaling = RopeScaling("linear", float(scaling["factor"]))
-    else:
-        raise FormatError(f"{where}: rope type {rope_type!r} is not supported; supported: default, linear, llama3")
-    return float(theta if theta is not None else 10000.0), scaling
+        return theta, None
+    if rope_type == "linear":
+        return theta, RopeScaling("linear", float(scaling["factor"]))
+    low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+    if high <= low:  # the llama3 formula divides by high - low
+        raise FormatError(f"{where}: field {key!r}: high_freq_factor {high} must exceed low_freq_factor {low}")
+    return theta, RopeScaling("llama3", float(scaling["factor"]), float(low), float(high),
+                              scaling["original_max_position_embeddings"])
 
 
 def _sliding_window(hf: dict[str, Any]) -> int | None:
-    if "use_sliding_window" in hf and not hf["use_sliding_window"]:
+    if hf.get("use_sliding_window") is False:
         return None  # Qwen2 declares a window it does not use
-    window = hf.get("sliding_window")
-    return int(window) if window else None
+    return hf.get("sliding_window") or None  # 0 and null both mean full attention
+
+
+# config.json values. Every field read above is typed and ranged here, in one table, so a bad value is
+# named with what is allowed instead of surfacing as a KeyError, a TypeError or a 64-digit shape.
+
+@dataclass(frozen=True)
+class Expect:
+    """What a config.json value must be: ``ok`` decides, ``text`` says what is allowed."""
+
+    ok: Callable[[Any], bool]
+    text: str
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)  # JSON true is a bool, never a count
+
+
+def _is_number(v: Any) -> bool:
+    """A finite number that fits a float: json.loads also accepts NaN, Infinity and 400-digit integers."""
+    if not (_is_int(v) or isinstance(v, float)):
+        return False
+    try:
+        return math.isfinite(v)
+    except OverflowError:
+        return False
+
+
+POSITIVE_INT = Expect(lambda v: _is_int(v) and v > 0, "a positive integer")
+POSITIVE_NUMBER = Expect(lambda v: _is_number(v) and v > 0, "a positive number")
+BOOL = Expect(lambda v: isinstance(v, bool), "true or false")
+OBJECT = Expect(lambda v: isinstance(v, dict), "an object")
+STRING = Expect(lambda v: isinstance(v, str), "a string")
+TOKEN_ID = Expect(lambda v: _is_int(v) and v >= 0, "a token id (a non-negative integer)")
+TOKEN_IDS = Expect(lambda v: TOKEN_ID.ok(v) or isinstance(v, list) and all(map(TOKEN_ID.ok, v)),
+                   "a token id or a list of token ids (non-negative integers)")
+WINDOW = Expect(lambda v: _is_int(v) and v >= 0, "a non-negative integer (0 or null: full attention)")
+
+# field -> (what it must be, required). null counts as absent, as transformers reads it.
+CONFIG_FIELDS: dict[str, tuple[Expect, bool]] = {
+    "num_hidden_layers": (POSITIVE_INT, True),
+    "hidden_size": (POSITIVE_INT, True),
+    "num_attention_heads": (POSITIVE_INT, True),
+    "num_key_value_heads": (POSITIVE_INT, False),  # absent: one KV head per query head
+    "head_dim": (POSITIVE_INT, False),  # absent: hidden_size / num_attention_heads
+    "intermediate_size": (POSITIVE_INT, True),
+    "vocab_size": (POSITIVE_INT, True),
+    "max_position_embeddings": (POSITIVE_INT, True),
+    "rms_norm_eps": (POSITIVE_NUMBER, True),
+    "rope_theta": (POSITIVE_NUMBER, False),  # transformers 4; 5 keeps it in rope_parameters
+    "rope_scaling": (OBJECT, False),
+    "rope_parameters": (OBJECT, False),
+    "tie_word_embeddings": (BOOL, False),
+    "attention_bias": (BOOL, False),
+    "mlp_bias": (BOOL, False),
+    "sliding_window": (WINDOW, False),
+    "use_sliding_window": (BOOL, False),
+    "bos_token_id": (TOKEN_ID, False),
+    "eos_token_id": (TOKEN_IDS, False),
+}
+# Inside rope_scaling / rope_parameters (all optional there), and the keys each rope type needs.
+ROPE_FIELDS: dict[str, Expect] = {
+    "rope_type": STRING, "type": STRING, "rope_theta": POSITIVE_NUMBER, "factor": POSITIVE_NUMBER,
+    "low_freq_factor": POSITIVE_NUMBER, "high_freq_factor": POSITIVE_NUMBER,
+    "original_max_position_embeddings": POSITIVE_INT,
+}
+ROPE_REQUIRED: dict[str, tuple[str, ...]] = {
+    "default": (),
+    "linear": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+}
+
+
+def check_config(hf: dict[str, Any], where: str) -> None:
+    """Type and range of every field the converter reads, then the relations between them."""
+    for key, (expect, required) in CONFIG_FIELDS.items():
+        _check_value(hf.get(key), key, expect, required, where)
+    for key in ("rope_scaling", "rope_parameters"):
+        for sub, expect in ROPE_FIELDS.items():
+            _check_value((hf.get(key) or {}).get(sub), f"{key}.{sub}", expect, False, where)
+    heads, kv = hf["num_attention_heads"], hf.get("num_key_value_heads") or hf["num_attention_heads"]
+    if heads % kv:
+        raise FormatError(f"{where}: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv}; "
+                          "each KV head serves a whole group of query heads")
+    if hf.get("head_dim") is None and hf["hidden_size"] % heads:
+        raise FormatError(f"{where}: hidden_size {hf['hidden_size']} is not a multiple of num_attention_heads "
+                          f"{heads} and head_dim is not given; add the model's head_dim to config.json")
+
+
+def _check_value(value: Any, key: str, expect: Expect, required: bool, where: str) -> None:
+    if value is None:
+        if required:
+            raise FormatError(f"{where}: required field {key!r} is missing")
+        return
+    if not expect.ok(value):
+        raise FormatError(f"{where}: field {key!r} is {_show(value)} ({_kind(value)}); expected {expect.text}")
+
+
+def _show(v: Any) -> str:
+    """The value as written in config.json (strings quoted the Python way), shortened."""
+    text = repr(v) if isinstance(v, str) else json.dumps(v)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _kind(v: Any) -> str:
+    kinds = ((bool, "a boolean"), (int, "an integer"), (float, "a number"), (str, "a string"),
+             (list, "a list"), (dict, "an object"))
+    return next((k for t, k in kinds if isinstance(v, t)), type(v).__name__)

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from converter import __version__
-from converter.atomic import building, check_target
+from converter.atomic import building, check_target, check_writable
 from converter.shards import write_group
 from converter.source import Source, open_source
 from converter.tokenizer import write_tokenizer
@@ -60,8 +60,11 @@ Progress = Callable[[int], None]  # called with the bytes just written
 def convert(opts: ConvertOptions, on_start: Callable[[int], Progress] | None = None) -> ConvertSummary:
     """Validate everything, then write the workspace; nothing appears at dst_path unless complete."""
     t0 = time.perf_counter()
-    check_target(Path(opts.dst_path), opts.force)
-    src = open_source(Path(opts.src), opts.model_format, opts.dtype)
+    dst, src_dir = Path(opts.dst_path), Path(opts.src)
+    # Target first, then the whole source: every refusal comes before the first byte is written.
+    check_target(dst, opts.force, src_dir)
+    check_writable(dst)
+    src = open_source(src_dir, opts.model_format, opts.dtype)
     # The copies here are memory-bound; torch's intra-op threads only fight the hashing thread
     # for the cores (measured: about twice as fast single-threaded on 2 cores).
     threads = torch.get_num_threads()
@@ -69,9 +72,9 @@ def convert(opts: ConvertOptions, on_start: Callable[[int], Progress] | None = N
     try:
         check_tp(src.config, opts.tp, src.int4.group_size if src.int4 else 0)
         total = planned_bytes(src, opts.tp)
-        _check_space(Path(opts.dst_path), total)
+        _check_space(dst, total)
         progress = on_start(total) if on_start else (lambda n: None)
-        with concurrent.futures.ThreadPoolExecutor(1) as pool, building(Path(opts.dst_path), opts.force) as tmp:
+        with concurrent.futures.ThreadPoolExecutor(1) as pool, building(dst, opts.force, src_dir) as tmp:
             # Hashing the source overlaps with conversion: hashlib releases the GIL.
             source_hashes = pool.submit(_hash_files, src.path, src.checkpoint.files)
             ranks = _write_ranks(src, opts.tp, tmp, progress)
@@ -79,12 +82,12 @@ def convert(opts: ConvertOptions, on_start: Callable[[int], Progress] | None = N
             manifest = _manifest(src, opts.tp, ranks, tokenizer, source_hashes.result())
             _write_manifest(tmp, manifest)
     except OSError as e:
-        raise _os_error(e, Path(opts.dst_path)) from e
+        raise _os_error(e, dst) from e
     finally:
         src.checkpoint.close()
         torch.set_num_threads(threads)
     return ConvertSummary(
-        workspace=str(Path(opts.dst_path).absolute()), tp=opts.tp, dtype=manifest.weights.dtype,
+        workspace=str(dst.absolute()), tp=opts.tp, dtype=manifest.weights.dtype,
         files=sum(len(r.files) for r in ranks) + len(tokenizer) + 1,
         bytes_per_rank=[r.bytes for r in ranks], seconds=round(time.perf_counter() - t0, 3),
         peak_rss_bytes=peak_rss_bytes(),

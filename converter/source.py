@@ -11,6 +11,7 @@ import torch
 from converter.archs import IGNORED, Architecture, architecture_of, declared_dtype, model_config
 from converter.checkpoint import Checkpoint
 from converter.quant import QuantizedReader, detect
+from converter.tokenizer import check_tokenizer
 from formats import int4
 from formats.config import ModelConfig
 from formats.errors import FormatError
@@ -70,10 +71,12 @@ class Source:
 
 
 def open_source(src: Path, model_format: str = "auto", dtype: str = "auto") -> Source:
+    """Config, tokenizer files and every needed tensor, checked before the first byte is written."""
     src = Path(src)
     if not src.is_dir():
         raise FormatError(f"source {src} is not a directory; pass a local Hugging Face checkpoint directory")
     hf = _read_config(src)
+    check_tokenizer(src)
     where = str(src / "config.json")
     quant = detect(hf, model_format, where)
     arch = architecture_of(hf, where)[1]
@@ -95,7 +98,7 @@ def _read_config(src: Path) -> dict[str, Any]:
         raise FormatError(f"{src} has no config.json; is this a Hugging Face checkpoint directory?")
     try:
         hf = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except ValueError as e:  # bad JSON, bad UTF-8, or an integer past Python's digit limit
         raise FormatError(f"{path} is not valid JSON: {e}") from e
     if not isinstance(hf, dict):
         raise FormatError(f"{path}: expected a JSON object")

@@ -16,19 +16,36 @@ from formats.errors import FormatError
 OPTIONAL_COPIES = ("special_tokens_map.json",)
 
 
-def write_tokenizer(src: Path, dst: Path, hf_config: dict[str, Any]) -> list[Path]:
-    """Write tokenizer.json, tokenizer_config.json and generation_config.json into ``dst``."""
+def check_tokenizer(src: Path) -> None:
+    """Everything ``write_tokenizer`` reads exists and parses; called before anything is written."""
     if not (src / "tokenizer.json").is_file():
         raise FormatError(
             f"{src} has no tokenizer.json; tprun tokenizes with the `tokenizers` library and needs it. "
             "Write one with transformers: AutoTokenizer.from_pretrained(SRC).save_pretrained(SRC)")
+    _read_json(src / "tokenizer.json")
+    for name in ("tokenizer_config.json", "generation_config.json", *OPTIONAL_COPIES):
+        if (src / name).is_file():
+            _read_json(src / name)
+    template = src / "chat_template.jinja"
+    if template.is_file():
+        try:
+            template.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise FormatError(f"{template} is not UTF-8 text ({e}); re-save the chat template") from e
+
+
+def write_tokenizer(src: Path, dst: Path, hf_config: dict[str, Any]) -> list[Path]:
+    """Write tokenizer.json, tokenizer_config.json and generation_config.json into ``dst``.
+
+    The source was validated by ``check_tokenizer`` when it was opened.
+    """
     dst.mkdir(parents=True)
     shutil.copyfile(src / "tokenizer.json", dst / "tokenizer.json")
     written = [dst / "tokenizer.json"]
     tok_cfg = _read_json(src / "tokenizer_config.json") if (src / "tokenizer_config.json").is_file() else {}
     template = src / "chat_template.jinja"
     if "chat_template" not in tok_cfg and template.is_file():
-        tok_cfg["chat_template"] = template.read_text()
+        tok_cfg["chat_template"] = template.read_text(encoding="utf-8")
     written.append(_write_json(dst / "tokenizer_config.json", tok_cfg))
     gen = src / "generation_config.json"
     gen_cfg = _read_json(gen) if gen.is_file() else {
@@ -43,8 +60,8 @@ def write_tokenizer(src: Path, dst: Path, hf_config: dict[str, Any]) -> list[Pat
 
 def _read_json(path: Path) -> dict[str, Any]:
     try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as e:  # bad JSON, bad UTF-8, or an integer past Python's digit limit
         raise FormatError(f"{path} is not valid JSON: {e}") from e
     if not isinstance(data, dict):
         raise FormatError(f"{path}: expected a JSON object")

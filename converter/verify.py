@@ -9,15 +9,15 @@ import torch
 
 from converter.writer import CHUNK
 from formats.errors import FormatError
-from formats.manifest import FileEntry, Manifest, RankEntry, load_manifest
+from formats.manifest import FileEntry, Manifest, RankEntry, load_manifest, read_manifest
 from formats.safetensors_io import TORCH_TO_ST, read_header
 
 
 def verify(workspace: Path) -> list[str]:
     """Every problem found, each naming the file and, where it can, the tensor; empty when all match."""
     ws = Path(workspace)
-    manifest = load_manifest(ws)
-    problems: list[str] = []
+    manifest, digest_problem = read_manifest(ws)  # a hand edit is a finding, not a reason to stop
+    problems: list[str] = [digest_problem] if digest_problem else []
     for rank in manifest.ranks:
         for entry in rank.files:
             problems += _verify_shard(ws, entry, rank)

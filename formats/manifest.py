@@ -1,11 +1,14 @@
 """The manifest: the one file that describes a workspace, written last by the converter.
 
-Schema version 2 (version 1, dense weights only, is still read). Readers reject unknown versions and
-unknown keys, so a workspace written by a newer converter fails loudly instead of half understood.
+Schema version 3 (versions 1, dense weights only, and 2, without a digest, are still read). Readers
+reject unknown versions and unknown keys, so a workspace written by a newer converter fails loudly
+instead of half understood. Since version 3 the manifest carries ``digest``, the sha256 of its own
+canonical JSON: the model fields decide every answer, so an edit by hand must not pass as converted.
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,8 +22,9 @@ from formats.errors import FormatError
 from formats.int4 import LAYOUT, Int4Format
 from formats.plan import Piece
 
-SCHEMA_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+SCHEMA_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
+DIGEST_SINCE = 3  # first schema version whose manifests carry their own digest
 FORMAT_NAME = "tpdeploy-workspace"
 # Dense tensor dtypes by their manifest name; int4 parts are stored as int32 (qweight) and uint8 (zeros).
 FLOAT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -88,18 +92,23 @@ class Manifest:
     def to_json(self) -> str:
         d = dataclasses.asdict(self)
         d["model"] = self.model.to_dict()
+        if self.schema_version >= DIGEST_SINCE:
+            d["digest"] = manifest_digest(d)
         return json.dumps(d, indent=1) + "\n"
 
     @classmethod
     def from_dict(cls, d: Any, where: str = "manifest.json") -> "Manifest":
-        d = _strict_keys(d, cls, where)
-        if d.get("format", FORMAT_NAME) != FORMAT_NAME:
-            raise FormatError(f"{where}: format is {d['format']!r}, expected {FORMAT_NAME!r}")
+        """Parse and check the structure; whether ``digest`` matches is ``digest_problem``'s question."""
+        if not isinstance(d, dict):
+            raise FormatError(f"{where}: expected an object, got {type(d).__name__}")
         version = d.get("schema_version", SCHEMA_VERSION)
-        if version not in READABLE_VERSIONS:
+        if version not in READABLE_VERSIONS:  # first: a newer manifest's keys are not ours to judge
             raise FormatError(
                 f"{where}: schema_version {version!r} is not supported (this tpdeploy reads versions "
                 f"{', '.join(map(str, READABLE_VERSIONS))}); re-convert the checkpoint with this version's tpconv")
+        d = _strict_keys(_without_digest(d, version, where), cls, where)
+        if d.get("format", FORMAT_NAME) != FORMAT_NAME:
+            raise FormatError(f"{where}: format is {d['format']!r}, expected {FORMAT_NAME!r}")
         ranks = tuple(_rank(r, f"{where}: ranks[{i}]") for i, r in enumerate(d["ranks"]))
         w = dict(_strict_keys(d["weights"], WeightFormat, f"{where}: weights"))
         w["quantization"] = _int4(w.get("quantization"), f"{where}: weights.quantization")
@@ -116,6 +125,32 @@ class Manifest:
             tokenizer=_files(d["tokenizer"], f"{where}: tokenizer"), ranks=ranks,
             converter_version=d["converter_version"], schema_version=version,
         )
+
+
+def manifest_digest(data: dict[str, Any]) -> str:
+    """sha256 of the manifest's canonical JSON (sorted keys, no spaces), the digest itself left out."""
+    body = {k: v for k, v in data.items() if k != "digest"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def digest_problem(data: dict[str, Any], where: str) -> str | None:
+    """Why a manifest's digest does not vouch for its contents, or None (older versions carry none)."""
+    if data.get("schema_version", SCHEMA_VERSION) < DIGEST_SINCE or data.get("digest") == manifest_digest(data):
+        return None
+    return f"{where}: its digest does not match its contents (edited by hand?); re-convert the checkpoint"
+
+
+def _without_digest(d: dict[str, Any], version: int, where: str) -> dict[str, Any]:
+    """``d`` less its digest, which a version-3 manifest must carry and an older one cannot."""
+    d = dict(d)
+    digest = d.pop("digest", None)
+    if version < DIGEST_SINCE:
+        if digest is not None:
+            raise FormatError(f"{where}: unknown key(s) ['digest'] for schema_version {version}")
+    elif not isinstance(digest, str):
+        raise FormatError(f"{where}: missing key(s) ['digest'] (every schema_version {DIGEST_SINCE} manifest "
+                          "has one); re-convert the checkpoint")
+    return d
 
 
 def _files(items: list, where: str) -> tuple[FileEntry, ...]:
@@ -146,7 +181,18 @@ def _int4(d: Any, where: str) -> Int4Format | None:
 
 
 def load_manifest(workspace: Path) -> Manifest:
-    """Read and validate ``workspace/manifest.json`` with errors a user can act on."""
+    """Read and validate ``workspace/manifest.json`` with errors a user can act on.
+
+    A version-3 manifest whose digest does not match its contents is refused: it was edited by hand.
+    """
+    manifest, problem = read_manifest(workspace)
+    if problem:
+        raise FormatError(problem)
+    return manifest
+
+
+def read_manifest(workspace: Path) -> tuple[Manifest, str | None]:
+    """The manifest and, when its digest does not match, why (``tpconv verify`` reports it, exit 1)."""
     path = layout.manifest_path(workspace)
     if not Path(workspace).is_dir():
         raise FormatError(f"{workspace} is not a directory; pass a workspace written by `tpconv convert`")
@@ -156,9 +202,10 @@ def load_manifest(workspace: Path) -> Manifest:
             "conversion never writes it); run `tpconv convert` again")
     try:
         data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except ValueError as e:  # bad JSON, bad UTF-8, or an integer past Python's digit limit
         raise FormatError(f"{path} is not valid JSON ({e}); the workspace is corrupt, re-convert it") from e
     try:
-        return Manifest.from_dict(data, str(path))
+        manifest = Manifest.from_dict(data, str(path))
     except (KeyError, TypeError) as e:
         raise FormatError(f"{path}: malformed manifest ({type(e).__name__}: {e}); re-convert it") from e
+    return manifest, digest_problem(data, str(path))

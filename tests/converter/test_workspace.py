@@ -1,10 +1,13 @@
 """Workspace properties: determinism, the CLI's summaries, verify catching damage, the tokenizer."""
 import json
 
+import pytest
 from click.testing import CliRunner
 
 from converter.cli import main
 from converter.convert import ConvertOptions, convert
+from formats.errors import FormatError
+from formats.manifest import SCHEMA_VERSION, load_manifest
 from tests.workspace import rank_file_bytes
 
 
@@ -86,3 +89,20 @@ def test_missing_tokenizer_is_an_error(tiny, tmp_path):
     result = CliRunner().invoke(main, ["convert", str(src), "-o", str(tmp_path / "ws")])
     assert result.exit_code == 2 and "has no tokenizer.json" in result.output
     assert list(tmp_path.iterdir()) == []
+
+
+def test_verify_catches_hand_edited_manifest(tiny, tmp_path):
+    """A changed rope_theta would silently change every answer: the manifest's own digest catches it."""
+    src = tiny()
+    convert(ConvertOptions(src, tmp_path / "ws", 1))
+    path = tmp_path / "ws" / "manifest.json"
+    data = json.loads(path.read_text())
+    assert data["schema_version"] == SCHEMA_VERSION == 3 and len(data["digest"]) == 64
+    assert CliRunner().invoke(main, ["verify", str(tmp_path / "ws")]).exit_code == 0
+    data["model"]["rope_theta"] = data["model"]["rope_theta"] * 2
+    path.write_text(json.dumps(data, indent=1))
+    bad = CliRunner().invoke(main, ["verify", str(tmp_path / "ws")])
+    assert bad.exit_code == 1, bad.output
+    assert "manifest.json: its digest does not match its contents (edited by hand?); re-convert" in bad.output
+    with pytest.raises(FormatError, match="its digest does not match its contents"):
+        load_manifest(tmp_path / "ws")

@@ -4,7 +4,7 @@ import json
 import pytest
 
 from formats.errors import FormatError
-from formats.manifest import SCHEMA_VERSION, Manifest, load_manifest
+from formats.manifest import SCHEMA_VERSION, Manifest, load_manifest, manifest_digest, read_manifest
 from tests.formats.test_sharding import SMOLLM2
 
 MINIMAL = {
@@ -18,6 +18,7 @@ MINIMAL = {
                             "pieces": [{"source": "model.embed_tokens.weight", "axis": 0,
                                         "src": [0, 49152], "dst": [0, 49152]}]}]}],
 }
+MINIMAL["digest"] = manifest_digest(MINIMAL)
 
 
 def _write(tmp_path, data) -> None:
@@ -34,7 +35,7 @@ def test_round_trip(tmp_path):
 def test_reads_schema_1_dense_workspaces(tmp_path):
     data = json.loads(json.dumps(MINIMAL))
     data["schema_version"] = 1
-    del data["ranks"][0]["tensors"][0]["quant"]
+    del data["ranks"][0]["tensors"][0]["quant"], data["digest"]
     _write(tmp_path, data)
     assert load_manifest(tmp_path).schema_version == 1
 
@@ -44,6 +45,7 @@ def test_int4_format_round_trips_and_unknown_layout_is_refused(tmp_path):
     fmt = {"group_size": 64, "zero_point": True, "source_format": "awq-gemm", "scale_dtype": "float16",
            "layout": "tpdeploy-int4-v1", "bits": 4}
     data["weights"]["quantization"] = fmt
+    data["digest"] = manifest_digest(data)
     _write(tmp_path, data)
     assert load_manifest(tmp_path).weights.quantization.group_size == 64
     data["weights"]["quantization"] = {**fmt, "layout": "marlin"}
@@ -89,3 +91,48 @@ def test_manifest_from_dict_rejects_missing_field():
     data = {k: v for k, v in MINIMAL.items() if k != "tp"}
     with pytest.raises(FormatError, match=r"missing key\(s\) \['tp'\]"):
         Manifest.from_dict(data)
+
+
+def test_reads_schema_2_without_digest(tmp_path):
+    data = {k: v for k, v in MINIMAL.items() if k != "digest"}
+    _write(tmp_path, {**data, "schema_version": 2})
+    m, problem = read_manifest(tmp_path)
+    assert m.schema_version == 2 and problem is None and load_manifest(tmp_path).schema_version == 2
+
+
+def test_digest_is_canonical_json_without_itself():
+    """sha256 of the sorted, compact JSON of every other key: key order and whitespace do not matter."""
+    import hashlib
+
+    body = {k: v for k, v in MINIMAL.items() if k != "digest"}
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+    assert MINIMAL["digest"] == hashlib.sha256(canonical).hexdigest()
+    assert manifest_digest(dict(reversed(list(MINIMAL.items())))) == MINIMAL["digest"]
+
+
+@pytest.mark.parametrize("edit", ["rope_theta", "sha256", "digest"])
+def test_hand_edited_manifest_is_refused(tmp_path, edit):
+    data = json.loads(json.dumps(MINIMAL))
+    if edit == "rope_theta":
+        data["model"]["rope_theta"] = 500000.0
+    elif edit == "sha256":
+        data["ranks"][0]["files"][0]["sha256"] = "00"
+    else:
+        data["digest"] = "0" * 64
+    _write(tmp_path, data)
+    with pytest.raises(FormatError, match=r"manifest.json: its digest does not match its contents \(edited by hand\?\); re-convert"):
+        load_manifest(tmp_path)
+    m, problem = read_manifest(tmp_path)  # what `tpconv verify` reports instead of raising
+    assert "its digest does not match" in problem and m.tp == 1
+
+
+def test_schema_3_needs_its_digest(tmp_path):
+    _write(tmp_path, {k: v for k, v in MINIMAL.items() if k != "digest"})
+    with pytest.raises(FormatError, match=r"missing key\(s\) \['digest'\]"):
+        load_manifest(tmp_path)
+
+
+def test_digest_is_refused_before_schema_3(tmp_path):
+    _write(tmp_path, {**MINIMAL, "schema_version": 2})
+    with pytest.raises(FormatError, match=r"unknown key\(s\) \['digest'\]"):
+        load_manifest(tmp_path)
