@@ -21,6 +21,7 @@ from runtime.scheduler import Scheduler
 from runtime.stops import StopChecker, safe_prefix
 
 MAX_BATCH_TOKENS = 2048  # new tokens per step: long prompts are prefilled in chunks of at most this
+_NO_IDS: tuple[int, ...] = ()  # shared, so a sequence without a repetition penalty allocates nothing per step
 
 
 @dataclass(eq=False)
@@ -53,9 +54,9 @@ class Sequence:
     def context(self) -> int:
         return len(self.tokens)
 
-    def history(self) -> list[int]:
+    def history(self) -> list[int] | tuple[int, ...]:
         """Ids the repetition penalty looks at; only for sequences that use one (hot path)."""
-        return self.tokens if self.params.repetition_penalty != 1.0 else []
+        return self.tokens if self.params.repetition_penalty != 1.0 else _NO_IDS
 
 
 OnDelta = Callable[[Sequence, str], None]  # streamed text as it becomes final
@@ -67,7 +68,7 @@ class Engine:
         self.driver, self.tokenizer, self.blocks, self.vocab_size = driver, tokenizer, blocks, vocab_size
         self.max_model_len = max_model_len
         self.scheduler = Scheduler(blocks, max_batch_size, max_batch_tokens)
-        self.sampler = Sampler(seed)
+        self.sampler = Sampler(seed, tokenizer.eos_token_ids)
         self._next_id = 0
 
     def generate(self, prompts: list[list[int]], params: list[SamplingParams],
@@ -122,8 +123,9 @@ class Engine:
         seqs = [work[i].seq for i in rows]
         if not rows:
             return []
+        # s.out is passed as is (no copy): the sampler reads it only for min_tokens and output penalties.
         result = self.sampler.sample(logits[rows], [s.params for s in seqs], [s.generator for s in seqs],
-                                     [s.history() for s in seqs])
+                                     [s.history() for s in seqs], [s.out for s in seqs])
         for s, token, lp in zip(seqs, result.tokens.tolist(), result.logprobs):
             self._advance(s, token, lp, on_delta)
             if s.finish_reason:
@@ -155,7 +157,7 @@ class Engine:
         seed = None if params.seed is None else (params.seed + index) % 2**63
         self._next_id += 1
         return Sequence(self._next_id, request, index, prompt, params, self._capacity(prompt, params),
-                        make_generator(seed), stops=StopChecker(params.stop))
+                        make_generator(seed), stops=StopChecker(params.stop, params.include_stop_str_in_output))
 
     def _check_prompt(self, request: int, prompt: list[int]) -> None:
         if not prompt:
@@ -176,11 +178,20 @@ class Engine:
             s.finish_reason = "stop"
         elif s.context >= s.capacity:
             s.finish_reason = "length"
-        text = self.tokenizer.decode(s.out, skip_special_tokens=s.params.skip_special_tokens)
-        delta, stopped = s.stops.feed(text if s.finish_reason else safe_prefix(text))
+        text = self._decode(s)
+        # vLLM: a stop string ending within the first min_tokens tokens' text does not count.
+        delta, stopped = s.stops.feed(text if s.finish_reason else safe_prefix(text),
+                                      check=len(s.out) > s.params.min_tokens)
         if stopped:
             s.finish_reason = "stop"
         elif s.finish_reason:
             delta += s.stops.flush()
         if on_delta and (delta or s.finish_reason):
             on_delta(s, delta)
+
+    def _decode(self, s: Sequence) -> str:
+        # As in vLLM, the text of the EOS / stop token that ended the sequence is left out unless
+        # include_stop_str_in_output asks for it (its id stays in ``out``).
+        by_token = s.finish_reason == "stop" and not s.params.include_stop_str_in_output
+        ids = s.out[:-1] if by_token else s.out
+        return self.tokenizer.decode(ids, skip_special_tokens=s.params.skip_special_tokens)

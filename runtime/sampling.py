@@ -9,23 +9,29 @@ Order of operations for each row (HF transformers / vLLM semantics):
 
 1. repetition penalty over every id in the row's history (prompt + generated so far):
    a positive logit is divided by the penalty, a negative one multiplied;
-2. greedy rows (temperature 0 or below 1e-5, or top_k 1) take the argmax; ties go to the lowest id
+2. frequency and presence penalties over the GENERATED ids only (OpenAI's formula, as vLLM applies it):
+   ``logit[t] -= frequency_penalty * count(t) + presence_penalty * (count(t) > 0)``;
+3. min_tokens: while a row has generated fewer than min_tokens, EOS and its stop_token_ids become -inf
+   (EOS even with ignore_eos, as in vLLM), so even a greedy row takes the best other token;
+4. greedy rows (temperature 0 or below 1e-5, or top_k 1) take the argmax; ties go to the lowest id
    (``torch.argmax``); a greedy row never touches its generator;
-3. temperature scaling (``logits / T``);
-4. top-k: logits below the k-th largest become -inf (logits tied with the k-th are all kept, as in HF);
-5. softmax, then top-p: keep the smallest most-probable set whose mass reaches top_p (always the top
+5. temperature scaling (``logits / T``);
+6. top-k: logits below the k-th largest become -inf (logits tied with the k-th are all kept, as in HF);
+7. softmax, then top-p: keep the smallest most-probable set whose mass reaches top_p (always the top
    token; equal probabilities at the boundary go to the lowest ids);
-6. min-p: drop tokens whose probability is below ``min_p * max_prob`` (scale invariant, so no renormalising);
-7. draw by inverse CDF: one float64 uniform per row from the row's own generator (or the sampler's
+8. min-p: drop tokens whose probability is below ``min_p * max_prob`` (scale invariant, so no renormalising);
+9. draw by inverse CDF: one float64 uniform per row from the row's own generator (or the sampler's
    shared one), so a seeded row's stream advances by exactly one number per sampled token.
 
-Logprobs are reported from ``log_softmax`` of the RAW logits (before penalty, temperature and filters),
+Stop strings (and min_tokens' hold on them) are text, not logits: see ``runtime.stops``.
+
+Logprobs are reported from ``log_softmax`` of the RAW logits (before penalties, masks, temperature and filters),
 as vLLM and the OpenAI API do, so they describe the model rather than the sampling knobs.
 """
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import NoReturn
 
@@ -42,6 +48,7 @@ _TOP_P_CANDIDATES = 1024
 # Below this, logits / T overflows float32 to inf and softmax turns to NaN; vLLM uses the same cut-off.
 _GREEDY_TEMPERATURE = 1e-5
 _SEED_MIN, _SEED_MAX = -(2**63), 2**64 - 1  # what torch.Generator.manual_seed accepts
+_OPENAI_PENALTY_RANGE = 2.0  # presence / frequency penalties live in [-2, 2], as in the OpenAI API and vLLM
 
 
 def _fail(msg: str) -> NoReturn:
@@ -76,11 +83,15 @@ class SamplingParams:
     top_p: float = 1.0
     top_k: int = 0  # 0 or -1 = disabled (-1 is normalised to 0)
     min_p: float = 0.0
-    repetition_penalty: float = 1.0
+    repetition_penalty: float = 1.0  # HF's, over prompt + generated ids
+    presence_penalty: float = 0.0  # OpenAI's, subtracted once from every generated id
+    frequency_penalty: float = 0.0  # OpenAI's, subtracted once per occurrence in the generated ids
     seed: int | None = None
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
+    include_stop_str_in_output: bool = False  # a stop string (or stop token's text) ends the text instead of being cut
     ignore_eos: bool = False
+    min_tokens: int = 0  # generated before EOS / stop_token_ids can be sampled or a stop string can end the text
     logprobs: int | None = None  # top logprobs per token; 0 = only the chosen token's
     skip_special_tokens: bool = True
 
@@ -93,6 +104,8 @@ class SamplingParams:
             _fail(f"stop_token_ids must be >= 0, got {min(stop_ids)}")
         object.__setattr__(self, "stop", stop)
         object.__setattr__(self, "stop_token_ids", stop_ids)
+        if not isinstance(self.include_stop_str_in_output, bool):
+            _fail(f"include_stop_str_in_output must be a bool, got {self.include_stop_str_in_output!r}")
         self._check_counts()
         self._check_floats()
         if self.top_k == -1:
@@ -103,6 +116,10 @@ class SamplingParams:
             _fail(f"n must be an integer >= 1, got {self.n!r}")
         if self.max_tokens is not None and (not _is_int(self.max_tokens) or self.max_tokens < 1):
             _fail(f"max_tokens must be an integer >= 1 (or None), got {self.max_tokens!r}")
+        if not _is_int(self.min_tokens) or self.min_tokens < 0:
+            _fail(f"min_tokens must be an integer >= 0, got {self.min_tokens!r}")
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            _fail(f"min_tokens must be <= max_tokens ({self.max_tokens}), got {self.min_tokens}")
         if not _is_int(self.top_k) or self.top_k < -1:
             _fail(f"top_k must be an integer >= 1, or 0 / -1 to disable, got {self.top_k!r}")
         if self.seed is not None and (not _is_int(self.seed) or not _SEED_MIN <= self.seed <= _SEED_MAX):
@@ -111,7 +128,7 @@ class SamplingParams:
             _fail(f"logprobs must be an integer in [0, {MAX_LOGPROBS}] (or None), got {self.logprobs!r}")
 
     def _check_floats(self) -> None:
-        for field in ("temperature", "top_p", "min_p", "repetition_penalty"):
+        for field in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
             value = getattr(self, field)
             if not isinstance(value, (int, float)) or isinstance(value, bool):
                 _fail(f"{field} must be a number, got {value!r}")
@@ -126,6 +143,15 @@ class SamplingParams:
             _fail(f"min_p must be in [0, 1], got {self.min_p}")
         if not self.repetition_penalty > 0:
             _fail(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        for field in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, field)
+            if not -_OPENAI_PENALTY_RANGE <= value <= _OPENAI_PENALTY_RANGE:
+                _fail(f"{field} must be in [-2, 2], got {value}")
+
+    @property
+    def penalises_output(self) -> bool:
+        """Whether the sampler needs this request's generated ids (presence / frequency penalty)."""
+        return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
 
     @property
     def greedy(self) -> bool:
@@ -160,29 +186,83 @@ class SampleResult:
     logprobs: list[TokenLogprobs | None]  # per row; None where params.logprobs is None
 
 
+Ids = Sequence[int] | torch.Tensor  # one row's token ids
+
+
 def _index(rows: list[int], device: torch.device) -> torch.Tensor:
     return torch.tensor(rows, dtype=torch.long, device=device)
 
 
-def apply_repetition_penalty(logits: torch.Tensor, params: Sequence[SamplingParams],
-                             history: Sequence[Sequence[int] | torch.Tensor]) -> torch.Tensor:
-    """Return float32 logits with HF's repetition penalty applied; the input is never modified.
+def apply_penalties(logits: torch.Tensor, params: Sequence[SamplingParams], history: Sequence[Ids],
+                    outputs: Sequence[Ids]) -> torch.Tensor:
+    """Steps 1-2: float32 logits with the repetition, frequency and presence penalties; the input is never
+    modified, and without a penalty in the batch nothing is copied or counted.
 
-    ``history[i]`` holds row i's prompt + generated ids (a list or a 1-D tensor; duplicates are harmless).
-    Ids >= vocab are ignored, like HF, since the model cannot emit them.
+    ``history[i]`` holds row i's prompt + generated ids, ``outputs[i]`` its generated ids only (lists or
+    1-D tensors); each is read only for rows whose penalty needs it. Ids >= vocab are ignored, like HF,
+    since the model cannot emit them.
     """
-    vocab = logits.shape[1]
-    rows = [i for i, p in enumerate(params) if p.repetition_penalty != 1.0 and len(history[i]) > 0]
-    if not rows:
+    rep = [i for i, p in enumerate(params) if p.repetition_penalty != 1.0 and len(history[i]) > 0]
+    out = [i for i, p in enumerate(params) if p.penalises_output and len(outputs[i]) > 0]
+    if not rep and not out:
         return logits.float()
     work = logits.to(torch.float32, copy=True)
-    for i in rows:
-        ids = torch.as_tensor(history[i], dtype=torch.long, device=logits.device)
-        ids = ids[ids < vocab]
-        penalty = params[i].repetition_penalty
-        score = work[i].gather(0, ids)
-        work[i].scatter_(0, ids, torch.where(score < 0, score * penalty, score / penalty))
+    if rep:
+        _repetition_penalty(work, rep, [params[i].repetition_penalty for i in rep], history)
+    if out:
+        _openai_penalties(work, out, [params[i] for i in out], outputs)
     return work
+
+
+def _token_counts(ids: Sequence[Ids], rows: list[int], vocab: int, device: torch.device) -> torch.Tensor:
+    """(len(rows), vocab) int64: how often each id occurs in ``ids[r]``, for every r in ``rows``, by one
+    bincount over all rows at once (row j's ids are offset by j * vocab)."""
+    per_row = [torch.as_tensor(ids[r], dtype=torch.long, device="cpu") for r in rows]
+    flat = torch.cat(per_row)  # (N,)
+    row = torch.arange(len(rows)).repeat_interleave(torch.tensor([t.numel() for t in per_row]))  # (N,)
+    flat = (row * vocab + flat)[flat < vocab].to(device)
+    return torch.bincount(flat, minlength=len(rows) * vocab).view(len(rows), vocab)  # (R, V)
+
+
+def _repetition_penalty(work: torch.Tensor, rows: list[int], penalty: list[float], history: Sequence[Ids]) -> None:
+    """In place on ``work`` (B, V): HF's rule on every id seen in each row's prompt + output."""
+    idx = _index(rows, work.device)
+    seen = _token_counts(history, rows, work.shape[1], work.device) > 0  # (R, V)
+    scale = torch.tensor(penalty, dtype=torch.float32, device=work.device).unsqueeze(1)  # (R, 1)
+    sub = work[idx]  # (R, V)
+    work[idx] = torch.where(seen, torch.where(sub < 0, sub * scale, sub / scale), sub)
+
+
+def _openai_penalties(work: torch.Tensor, rows: list[int], params: list[SamplingParams],
+                      outputs: Sequence[Ids]) -> None:
+    """In place on ``work`` (B, V): ``-= frequency * count + presence * (count > 0)`` over generated ids."""
+    idx = _index(rows, work.device)
+    counts = _token_counts(outputs, rows, work.shape[1], work.device).float()  # (R, V)
+    freq = torch.tensor([p.frequency_penalty for p in params], dtype=torch.float32, device=work.device)
+    pres = torch.tensor([p.presence_penalty for p in params], dtype=torch.float32, device=work.device)
+    work[idx] -= freq.unsqueeze(1) * counts + pres.unsqueeze(1) * (counts > 0)
+
+
+def mask_stop_tokens(logits: torch.Tensor, params: Sequence[SamplingParams], outputs: Sequence[Ids],
+                     eos_token_ids: Iterable[int]) -> torch.Tensor:
+    """Step 3: rows that have generated fewer than min_tokens get -inf at EOS and their stop_token_ids.
+
+    vLLM masks EOS here even with ignore_eos: min_tokens means "this many tokens before any stop token".
+    Returns ``logits`` itself when no row is masked, else a masked copy.
+    """
+    vocab = logits.shape[1]
+    eos = tuple(eos_token_ids)
+    rows: list[int] = []
+    cols: list[int] = []
+    for i, p in enumerate(params):
+        if p.min_tokens and len(outputs[i]) < p.min_tokens:
+            ids = [t for t in (*p.stop_token_ids, *eos) if t < vocab]
+            rows += [i] * len(ids)
+            cols += ids
+    if not rows:
+        return logits
+    where = (_index(rows, logits.device), _index(cols, logits.device))
+    return logits.index_put(where, torch.tensor(float("-inf"), dtype=logits.dtype, device=logits.device))
 
 
 def _top_k_mask(x: torch.Tensor, top_k: list[int]) -> torch.Tensor:
@@ -258,7 +338,7 @@ def _min_p_mask(probs: torch.Tensor, min_p: list[float]) -> torch.Tensor:
 
 
 def filtered_probs(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
-    """Steps 3-6 for non-greedy rows: (R, V) penalised logits -> (R, V) unnormalised probabilities."""
+    """Steps 5-8 for non-greedy rows: (R, V) penalised logits -> (R, V) unnormalised probabilities."""
     assert logits.shape[0] == len(params), "one SamplingParams per row"
     temps = torch.tensor([p.temperature for p in params], dtype=torch.float32, device=logits.device)
     x = logits.float() / temps.unsqueeze(1)  # (R, V), a fresh tensor the masks may edit in place
@@ -304,10 +384,12 @@ class Sampler:
 
     ``seed`` seeds that shared stream (like vLLM's engine-level seed); None seeds it from OS entropy.
     It is deliberately not torch's global generator, which model code may consume or reseed.
+    ``eos_token_ids`` are the model's EOS ids, masked (with each row's stop_token_ids) under min_tokens.
     """
 
-    def __init__(self, seed: int | None = None) -> None:
+    def __init__(self, seed: int | None = None, eos_token_ids: Iterable[int] = ()) -> None:
         self._seed = seed
+        self._eos = tuple(sorted(eos_token_ids))
         self._shared: dict[torch.device, torch.Generator] = {}
 
     def shared_generator(self, device: torch.device) -> torch.Generator:
@@ -322,13 +404,15 @@ class Sampler:
         return gen
 
     def sample(self, logits: torch.Tensor, params: Sequence[SamplingParams],
-               generators: Sequence[torch.Generator | None],
-               history: Sequence[Sequence[int] | torch.Tensor]) -> SampleResult:
-        """``logits`` (B, V); params, generators and history give one entry per row."""
+               generators: Sequence[torch.Generator | None], history: Sequence[Ids],
+               outputs: Sequence[Ids]) -> SampleResult:
+        """``logits`` (B, V); params, generators, history (prompt + generated ids) and outputs (generated
+        ids) give one entry per row. Ids are read only where a penalty or min_tokens needs them."""
         assert logits.dim() == 2, f"logits must be (B, V), got shape {tuple(logits.shape)}"
-        assert len(params) == len(generators) == len(history) == logits.shape[0], "one entry per row"
+        assert len(params) == len(generators) == len(history) == len(outputs) == logits.shape[0], "one entry per row"
         device = logits.device
-        work = apply_repetition_penalty(logits, params, history)  # (B, V) float32
+        work = apply_penalties(logits, params, history, outputs)  # (B, V) float32
+        work = mask_stop_tokens(work, params, outputs, self._eos)
         tokens = torch.empty(logits.shape[0], dtype=torch.long, device=device)
         greedy = [i for i, p in enumerate(params) if p.greedy]
         if greedy:

@@ -7,12 +7,15 @@ from formats.errors import TpDeployError
 from runtime.stops import StopChecker, safe_prefix
 
 
-def stream(pieces: list[str], stop: tuple[str, ...], flush: bool = True) -> tuple[list[str], bool, StopChecker]:
-    """Feed the growing text token by token (the caller re-decodes); return every emitted chunk."""
-    checker, chunks, text, stopped = StopChecker(stop), [], "", False
-    for piece in pieces:
+def stream(pieces: list[str], stop: tuple[str, ...], flush: bool = True, include: bool = False,
+           min_tokens: int = 0) -> tuple[list[str], bool, StopChecker]:
+    """Feed the growing text token by token (the caller re-decodes); return every emitted chunk.
+
+    Like the engine, stop strings are only checked once more than ``min_tokens`` pieces were fed."""
+    checker, chunks, text, stopped = StopChecker(stop, include_in_output=include), [], "", False
+    for count, piece in enumerate(pieces, start=1):
         text += piece
-        emit, stopped = checker.feed(text)
+        emit, stopped = checker.feed(text, check=count > min_tokens)
         chunks.append(emit)
         if stopped:
             break
@@ -130,3 +133,56 @@ def test_partial_utf8_is_not_emitted_before_it_completes():
     checker = StopChecker(())
     assert checker.feed(safe_prefix("caf\ufffd")) == ("caf", False)
     assert checker.feed(safe_prefix("café")) == ("é", False)
+
+
+def test_include_stop_str_ends_text_with_the_stop_across_tokens():
+    chunks, stopped, checker = stream(["Hel", "lo", " wor", "ld", "!"], ("o wo",), include=True)
+    assert stopped
+    assert "".join(chunks) == "Hello wo" == checker.text
+    # nothing needs holding back: text before the stop's end is shown either way (vLLM buffers nothing here)
+    assert chunks == ["Hel", "lo", " wo"]  # the final delta completes the stop and drops "r"
+
+
+@pytest.mark.parametrize("tokens", ["char-by-char", "one-chunk"])
+def test_include_stop_str_drops_text_after_it_in_the_same_token(tokens):
+    text = "abc\n\nde"
+    pieces = list(text) if tokens == "char-by-char" else ["ab", "c\n\nd", "e"]
+    chunks, stopped, checker = stream(pieces, ("\n\n",), include=True)
+    assert stopped and "".join(chunks) == "abc\n\n" == checker.text
+    assert checker.flush() == "" and checker.feed(text + "more") == ("", True)
+
+
+def test_include_stop_str_first_completed_stop_wins():
+    # the text ends where the first stop completes, however the text was split into tokens
+    for pieces in (list("xabcd"), ["xabcd"]):
+        chunks, _, checker = stream(pieces, ("abcd", "bc"), include=True)
+        assert "".join(chunks) == "xabc" == checker.text
+
+
+def test_include_stop_str_at_start_and_without_a_stop():
+    chunks, stopped, _ = stream(["<|", "end", "|>", "tail"], ("<|end|>",), include=True)
+    assert stopped and "".join(chunks) == "<|end|>"
+    chunks, stopped, checker = stream(["It", " is", " o", "k"], ("o wo",), include=True)
+    assert not stopped and "".join(chunks) == "It is ok" == checker.text
+
+
+def test_min_tokens_ignores_stops_that_end_before_the_boundary():
+    # vLLM: a stop string counts only if it ends in text of tokens after the first min_tokens
+    chunks, stopped, checker = stream(["a", "X", "b", "X", "c"], ("X",), min_tokens=2)
+    assert stopped and "".join(chunks) == "aXb" == checker.text
+    chunks, stopped, _ = stream(["a", "X", "b", "X", "c"], ("X",), min_tokens=4)
+    assert not stopped and "".join(chunks) == "aXbXc"
+
+
+def test_min_tokens_stop_may_start_before_the_boundary_if_it_ends_after():
+    # "o wo" starts in the 2nd token ("lo") and ends in the 3rd: after min_tokens=2 it still stops
+    chunks, stopped, checker = stream(["Hel", "lo", " wor", "ld"], ("o wo",), min_tokens=2)
+    assert stopped and "".join(chunks) == "Hell" == checker.text
+    assert all("o" not in c for c in chunks)  # held back even while stops were not checked yet
+    chunks, stopped, _ = stream(["Hel", "lo", " wor", "ld"], ("o wo",), min_tokens=3)
+    assert not stopped and "".join(chunks) == "Hello world"
+
+
+def test_min_tokens_with_include_stop_str():
+    chunks, stopped, checker = stream(["ab", "STOP", "cd", "ST", "OPef"], ("STOP",), include=True, min_tokens=2)
+    assert stopped and "".join(chunks) == "abSTOPcdSTOP" == checker.text
