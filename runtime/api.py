@@ -86,10 +86,16 @@ class LLM:
         return self._run(texts, ids, sampling_params, on_delta)
 
     def chat(self, messages: Messages | list[Messages], sampling_params: SamplingParams | list[SamplingParams] | None = None,
-             add_generation_prompt: bool = True, on_delta: OnDelta | None = None) -> list[RequestOutput]:
-        """Answer one conversation (a list of {role, content}) or several, through the chat template."""
+             add_generation_prompt: bool = True, on_delta: OnDelta | None = None,
+             continue_final_message: bool = False) -> list[RequestOutput]:
+        """Answer one conversation (a list of {role, content}) or several, through the chat template;
+        ``continue_final_message`` goes on with the last (assistant) message instead of a new turn."""
+        if continue_final_message and add_generation_prompt:
+            raise TpDeployError("continue_final_message needs add_generation_prompt=False (as in vLLM)")
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
-        texts = [self.tokenizer.apply_chat_template(c, add_generation_prompt=add_generation_prompt) for c in conversations]
+        texts = [self.tokenizer.apply_chat_template(c, add_generation_prompt=add_generation_prompt,
+                                                    continue_final_message=continue_final_message)
+                 for c in conversations]
         ids = [self.tokenizer.encode(t, add_special_tokens=False) for t in texts]
         return self._run(texts, ids, sampling_params, on_delta)
 

@@ -7,8 +7,10 @@ and raised on rank 0 with the rank named, instead of leaving the others hanging.
 from __future__ import annotations
 
 import atexit
+import ctypes
 import multiprocessing as mp
 import os
+import signal
 import sys
 import threading
 import time
@@ -23,6 +25,13 @@ from runtime.parallel import Comm, free_port, init_process_group
 from runtime.runner import ModelRunner, RunnerSpec, Step
 
 STEP_TIMEOUT = timedelta(minutes=10)  # a collective that waits longer means a rank died
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _exit_now(message: str) -> None:
+    sys.stderr.write(f"tprun: {message}\n")
+    sys.stderr.flush()
+    os._exit(70)
 
 
 class Driver:
@@ -36,10 +45,17 @@ class Driver:
                                 "process and torch.distributed allows one group); close() it first or use another process")
         port = free_port()
         ctx = mp.get_context("spawn")
-        self.workers = [ctx.Process(target=_worker_main, args=(spec, r, tp, port), daemon=True) for r in range(1, tp)]
+        # The kernel's parent-death signal fires when the *thread* that started a process ends, so it
+        # is only asked for when that thread is the main one (which lives as long as the process).
+        on_main = threading.current_thread() is threading.main_thread()
+        self.workers = [ctx.Process(target=_worker_main, args=(spec, r, tp, port, on_main), daemon=True)
+                        for r in range(1, tp)]
         for w in self.workers:
             w.start()
         self._closing = False
+        # Called once, from the watchdog thread, when a rank dies; the server replaces it to end its
+        # streams with the reason before exiting. The default ends the process at once.
+        self.on_rank_death = _exit_now
         atexit.register(self.close)  # before multiprocessing's own exit handler terminates the workers
         threading.Thread(target=self._watch, daemon=True, name="tprun-watchdog").start()
         self.comm = init_process_group(0, tp, port, torch.device(spec.device))
@@ -57,18 +73,35 @@ class Driver:
         self.comm.broadcast_object(step)
         return self.runner.execute(step)
 
+    def dead_rank(self, wait: float = 0.0) -> str | None:
+        """Why the ranks cannot go on ("rank 1 exited unexpectedly ..."), or None while all live.
+
+        A collective usually fails on rank 0 a moment before the dead process is reaped, hence ``wait``."""
+        deadline = time.monotonic() + wait
+        while True:
+            for rank, w in enumerate(self.workers, start=1):
+                if w.exitcode:  # 0: a clean exit after a reported load error
+                    return f"rank {rank} exited unexpectedly (exit code {w.exitcode})"
+            if time.monotonic() >= deadline:
+                return None
+            time.sleep(0.05)
+
     def _watch(self) -> None:
         """A rank that dies leaves the others blocked in a collective forever: end the run, loudly."""
         while not self._closing:
-            for rank, w in enumerate(self.workers, start=1):
-                if w.exitcode and not self._closing:  # 0: a clean exit after a reported load error
-                    sys.stderr.write(f"tprun: rank {rank} exited unexpectedly (exit code {w.exitcode}); "
-                                     "the other ranks cannot continue, stopping\n")
-                    sys.stderr.flush()
-                    os._exit(70)
+            dead = self.dead_rank()
+            if dead and not self._closing:
+                self._closing = True  # close() must not wait on a collective the dead rank never joins
+                self.on_rank_death(f"{dead}; the other ranks cannot continue, stopping")
+                return
             time.sleep(0.2)
 
     def close(self) -> None:
+        if self.dead_rank():
+            self._closing = True
+            for w in self.workers:  # the living ranks are stuck in a collective: end them
+                w.kill()
+            self.workers = []
         self._closing = True
         atexit.unregister(self.close)
         if getattr(self, "comm", None) is not None and self.comm.world > 1 and dist.is_initialized() and self.workers:
@@ -79,7 +112,8 @@ class Driver:
         self.workers = []
 
 
-def _worker_main(spec: RunnerSpec, rank: int, tp: int, port: int) -> None:
+def _worker_main(spec: RunnerSpec, rank: int, tp: int, port: int, die_with_parent: bool) -> None:
+    _follow_rank0(die_with_parent)
     comm = init_process_group(rank, tp, port, torch.device(spec.device))
     runner, error = _load(spec, rank, comm)
     if not _load_errors(comm, error):
@@ -87,6 +121,16 @@ def _worker_main(spec: RunnerSpec, rank: int, tp: int, port: int) -> None:
         while (step := comm.broadcast_object(None)) is not None:
             runner.execute(step)
     dist.destroy_process_group()
+
+
+def _follow_rank0(die_with_parent: bool) -> None:
+    """Rank 0 alone decides when a rank stops: a Ctrl-C sent to the whole process group, or systemd's
+    SIGTERM to every process of the unit, must not kill ranks under a draining server. If rank 0 dies
+    outright, the kernel ends this rank too (Linux), instead of leaving it blocked in a collective."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if die_with_parent and sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def _load(spec: RunnerSpec, rank: int, comm: Comm) -> tuple[ModelRunner | None, str | None]:

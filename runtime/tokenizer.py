@@ -273,8 +273,10 @@ class Tokenizer:
 
     def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
                             tools: list[dict[str, Any]] | None = None,
-                            documents: list[dict[str, Any]] | None = None, **kwargs: Any) -> str:
-        """Render ``messages`` to the prompt string, as transformers' ``tokenize=False`` does."""
+                            documents: list[dict[str, Any]] | None = None,
+                            continue_final_message: bool = False, **kwargs: Any) -> str:
+        """Render ``messages`` to the prompt string, as transformers' ``tokenize=False`` does;
+        ``continue_final_message`` ends it inside the last message, so the model goes on with it."""
         source = _select_template(self._chat_template, tools, str(self._config_path))
         if source is None:
             raise FormatError(f"this model has no chat template in {self._config_path} "
@@ -287,18 +289,35 @@ class Tokenizer:
         checked = _check_messages(messages)
         variables = _plain({**self.special_tokens, **kwargs})  # caller's kwargs win, as in HF
         try:
-            return template.render(messages=checked, tools=_plain(tools),
+            text = template.render(messages=checked, tools=_plain(tools),
                                    documents=_plain(documents),
                                    add_generation_prompt=add_generation_prompt, **variables)
         except (jinja2.TemplateError, TypeError) as e:  # TypeError: e.g. str + list content
             raise ChatTemplateError(f"the chat template in {self._config_path} failed on this "
                                     f"conversation: {e}") from e
+        return continue_final(text, checked[-1].get("content")) if continue_final_message else text
 
     def encode_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
                     **kwargs: Any) -> list[int]:
         """Prompt ids; the template writes BOS itself, so no special tokens are added on top."""
         text = self.apply_chat_template(messages, add_generation_prompt, **kwargs)
         return self.encode(text, add_special_tokens=False)
+
+
+def continue_final(rendered: str, final: Any) -> str:
+    """``rendered`` cut right after the final message's text, dropping the template's end-of-turn.
+
+    As transformers does: templates often strip a message, so the stripped text is looked for last;
+    trailing spaces the template kept are kept too."""
+    if not isinstance(final, str) or not final.strip():
+        raise TpDeployError("continue_final_message needs a final message with text to continue")
+    at = rendered.rfind(final.strip())
+    if at < 0:
+        raise ChatTemplateError("continue_final_message: the chat template rewrote the final message, so "
+                                "there is no place to continue it from; send add_generation_prompt instead")
+    kept = final.lstrip()
+    end = at + (len(kept) if rendered[at:at + len(kept)] == kept else len(final.strip()))
+    return rendered[:end]
 
 
 def _clean_up_tokenization(text: str) -> str:

@@ -27,37 +27,61 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from formats.errors import TpDeployError
+from runtime import __version__
 from runtime.sampling import SamplingParams
-from runtime.serve.contract import ContextTooLong, Delta, EngineClient, Overloaded
+from runtime.serve.contract import (ContextTooLong, Delta, EngineClient, Overloaded,
+                                    ServiceUnavailable, Usage)
 from runtime.serve.metrics import CONTENT_TYPE, Metrics
 from runtime.serve.protocol import (APIError, ChatCompletionRequest, ChatRenderer,
                                     CompletionRenderer, CompletionRequest, Renderer, error_body,
                                     sse)
+from runtime.serve.streams import merge
 
 log = logging.getLogger("tprun.serve")
 T = TypeVar("T")
 
 # Route labels for tprun_requests_total; any other path counts as "other" so that scanners
 # probing random URLs cannot grow the label set without bound.
-_ROUTES = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics"})
+_ROUTES = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics",
+                     "/version", "/ping"})
+DEFAULT_MAX_N = 16  # samples per request: each is a sequence in the batch with its own KV blocks
+_GENERATION_ROUTES = frozenset({"/v1/chat/completions", "/v1/completions"})
 _CLIENT_CLOSED = 499  # nginx's "client closed request": nobody reads it, metrics and logs do
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # no proxy buffering
 
 
+class Lifecycle:
+    """What shutdown needs to see: requests in flight, and whether new ones are still admitted."""
+
+    def __init__(self) -> None:
+        self.draining: str | None = None  # why new requests get 503, once shutting down
+        self.in_flight = 0  # generation requests whose response has not ended
+
+    @property
+    def idle(self) -> bool:
+        return self.in_flight == 0
+
+
 def create_app(engine: EngineClient, *, served_model_name: str, api_key: str | None,
-               metrics: Metrics) -> FastAPI:
+               metrics: Metrics, max_n: int = DEFAULT_MAX_N, lifecycle: Lifecycle | None = None) -> FastAPI:
     """The ASGI app: ``/v1/models``, ``/v1/chat/completions``, ``/v1/completions``, ``/health``,
-    ``/metrics``. With ``api_key`` every ``/v1`` route needs ``Authorization: Bearer <api_key>``."""
+    ``/metrics``, ``/version``, ``/ping``. With ``api_key`` every ``/v1`` route needs
+    ``Authorization: Bearer <api_key>``. Once ``lifecycle.draining`` is set, new generation requests
+    and health checks get 503 while the requests in flight finish."""
     app = FastAPI(title="tprun", summary="tpdeploy's OpenAI-compatible server")
-    server = _Server(engine, served_model_name, metrics)
+    lifecycle = lifecycle or Lifecycle()
+    server = _Server(engine, served_model_name, metrics, max_n, lifecycle)
     app.add_api_route("/v1/models", server.list_models, methods=["GET"])
     app.add_api_route("/v1/models/{model_id:path}", server.get_model, methods=["GET"])
     app.add_api_route("/v1/chat/completions", server.chat, methods=["POST"])
     app.add_api_route("/v1/completions", server.completions, methods=["POST"])
     app.add_api_route("/health", server.health, methods=["GET"])
+    app.add_api_route("/ping", server.health, methods=["GET", "POST"])  # vLLM's (SageMaker's) path
+    app.add_api_route("/version", server.version, methods=["GET"])
     app.add_api_route("/metrics", server.render_metrics, methods=["GET"])
     _install_error_handlers(app)
     app.add_middleware(_RequireApiKey, api_key=api_key)
+    app.add_middleware(_Admission, lifecycle=lifecycle)
     app.add_middleware(_CountRequests, metrics=metrics)  # added last = outermost: sees 401s too
     return app
 
@@ -65,8 +89,10 @@ def create_app(engine: EngineClient, *, served_model_name: str, api_key: str | N
 class _Server:
     """Route handlers; one instance per app, holding what every request needs."""
 
-    def __init__(self, engine: EngineClient, model: str, metrics: Metrics) -> None:
+    def __init__(self, engine: EngineClient, model: str, metrics: Metrics, max_n: int,
+                 lifecycle: Lifecycle) -> None:
         self.engine, self.model, self._metrics = engine, model, metrics
+        self.max_n, self.lifecycle = max_n, lifecycle
         self.created = int(time.time())
 
     def _model_card(self) -> dict[str, Any]:
@@ -86,35 +112,49 @@ class _Server:
         self._check_model(model_id)
         return self._model_card()
 
-    async def health(self) -> dict[str, str]:
-        return {"status": "ok"}
+    async def health(self) -> Response:
+        if self.lifecycle.draining:  # load balancers take this replica out while it drains
+            return _error(503, self.lifecycle.draining, "server_error", code="service_unavailable")
+        return JSONResponse({"status": "ok"})
+
+    async def version(self) -> dict[str, str]:
+        return {"version": __version__}
 
     async def render_metrics(self) -> Response:
         # The engine's metrics_text() renders this same registry: serving both would list each
         # metric twice, which Prometheus rejects.
         return Response(self._metrics.render(), media_type=CONTENT_TYPE)
 
-    async def chat(self, body: ChatCompletionRequest, request: Request) -> Response:
+    def _params(self, body: ChatCompletionRequest | CompletionRequest) -> SamplingParams:
         self._check_model(body.model)
         params = body.sampling_params()
+        if params.n > self.max_n:
+            raise APIError(400, f"n={params.n} is more samples than this server allows (--max-n "
+                                f"{self.max_n}); send several requests instead", param="n")
+        return params
+
+    async def chat(self, body: ChatCompletionRequest, request: Request) -> Response:
+        params = self._params(body)
         # Rendering and tokenizing a long conversation takes milliseconds: off the event loop, so
         # the streams of other requests keep flowing meanwhile.
         prompt_ids = await run_in_threadpool(self._chat_ids, body)
-        return await self._generate(request, body, params, prompt_ids, ChatRenderer, "chatcmpl")
+        return await self._generate(request, body, params, [prompt_ids], ChatRenderer, "chatcmpl")
 
     def _chat_ids(self, body: ChatCompletionRequest) -> list[int]:
         tok = self.engine.tokenizer
         messages = [m.for_template() for m in body.messages]
-        text = tok.apply_chat_template(messages, add_generation_prompt=True)
+        text = tok.apply_chat_template(messages, add_generation_prompt=body.add_generation_prompt,
+                                       continue_final_message=body.continue_final_message)
         return tok.encode(text, add_special_tokens=False)  # the template wrote BOS already
 
     async def completions(self, body: CompletionRequest, request: Request) -> Response:
-        self._check_model(body.model)
-        params = body.sampling_params()
-        prompt = body.prompt
-        ids = await run_in_threadpool(self.engine.tokenizer.encode, prompt) \
-            if isinstance(prompt, str) else prompt
-        return await self._generate(request, body, params, ids, CompletionRenderer, "cmpl")
+        params = self._params(body)
+        tok = self.engine.tokenizer
+        ids = [await run_in_threadpool(tok.encode, p) if isinstance(p, str) else p for p in body.prompt]
+        echo = None
+        if body.echo:  # the prompt as the model saw it, before each choice's text
+            echo = [p if isinstance(p, str) else tok.decode(p, skip_special_tokens=False) for p in body.prompt]
+        return await self._generate(request, body, params, ids, CompletionRenderer, "cmpl", echo)
 
     def _check_prompt(self, ids: list[int]) -> None:
         if not ids:
@@ -127,14 +167,19 @@ class _Server:
                                 f"vocabulary has ids 0..{vocab - 1}", param="prompt")
 
     async def _generate(self, request: Request, body: Any, params: SamplingParams,
-                        prompt_ids: list[int], renderer_cls: type[Renderer],
-                        prefix: str) -> Response:
-        self._check_prompt(prompt_ids)
+                        prompts: list[list[int]], renderer_cls: type[Renderer], prefix: str,
+                        echo: list[str] | None = None) -> Response:
+        for ids in prompts:
+            self._check_prompt(ids)
         request_id = f"{prefix}-{uuid.uuid4().hex}"
         renderer = renderer_cls(request_id, int(time.time()), self.model, self.engine.tokenizer,
                                 logprobs=params.logprobs is not None,
                                 include_usage=body.include_usage)
-        stream = self.engine.generate(request_id, prompt_ids, params)
+        # One engine request per prompt; their choices are numbered prompt-major, as OpenAI does.
+        ids = [request_id] if len(prompts) == 1 else [f"{request_id}-{i}" for i in range(len(prompts))]
+        n = params.n * len(prompts)
+        prefixes = None if echo is None else [echo[i // params.n] for i in range(n)]
+        stream = merge([self.engine.generate(r, p, params) for r, p in zip(ids, prompts)], params.n)
         streaming = False
         try:
             # The engine refuses (Overloaded, ContextTooLong) before its first Delta: wait for it so
@@ -142,7 +187,8 @@ class _Server:
             done, first = await _unless_disconnected(request, lambda: anext(stream, None))
             if done and body.stream:
                 streaming = True  # from here on the response closes the stream
-                return _EventStream(self._events(renderer, params.n, first, stream), stream)
+                events = self._events(renderer, n, first, stream, ids, prefixes)
+                return _EventStream(events, stream)
             if done:
                 done, deltas = await _unless_disconnected(request, lambda: _collect(first, stream))
         finally:
@@ -150,23 +196,35 @@ class _Server:
                 await _close(stream)
         if not done:
             return Response(status_code=_CLIENT_CLOSED)
-        return JSONResponse(renderer.response(deltas, params.n, self.engine.usage(request_id)))
+        return JSONResponse(renderer.response(deltas, n, self._usage(ids), prefixes))
+
+    def _usage(self, request_ids: list[str]) -> Usage:
+        parts = [self.engine.usage(r) for r in request_ids]
+        return Usage(sum(u.prompt_tokens for u in parts), sum(u.completion_tokens for u in parts),
+                     sum(u.cached_prompt_tokens for u in parts))
 
     async def _events(self, renderer: Renderer, n: int, first: Delta | None,
-                      stream: AsyncIterator[Delta]) -> AsyncIterator[bytes]:
+                      stream: AsyncIterator[Delta], request_ids: list[str],
+                      prefixes: list[str] | None) -> AsyncIterator[bytes]:
         """The SSE body. Its finally aborts the engine request when the client goes away."""
+        unfinished = set(range(n))
         try:
-            for chunk in renderer.opening_chunks(n):
+            for chunk in renderer.opening_chunks(n, prefixes):
                 yield sse(chunk)
             delta = first
             while delta is not None:
                 for chunk in renderer.delta_chunks(delta):
                     yield sse(chunk)
+                if delta.finish_reason is not None:
+                    unfinished.discard(delta.index)
                 delta = await anext(stream, None)
             if renderer.include_usage:
-                yield sse(renderer.usage_chunk(self.engine.usage(renderer.id)))
+                yield sse(renderer.usage_chunk(self._usage(request_ids)))
         except Exception as e:  # the 200 is already sent: report in-band, as OpenAI does
-            log.exception("request %s failed mid-stream", renderer.id)
+            if not isinstance(e, ServiceUnavailable):
+                log.exception("request %s failed mid-stream", renderer.id)
+            for index in sorted(unfinished):  # every choice ends with a reason, as in vLLM
+                yield sse(renderer.finish_chunk(index, "error"))
             yield sse(_in_band_error(e))
         finally:
             await _close(stream)
@@ -249,6 +307,8 @@ def _error(status: int, message: str, type: str = "invalid_request_error", param
 
 
 def _in_band_error(e: Exception) -> dict[str, Any]:
+    if isinstance(e, ServiceUnavailable):
+        return error_body(str(e), "server_error", code="service_unavailable")
     if isinstance(e, TpDeployError):
         return error_body(str(e), "invalid_request_error")
     return error_body(f"internal server error ({type(e).__name__}); see the server log", "server_error")
@@ -261,13 +321,13 @@ def _validation_error(errors: list[dict[str, Any]]) -> tuple[str, str | None]:
     if kind == "json_invalid":
         reason = err.get("ctx", {}).get("error", err["msg"])
         return f"the request body is not valid JSON: {reason} (at character {err['loc'][-1]})", None
+    param = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".") or None
+    if kind == "value_error":  # our validators' own messages already say what was received
+        return (f"{param}: " if param else "") + str(err["ctx"]["error"]), param
     if not loc:
         return "the request body must be a JSON object (sent with Content-Type: application/json)", None
-    param = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".")
     if kind == "missing":
         return f"{param} is required", param
-    if kind == "value_error":  # our validators' own messages already say what was received
-        return f"{param}: {err['ctx']['error']}", param
     return f"{param}: {err['msg']} (received {err['input']!r:.80})", param
 
 
@@ -289,6 +349,9 @@ def _install_error_handlers(app: FastAPI) -> None:
         param = "messages" if request.url.path.endswith("/chat/completions") else "prompt"
         return _error(400, str(e), param=param, code="context_length_exceeded")
 
+    async def unavailable(_: Request, e: ServiceUnavailable) -> JSONResponse:
+        return _error(503, str(e), "server_error", code="service_unavailable")
+
     async def user_error(_: Request, e: TpDeployError) -> JSONResponse:
         return _error(400, str(e))
 
@@ -303,6 +366,7 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     for cls, handler in ((APIError, api_error), (RequestValidationError, invalid),
                          (Overloaded, overloaded), (ContextTooLong, too_long),
+                         (ServiceUnavailable, unavailable),
                          (TpDeployError, user_error), (HTTPException, http_error),
                          (Exception, crash)):
         app.add_exception_handler(cls, handler)
@@ -336,6 +400,26 @@ class _RequireApiKey:
                                   headers={"WWW-Authenticate": "Bearer"})
                 return await response(scope, receive, send)
         await self.app(scope, receive, send)
+
+
+class _Admission:
+    """While draining: 503 for new generation requests; counts those in flight for the drain."""
+
+    def __init__(self, app: ASGIApp, lifecycle: Lifecycle) -> None:
+        self.app, self.lifecycle = app, lifecycle
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] not in _GENERATION_ROUTES:
+            return await self.app(scope, receive, send)
+        if self.lifecycle.draining:
+            response = _error(503, self.lifecycle.draining, "server_error", code="service_unavailable",
+                              headers={"Connection": "close", "Retry-After": "1"})
+            return await response(scope, receive, send)
+        self.lifecycle.in_flight += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.lifecycle.in_flight -= 1
 
 
 class _CountRequests:

@@ -38,20 +38,27 @@ def server_options(f):
 @click.option("--max-queue", type=int, default=1024, show_default=True,
               help="Requests allowed to wait beyond --max-concurrent-requests; more get HTTP 429.")
 @click.option("--enable-prefix-caching", is_flag=True, help="Share the KV blocks of repeated prompt prefixes.")
+@click.option("--max-n", type=click.IntRange(min=1), default=16, show_default=True,
+              help="Most samples (n) one request may ask for; more get HTTP 400.")
+@click.option("--shutdown-timeout", type=click.FloatRange(min=0), default=30.0, show_default=True,
+              help="On SIGTERM/SIGINT: seconds the requests in flight may take to finish; new ones get 503.")
 @server_options
 @click.pass_context
 def serve_cmd(ctx, workspace: Path, host: str, port: int, api_key: str | None, served_model_name: str | None,
-              max_concurrent_requests: int, max_queue: int, enable_prefix_caching: bool, **options) -> None:
+              max_concurrent_requests: int, max_queue: int, enable_prefix_caching: bool, max_n: int,
+              shutdown_timeout: float, **options) -> None:
     """Serve WORKSPACE with an OpenAI-compatible API (continuous batching over the paged KV cache)."""
     import uvicorn
 
     from runtime.cli import open_llm
-    from runtime.serve.app import create_app
+    from runtime.serve.app import Lifecycle, create_app
     from runtime.serve.engine import AsyncEngine
     from runtime.serve.metrics import Metrics
     from runtime.serve.plan import parse_size
+    from runtime.serve.shutdown import GracefulServer, listen
 
     try:
+        sock = listen(host, port)
         llm = open_llm(workspace, max_batch_size=options.pop("max_batch_size"),
                    max_prefill_tokens=options.pop("max_prefill_tokens"),
                    gpu_mem=None if options["gpu_mem"] is None else parse_size(options["gpu_mem"], "--gpu-mem"),
@@ -60,16 +67,22 @@ def serve_cmd(ctx, workspace: Path, host: str, port: int, api_key: str | None, s
         click.echo(f"tprun: error: {e}", err=True)
         sys.exit(2)
     click.echo(startup_table(llm), err=True)
-    metrics = Metrics()
+    metrics, lifecycle = Metrics(), Lifecycle()
     engine = AsyncEngine(llm, metrics, max_concurrent_requests, max_queue)
     name = served_model_name or Path(workspace).resolve().name
-    app = create_app(engine, served_model_name=name, api_key=api_key, metrics=metrics)
+    app = create_app(engine, served_model_name=name, api_key=api_key, metrics=metrics, max_n=max_n,
+                     lifecycle=lifecycle)
+    server = GracefulServer(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5), engine,
+                            lifecycle, shutdown_timeout)
+    llm.driver.on_rank_death = server.rank_died
     click.echo(f"tprun: serving {name!r} on http://{host}:{port}/v1 (tp {llm.manifest.tp})", err=True)
     try:
-        uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)
+        server.run(sockets=[sock])
     finally:
         engine.close()
         llm.close()
+    click.echo("tprun: stopped", err=True)
+    sys.exit(server.exit_code)
 
 
 def startup_table(llm) -> str:

@@ -25,6 +25,11 @@ class ContextTooLong(TpDeployError):
     """prompt + max_tokens exceed the context window (HTTP 400 with the numbers)."""
 
 
+class ServiceUnavailable(Exception):
+    """The server cannot finish the request through no fault of the client: it is shutting down, or a
+    rank died (HTTP 503, or an in-band error with ``finish_reason: "error"`` once streaming)."""
+
+
 @dataclass(frozen=True)
 class Delta:
     """New output of one sample (``index`` < n) of a request since its previous Delta."""
@@ -58,6 +63,9 @@ class EngineClient(Protocol):
 
     def usage(self, request_id: str) -> Usage:
         """Token counts of a request (valid after its stream ended)."""
+
+    def abort_all(self, error: ServiceUnavailable) -> None:
+        """End every queued and running request with ``error`` and refuse new ones with it (shutdown)."""
 
     def metrics_text(self) -> bytes:
         """Prometheus exposition of the engine's gauges and counters."""

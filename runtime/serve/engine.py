@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from formats.errors import TpDeployError
 from runtime.engine import Sequence
 from runtime.sampling import SamplingParams
-from runtime.serve.contract import ContextTooLong, Delta, Overloaded, Usage
+from runtime.serve.contract import ContextTooLong, Delta, Overloaded, ServiceUnavailable, Usage
 from runtime.serve.metrics import Metrics
 
 _DONE = object()  # end of a request's stream
@@ -58,6 +58,7 @@ class AsyncEngine:
         self._usage: dict[str, Usage] = {}
         self._seen_prefix = (0, 0)
         self._seen_preemptions = 0
+        self._refusal: ServiceUnavailable | None = None  # set once shutting down or a rank died
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="tprun-engine", daemon=True)
         self._thread.start()
@@ -65,6 +66,8 @@ class AsyncEngine:
     # -- event-loop side ----------------------------------------------------------------------------
 
     async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[Delta]:
+        if self._refusal is not None:
+            raise self._refusal
         self._check(prompt_ids, params)
         if len(self._pending) >= self.max_queue:
             raise Overloaded(f"the server is at capacity: {len(self._active)} requests running and "
@@ -88,6 +91,16 @@ class AsyncEngine:
     def metrics_text(self) -> bytes:
         return self.metrics.render()
 
+    def abort_all(self, error: ServiceUnavailable) -> None:
+        """End every request with ``error`` and refuse new ones. Safe from any thread: the streams are
+        told at once (the loop thread may be stuck in a collective with a dead rank), and the loop
+        frees their blocks when it next turns."""
+        self._refusal = error
+        for req in [*list(self._pending), *list(self._active.values())]:
+            req.send(error)
+            req.send(_DONE)
+        self._inbox.put(("fail", error))
+
     def close(self) -> None:
         self._stop.set()
         self._inbox.put(("stop", None))
@@ -109,9 +122,26 @@ class AsyncEngine:
             try:
                 self._turn()
             except Exception as e:  # a failed turn fails the requests in flight, never the loop itself
+                dead = self._dead_rank()
+                if dead is not None:  # not a step's fault: every request ends, and so does the server
+                    self._fail_all(ServiceUnavailable(f"{dead}; the server is stopping"))
+                    continue
                 sys.stderr.write(f"tprun: engine step failed: {e!r}\n")
                 for req in list(self._active.values()):
                     self._finish(req, error=TpDeployError(f"generation failed: {e}"))
+
+    def _dead_rank(self) -> str | None:
+        driver = getattr(self.llm, "driver", None)
+        return driver.dead_rank(wait=2.0) if driver is not None and hasattr(driver, "dead_rank") else None
+
+    def _fail_all(self, error: ServiceUnavailable) -> None:
+        self._refusal = error
+        while self._pending:
+            req = self._pending.popleft()
+            req.send(error)
+            req.send(_DONE)
+        for req in list(self._active.values()):
+            self._finish(req, error=error)
 
     def _turn(self) -> None:
         if self._drain(block=not self.engine.scheduler.has_work):
@@ -127,10 +157,15 @@ class AsyncEngine:
             return False
         while True:
             kind, req = item
-            if kind == "add":
+            if kind == "add" and self._refusal is not None:  # posted just before the refusal
+                req.send(self._refusal)
+                req.send(_DONE)
+            elif kind == "add":
                 self._pending.append(req)
             elif kind == "abort":
                 self._abort(req)
+            elif kind == "fail":
+                self._fail_all(req)
             try:
                 item = self._inbox.get_nowait()
             except queue.Empty:
@@ -140,7 +175,7 @@ class AsyncEngine:
 
     def _promote(self) -> None:
         """Move queued requests into the scheduler while fewer than --max-concurrent-requests are in it."""
-        while self._pending and len(self._active) < self.max_concurrent:
+        while self._pending and len(self._active) < self.max_concurrent and self._refusal is None:
             self._admit(self._pending.popleft())
 
     def _admit(self, req: _Request) -> None:

@@ -11,7 +11,7 @@ import json
 import math
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator, model_validator
 
 from formats.errors import TpDeployError
 from runtime.sampling import MAX_LOGPROBS, SamplingParams
@@ -19,6 +19,7 @@ from runtime.serve.contract import Delta, Usage
 
 MAX_STOP_STRINGS = 4  # OpenAI's limit; more would also slow the engine's per-token stop check
 MAX_COMPLETION_LOGPROBS = 5  # the legacy completions API's cap
+MAX_PROMPTS = 64  # prompts in one /v1/completions request; each becomes its own engine request
 # JSON has no -inf; a token the model rules out gets vLLM's floor instead of breaking the response.
 _LOGPROB_FLOOR = -9999.0
 
@@ -47,13 +48,31 @@ def _is_neutral(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and value == 0
 
 
+def _lone_surrogate(value: Any, path: str = "") -> str | None:
+    """Where a string holds a lone UTF-16 surrogate (JSON allows ``"\\udfff"``, UTF-8 does not), or None.
+
+    Such a string cannot be tokenized nor written back as UTF-8, so it is refused at the door."""
+    if isinstance(value, str):
+        for i, ch in enumerate(value):
+            if "\ud800" <= ch <= "\udfff":
+                return f"{path or 'the request'} holds a lone UTF-16 surrogate ({ascii(ch)}) at character {i}"
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            found = _lone_surrogate(k, path) or _lone_surrogate(v, f"{path}.{k}".lstrip("."))
+            if found:
+                return found
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            found = _lone_surrogate(v, f"{path}[{i}]")
+            if found:
+                return found
+    return None
+
+
 # field -> what to do instead; checked by _SamplingRequest._reject_unsupported
 _UNSUPPORTED = {
-    "presence_penalty": "use repetition_penalty (a vLLM extension, e.g. 1.1) instead",
-    "frequency_penalty": "use repetition_penalty (a vLLM extension, e.g. 1.1) instead",
     "logit_bias": "remove it from the request",
     "best_of": "use n and rank the samples on the client",
-    "echo": "prepend the prompt to the returned text on the client",
     "suffix": "send the whole text as the prompt",
     "tools": "this server has no tool calling; describe the tools in the messages instead",
     "functions": "this server has no tool calling; describe the tools in the messages instead",
@@ -63,7 +82,7 @@ _UNSUPPORTED = {
 
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    include_usage: bool | None = False
+    include_usage: StrictBool | None = False
 
 
 class _SamplingRequest(BaseModel):
@@ -76,20 +95,31 @@ class _SamplingRequest(BaseModel):
     top_p: float | None = None
     stop: Any = None
     seed: int | None = None
-    stream: bool | None = False
+    # Strict: "stream": "yes" is a mistake to report, not a truthy string to guess at.
+    stream: StrictBool | None = False
     stream_options: StreamOptions | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
     # vLLM extensions
     top_k: int | None = None
     min_p: float | None = None
     repetition_penalty: float | None = None
-    ignore_eos: bool | None = False
+    min_tokens: int | None = None
+    ignore_eos: StrictBool | None = False
     stop_token_ids: list[int] | None = None
-    skip_special_tokens: bool | None = True
+    skip_special_tokens: StrictBool | None = True
+    include_stop_str_in_output: StrictBool | None = None
     # OpenAI fields accepted only at neutral values (see _UNSUPPORTED)
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
     logit_bias: Any = None
     response_format: Any = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data: Any) -> Any:
+        problem = _lone_surrogate(data)
+        if problem:
+            raise ValueError(f"{problem}; send valid Unicode text")
+        return data
 
     @field_validator("stop")
     @classmethod
@@ -129,8 +159,10 @@ class _SamplingRequest(BaseModel):
         self._reject_unsupported()
         fields = dict(n=self.n, max_tokens=self._max_tokens(), temperature=self.temperature,
                       top_p=self.top_p, top_k=self.top_k, min_p=self.min_p,
-                      repetition_penalty=self.repetition_penalty, seed=self.seed, stop=self.stop,
-                      stop_token_ids=self.stop_token_ids, ignore_eos=self.ignore_eos,
+                      repetition_penalty=self.repetition_penalty, presence_penalty=self.presence_penalty,
+                      frequency_penalty=self.frequency_penalty, min_tokens=self.min_tokens, seed=self.seed,
+                      stop=self.stop, stop_token_ids=self.stop_token_ids, ignore_eos=self.ignore_eos,
+                      include_stop_str_in_output=self.include_stop_str_in_output,
                       logprobs=self._logprobs(), skip_special_tokens=self.skip_special_tokens)
         # None (absent or JSON null) leaves SamplingParams' own default in place.
         given = {k: v for k, v in fields.items() if v is not None or k in ("max_tokens", "logprobs")}
@@ -173,10 +205,25 @@ class ChatCompletionRequest(_SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = None  # absent = up to the context window
     max_completion_tokens: int | None = None  # OpenAI's newer name; wins over max_tokens
-    logprobs: bool | None = False
+    logprobs: StrictBool | None = False
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     tools: Any = None
     functions: Any = None
+    # vLLM extensions: continue the last (assistant) message instead of opening a new turn
+    add_generation_prompt: StrictBool = True
+    continue_final_message: StrictBool = False
+
+    @model_validator(mode="after")
+    def _turns(self) -> "ChatCompletionRequest":
+        if self.continue_final_message:
+            if self.add_generation_prompt:
+                raise ValueError("continue_final_message continues the last message, so it needs "
+                                 "add_generation_prompt: false (as in vLLM)")
+            last = self.messages[-1]
+            if last.role != "assistant" or not last.content:
+                raise ValueError("continue_final_message needs the last message to be an assistant "
+                                 f"message with text to continue; it is a {last.role!r} message")
+        return self
 
     def _max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
@@ -189,28 +236,42 @@ class ChatCompletionRequest(_SamplingRequest):
         return self.top_logprobs or 0
 
 
+def _one_prompt(value: Any, where: str) -> str | list[int]:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list) and value and all(
+            isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in value):
+        return value
+    raise ValueError(f"{where}must be a string or a non-empty list of token ids (ints >= 0), "
+                     f"got {value!r:.80}")
+
+
 class CompletionRequest(_SamplingRequest):
-    prompt: Any = Field()  # required: a string or a list of token ids
+    # required: a string, a list of token ids, or a list of either (one set of choices per prompt)
+    prompt: Any = Field()
     max_tokens: int | None = 16  # the legacy API's default; null = up to the context window
     logprobs: int | None = Field(default=None, ge=0, le=MAX_COMPLETION_LOGPROBS)
+    echo: StrictBool | None = False
     best_of: Any = None
-    echo: Any = None
     suffix: Any = None
 
     @field_validator("prompt")
     @classmethod
-    def _prompt(cls, value: Any) -> str | list[int]:
-        if isinstance(value, list) and value and all(isinstance(p, (str, list)) for p in value):
-            if len(value) > 1:
-                raise ValueError(f"got {len(value)} prompts; send one prompt per request")
-            value = value[0]
-        if isinstance(value, str):
-            return value
-        if isinstance(value, list) and value and all(
-                isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in value):
-            return value
-        raise ValueError("must be a string or a non-empty list of token ids (ints >= 0), "
-                         f"got {value!r:.80}")
+    def _prompt(cls, value: Any) -> list[str | list[int]]:
+        """Always a list of prompts: OpenAI fans a list out into choices, ``n`` per prompt."""
+        if isinstance(value, list) and value and any(isinstance(p, (str, list)) for p in value):
+            if len(value) > MAX_PROMPTS:
+                raise ValueError(f"takes at most {MAX_PROMPTS} prompts per request, got {len(value)}")
+            return [_one_prompt(p, f"item {i} ") for i, p in enumerate(value)]
+        return [_one_prompt(value, "")]
+
+    @model_validator(mode="after")
+    def _echo(self) -> "CompletionRequest":
+        if self.echo and self.logprobs is not None:
+            # OpenAI would then score the prompt tokens too; this server reports generated tokens only.
+            raise ValueError("echo with logprobs is not supported (prompt tokens are not scored); "
+                             "drop one of them")
+        return self
 
     def _max_tokens(self) -> int | None:
         return self.max_tokens
@@ -273,8 +334,12 @@ class Renderer:
     def usage_chunk(self, usage: Usage) -> dict[str, Any]:
         return {**self._envelope(self.object_chunk, []), "usage": usage_body(usage)}
 
-    def response(self, deltas: list[Delta], n: int, usage: Usage) -> dict[str, Any]:
+    def response(self, deltas: list[Delta], n: int, usage: Usage,
+                 prefixes: list[str] | None = None) -> dict[str, Any]:
+        """The whole response; ``prefixes`` (echo) go before each choice's text."""
         choices = [_Choice() for _ in range(n)]
+        for c, prefix in zip(choices, prefixes or []):
+            c.text.append(prefix)
         for d in deltas:
             c = choices[d.index]
             c.text.append(d.text)
@@ -286,8 +351,12 @@ class Renderer:
     def _choice(self, index: int, choice: _Choice) -> dict[str, Any]:
         raise NotImplementedError
 
-    def opening_chunks(self, n: int) -> list[dict[str, Any]]:
-        return []
+    def opening_chunks(self, n: int, prefixes: list[str] | None = None) -> list[dict[str, Any]]:
+        return [self.delta_chunks(Delta(i, p, []))[0] for i, p in enumerate(prefixes or []) if p]
+
+    def finish_chunk(self, index: int, reason: str) -> dict[str, Any]:
+        """A choice ended with ``reason`` and no new text (a stream cut by a server fault)."""
+        raise NotImplementedError
 
     def delta_chunks(self, delta: Delta) -> list[dict[str, Any]]:
         raise NotImplementedError
@@ -311,9 +380,12 @@ class ChatRenderer(Renderer):
         return {"index": index, "message": {"role": "assistant", "content": "".join(choice.text)},
                 "logprobs": self._logprobs(choice.logprobs), "finish_reason": choice.finish_reason}
 
-    def opening_chunks(self, n: int) -> list[dict[str, Any]]:
+    def opening_chunks(self, n: int, prefixes: list[str] | None = None) -> list[dict[str, Any]]:
         return [self.chunk([{"index": i, "delta": {"role": "assistant", "content": ""},
                              "logprobs": None, "finish_reason": None}]) for i in range(n)]
+
+    def finish_chunk(self, index: int, reason: str) -> dict[str, Any]:
+        return self.chunk([{"index": index, "delta": {}, "logprobs": None, "finish_reason": reason}])
 
     def delta_chunks(self, delta: Delta) -> list[dict[str, Any]]:
         out = []
@@ -357,6 +429,9 @@ class CompletionRenderer(Renderer):
         return {"index": index, "text": "".join(choice.text),
                 "logprobs": self._logprobs(index, choice.logprobs),
                 "finish_reason": choice.finish_reason}
+
+    def finish_chunk(self, index: int, reason: str) -> dict[str, Any]:
+        return self.chunk([{"index": index, "text": "", "logprobs": None, "finish_reason": reason}])
 
     def delta_chunks(self, delta: Delta) -> list[dict[str, Any]]:
         if not (delta.text or delta.logprobs or delta.finish_reason is not None):

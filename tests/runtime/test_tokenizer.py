@@ -135,6 +135,20 @@ def test_tiny_chat_template_matches_transformers(tmp_path, style):
     assert ours.eos_token_ids == {2}
 
 
+def test_continue_final_message_matches_transformers(tmp_path):
+    src = make_tiny(tmp_path / "m", vocab=300)
+    ours, hf = Tokenizer(workspace_tokenizer(src, tmp_path / "ws")), hf_tokenizer(src)
+    for final in ("The answer is", "  padded answer  ", "two\nlines"):
+        messages = [{"role": "user", "content": "q"}, {"role": "assistant", "content": final}]
+        want = hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=False,
+                                      continue_final_message=True)
+        got = ours.apply_chat_template(messages, False, continue_final_message=True)
+        assert got == want and got.rstrip().endswith(final.strip())
+    with pytest.raises(TpDeployError, match="text to continue"):
+        ours.apply_chat_template([{"role": "user", "content": "q"}, {"role": "assistant", "content": " "}],
+                                 False, continue_final_message=True)
+
+
 def test_from_workspace_reads_manifest_eos(tmp_path):
     from converter.convert import ConvertOptions, convert
 

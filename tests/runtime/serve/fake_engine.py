@@ -9,7 +9,7 @@ import asyncio
 from collections.abc import AsyncIterator
 
 from runtime.sampling import SamplingParams, TokenLogprobs
-from runtime.serve.contract import ContextTooLong, Delta, Usage
+from runtime.serve.contract import ContextTooLong, Delta, ServiceUnavailable, Usage
 
 BOS = 1  # also the fake's EOS: a reversed prompt that started with BOS ends with it
 
@@ -27,8 +27,12 @@ class FakeTokenizer:
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return "".join(chr(i) for i in ids if i != BOS)
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-        text = "".join(f"<{m['role']}>{m['content']}" for m in messages)
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
+                            continue_final_message: bool = False) -> str:
+        # "</>" ends a turn, so continuing the final message has something to drop
+        text = "".join(f"<{m['role']}>{m['content']}</>" for m in messages)
+        if continue_final_message:
+            return text.removesuffix("</>")
         return text + ("<assistant>" if add_generation_prompt else "")
 
 
@@ -50,6 +54,7 @@ class FakeEngine:
         self.delay = 0.0  # seconds between decode steps
         self.fail: Exception | None = None  # raised before the first Delta
         self.fail_after: int | None = None  # raise RuntimeError after this many Deltas
+        self.refusal: ServiceUnavailable | None = None  # set by abort_all
         self.requests: dict[str, tuple[list[int], SamplingParams]] = {}
         self.finished: list[str] = []
         self.aborted: list[str] = []
@@ -66,12 +71,17 @@ class FakeEngine:
     def usage(self, request_id: str) -> Usage:
         return self._usage[request_id]
 
+    def abort_all(self, error: ServiceUnavailable) -> None:
+        self.refusal = error
+
     def metrics_text(self) -> bytes:
         raise AssertionError("the HTTP layer must render its Metrics, not the engine's text")
 
     def _check(self, prompt_ids: list[int], params: SamplingParams) -> None:
         if self.fail is not None:
             raise self.fail
+        if self.refusal is not None:
+            raise self.refusal
         wanted = len(prompt_ids) + (params.max_tokens or 1)
         if wanted > self.max_model_len:
             raise ContextTooLong(f"prompt ({len(prompt_ids)} tokens) + max_tokens "
@@ -89,6 +99,8 @@ class FakeEngine:
         try:
             for step in range(max(len(s) for s in samples)):
                 await asyncio.sleep(self.delay)
+                if self.refusal is not None:
+                    raise self.refusal
                 for sample in samples:
                     if step < len(sample):
                         if sent == self.fail_after:

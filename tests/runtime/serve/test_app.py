@@ -16,34 +16,11 @@ from runtime.serve.contract import ContextTooLong, Overloaded
 from runtime.serve.metrics import Metrics
 from tests.runtime.serve.fake_engine import BOS, FakeEngine, fake_logprob
 
-MODEL, KEY = "tiny-chat", "sk-test"
+from tests.runtime.serve.conftest import KEY, MODEL
+
 HELLO = [{"role": "user", "content": "hello"}]
-PROMPT_TEXT = "<user>hello<assistant>"  # what the fake template makes of HELLO
+PROMPT_TEXT = "<user>hello</><assistant>"  # what the fake template makes of HELLO
 ABORT_WAIT_S = 2.0  # an abort normally lands within milliseconds; this only bounds a failure
-
-
-@pytest.fixture
-def engine() -> FakeEngine:
-    return FakeEngine()
-
-
-@pytest.fixture
-def metrics() -> Metrics:
-    return Metrics()
-
-
-@pytest.fixture
-def http(engine, metrics):
-    app = create_app(engine, served_model_name=MODEL, api_key=KEY, metrics=metrics)
-    with TestClient(app, raise_server_exceptions=False) as client:
-        yield client
-
-
-@pytest.fixture
-def client(http) -> openai.OpenAI:
-    # max_retries=0: the client would otherwise retry 429s and hide them from the test.
-    return openai.OpenAI(base_url="http://testserver/v1", api_key=KEY, http_client=http,
-                         max_retries=0)
 
 
 def only_request(engine: FakeEngine):
@@ -97,7 +74,7 @@ def test_chat_text_parts_and_max_completion_tokens(client, engine):
                                        max_tokens=50, max_completion_tokens=3)
     assert r.choices[0].message.content == ">tn" and r.choices[0].finish_reason == "length"
     prompt_ids, params = only_request(engine)
-    assert engine.tokenizer.decode(prompt_ids) == "<user>a\nb<assistant>" and params.max_tokens == 3
+    assert engine.tokenizer.decode(prompt_ids) == "<user>a\nb</><assistant>" and params.max_tokens == 3
 
 
 def test_completion_text_and_token_ids(client, engine):
@@ -230,15 +207,17 @@ def test_error_mid_stream_is_reported_in_band(http, engine):
     ({"prompt": "hi", "temperature": "hot"}, "temperature", "valid number"),
     ({"prompt": "hi", "top_p": 2}, "top_p", "top_p must be in (0, 1]"),
     ({"prompt": "hi", "max_tokens": 0}, "max_tokens", "max_tokens must be an integer >= 1"),
-    ({"prompt": "hi", "presence_penalty": 0.5}, "presence_penalty", "repetition_penalty"),
+    ({"prompt": "hi", "presence_penalty": 2.5}, "presence_penalty", "presence_penalty"),
     ({"prompt": "hi", "stop": list("abcde")}, "stop", "at most 4"),
-    ({"prompt": ["a", "b"]}, "prompt", "one prompt per request"),
+    ({"prompt": ["a", 5]}, "prompt", "item 1 must be a string"),
     ({"prompt": [1, 0x110000]}, "prompt", "out of range"),
     ({"prompt": "hi", "logprobs": 6}, "logprobs", "less than or equal to 5"),
-    ({"prompt": "hi", "echo": True}, "echo", "not supported"),
+    ({"prompt": "hi", "echo": True, "logprobs": 1}, None, "echo with logprobs"),
+    ({"prompt": "hi", "stream": "yes"}, "stream", "valid boolean"),
+    ({"prompt": "hi", "n": 17}, "n", "--max-n 16"),
     ({}, "prompt", "required"),
 ], ids=["type", "sampling", "zero-tokens", "penalty", "stops", "batch", "vocab", "logprobs",
-        "echo", "missing"])
+        "echo-logprobs", "strict-bool", "max-n", "missing"])
 def test_bad_completion_fields(http, body, param, words):
     r = http.post("/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"})
     err = error_of(r, 400)
