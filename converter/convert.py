@@ -22,7 +22,7 @@ from converter.writer import peak_rss_bytes, sha256_file
 from formats import layout
 from formats.errors import TpDeployError
 from formats.manifest import FileEntry, Manifest, RankEntry, SourceInfo, WeightFormat
-from formats.plan import file_groups, rank_tensor
+from formats.shard_plan import file_groups, rank_tensor
 from formats.sharding import check_tp, padded_size
 
 FREE_SPACE_MARGIN = 64 << 20  # tokenizer, headers and manifest on top of the tensor bytes

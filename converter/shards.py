@@ -1,4 +1,4 @@
-"""Execute the sharding plan of ``formats.plan``: one file per rank per group, one tensor at a time."""
+"""Execute the sharding plan of ``formats.shard_plan``: one file per rank per group, one tensor at a time."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,7 +9,7 @@ from converter.source import Source
 from converter.writer import Declared, Written, write_safetensors
 from formats import int4, layout
 from formats.manifest import FileEntry, TensorEntry
-from formats.plan import FileGroup, Piece, RankTensor, rank_tensor
+from formats.shard_plan import FileGroup, Piece, RankTensor, rank_tensor
 
 
 def write_group(src: Source, group: FileGroup, tp: int, rank: int, root: Path) -> tuple[FileEntry, list[TensorEntry]]:

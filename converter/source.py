@@ -17,9 +17,8 @@ from formats.config import ModelConfig
 from formats.errors import FormatError
 from formats.int4 import Int4Format
 from formats.manifest import FLOAT_DTYPES
-from formats.plan import source_names
+from formats.shard_plan import source_names
 from formats.sharding import source_shape
-
 
 
 @dataclass

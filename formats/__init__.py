@@ -3,6 +3,6 @@
 Nothing else is shared between the two programs: the layout on disk, the manifest
 schema and the sharding rules all live here, declared once.
 """
-from formats.errors import TpDeployError, FormatError, ShardingError
+from formats.errors import FormatError, ShardingError, TpDeployError
 
 __all__ = ["TpDeployError", "FormatError", "ShardingError"]

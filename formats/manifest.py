@@ -20,7 +20,7 @@ from formats import layout
 from formats.config import ModelConfig, _strict_keys
 from formats.errors import FormatError
 from formats.int4 import LAYOUT, Int4Format
-from formats.plan import Piece
+from formats.shard_plan import Piece
 
 SCHEMA_VERSION = 3
 READABLE_VERSIONS = (1, 2, 3)

@@ -9,6 +9,6 @@ def __getattr__(name: str):
         from runtime import api
         return getattr(api, name)
     if name == "SamplingParams":
-        from runtime.sampling import SamplingParams
+        from runtime.engine.sampling import SamplingParams
         return SamplingParams
     raise AttributeError(name)

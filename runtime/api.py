@@ -15,14 +15,14 @@ import torch
 
 from formats.errors import TpDeployError
 from formats.manifest import FLOAT_DTYPES
-from runtime.engine import MAX_BATCH_TOKENS, Engine, OnDelta, Sequence
+from runtime.engine.core import MAX_BATCH_TOKENS, Engine, OnDelta, Sequence
+from runtime.engine.sampling import SamplingParams, TokenLogprobs
+from runtime.engine.tokenizer import Tokenizer
 from runtime.kv.blocks import BlockManager
-from runtime.launch import Driver
-from runtime.memory import CacheConfig
-from runtime.runner import RunnerSpec
-from runtime.sampling import SamplingParams, TokenLogprobs
-from runtime.tokenizer import Tokenizer
-from runtime.workspace import open_workspace
+from runtime.worker.launch import Driver
+from runtime.worker.memory import CacheConfig
+from runtime.worker.runner import RunnerSpec
+from runtime.worker.workspace import open_workspace
 
 Prompt = str | list[int]
 Messages = list[dict[str, Any]]

@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from formats.errors import TpDeployError
-from runtime.kv.batch import LayerKV
+from runtime.kernels.paged import LayerKV
 
 BLOCK_N = 64  # keys per tile: a whole number of 16-token cache blocks, or a slice of a larger one
 _MIN_DOT_ROWS = 16  # tl.dot's smallest M on tensor cores: GQA groups are padded up to it

@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from formats.errors import TpDeployError
-from runtime.kv.batch import LayerKV, PagedBatch
+from runtime.kernels.paged import LayerKV, PagedBatch
 
 _LOG2E = 1.4426950408889634  # 1/ln 2: softmax runs on exp2, so scores are pre-scaled by it
 _MASKED = tl.constexpr(-1.0e30)  # finite: a row's all-masked first tile adds exp2(0) junk, not NaN; alpha=0 clears it

@@ -14,8 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from formats import int4
-from runtime.kv.batch import LayerKV, PagedBatch
-from runtime.kv.format import dequantize, quantize
+from runtime.kernels.paged import LayerKV, PagedBatch, dequantize, quantize
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """What one step asks of the cache: which sequences, how many new tokens, which blocks.
 
-``StepBatch`` is what rank 0 broadcasts (plain Python, cheap to pickle); ``PagedBatch`` is the same
-on the device, as the kernels read it; ``LayerKV`` is one layer's paged storage.
+``StepBatch`` is what rank 0 broadcasts (plain Python, cheap to pickle); ``paged_batch`` turns it into
+the kernels' ``PagedBatch`` on the device.
 """
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ import dataclasses
 from dataclasses import dataclass
 
 import torch
+
+from runtime.kernels.paged import PagedBatch
 
 
 @dataclass(frozen=True)
@@ -43,61 +45,27 @@ class StepBatch:
         return ends - 1
 
 
-@dataclass(frozen=True)
-class PagedBatch:
-    """A StepBatch as device tensors: the kernels' view of a step."""
-
-    block_tables: torch.Tensor  # (B, max_blocks) int32; rows padded with block 0 (never read: masked by length)
-    seq_lens: torch.Tensor  # (B,) int32: context after this step
-    query_start: torch.Tensor  # (B + 1,) int32: row of each sequence's first new token in the packed step
-    slots: torch.Tensor  # (T,) int64: block * block_size + offset of every new token
-    max_query_len: int
-    max_seq_len: int
-    decode_only: bool
-    # A step mixing prompt chunks with decodes runs as two kernel calls: (decode token rows, their batch)
-    # and (prefill token rows, their batch), so decoding rows keep the batched decode path.
-    split: tuple[torch.Tensor, "PagedBatch", torch.Tensor, "PagedBatch"] | None = None
-
-    @classmethod
-    def build(cls, batch: StepBatch, block_size: int, device: torch.device) -> "PagedBatch":
-        whole = cls._build(batch, block_size, device)
-        decode = [i for i, s in enumerate(batch.seqs) if s.new == 1]
-        if whole.decode_only or not decode:
-            return whole
-        prefill = [i for i, s in enumerate(batch.seqs) if s.new > 1]
-        starts = whole.query_start.tolist()
-        rows = (lambda idx: torch.tensor([r for i in idx for r in range(starts[i], starts[i + 1])], device=device))
-        sub = (lambda idx: cls._build(StepBatch(tuple(batch.seqs[i] for i in idx)), block_size, device))
-        return dataclasses.replace(whole, split=(rows(decode), sub(decode), rows(prefill), sub(prefill)))
-
-    @classmethod
-    def _build(cls, batch: StepBatch, block_size: int, device: torch.device) -> "PagedBatch":
-        width = max(len(s.blocks) for s in batch.seqs)
-        tables = torch.tensor([list(s.blocks) + [0] * (width - len(s.blocks)) for s in batch.seqs], dtype=torch.int32)
-        news = torch.tensor([s.new for s in batch.seqs], dtype=torch.int32)
-        slots = []
-        for s in batch.seqs:
-            pos = torch.arange(s.context - s.new, s.context)
-            slots.append(torch.tensor(s.blocks, dtype=torch.int64)[pos // block_size] * block_size + pos % block_size)
-        return cls(tables.to(device), torch.tensor([s.context for s in batch.seqs], dtype=torch.int32).to(device),
-                   torch.cat([torch.zeros(1, dtype=torch.int32), news.cumsum(0, dtype=torch.int32)]).to(device),
-                   torch.cat(slots).to(device), int(news.max()), max(s.context for s in batch.seqs), batch.decode_only)
+def paged_batch(batch: StepBatch, block_size: int, device: torch.device) -> PagedBatch:
+    """The kernels' device view of a step."""
+    whole = _build(batch, block_size, device)
+    decode = [i for i, s in enumerate(batch.seqs) if s.new == 1]
+    if whole.decode_only or not decode:
+        return whole
+    prefill = [i for i, s in enumerate(batch.seqs) if s.new > 1]
+    starts = whole.query_start.tolist()
+    rows = (lambda idx: torch.tensor([r for i in idx for r in range(starts[i], starts[i + 1])], device=device))
+    sub = (lambda idx: _build(StepBatch(tuple(batch.seqs[i] for i in idx)), block_size, device))
+    return dataclasses.replace(whole, split=(rows(decode), sub(decode), rows(prefill), sub(prefill)))
 
 
-@dataclass(frozen=True)
-class LayerKV:
-    """One layer's cache. k, v: (num_blocks, kv_heads, block_size, packed_dim); params (…, 2) fp16 or None."""
-
-    k: torch.Tensor
-    v: torch.Tensor
-    k_params: torch.Tensor | None
-    v_params: torch.Tensor | None
-    bits: int  # 4 or 8: codes + params; 16 or 32: plain floats
-
-    @property
-    def block_size(self) -> int:
-        return self.k.shape[2]
-
-    @property
-    def quantized(self) -> bool:
-        return self.bits in (4, 8)
+def _build(batch: StepBatch, block_size: int, device: torch.device) -> PagedBatch:
+    width = max(len(s.blocks) for s in batch.seqs)
+    tables = torch.tensor([list(s.blocks) + [0] * (width - len(s.blocks)) for s in batch.seqs], dtype=torch.int32)
+    news = torch.tensor([s.new for s in batch.seqs], dtype=torch.int32)
+    slots = []
+    for s in batch.seqs:
+        pos = torch.arange(s.context - s.new, s.context)
+        slots.append(torch.tensor(s.blocks, dtype=torch.int64)[pos // block_size] * block_size + pos % block_size)
+    return PagedBatch(tables.to(device), torch.tensor([s.context for s in batch.seqs], dtype=torch.int32).to(device),
+               torch.cat([torch.zeros(1, dtype=torch.int32), news.cumsum(0, dtype=torch.int32)]).to(device),
+               torch.cat(slots).to(device), int(news.max()), max(s.context for s in batch.seqs), batch.decode_only)

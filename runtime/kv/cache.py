@@ -10,8 +10,9 @@ from __future__ import annotations
 import torch
 
 from runtime.kernels import Kernels
-from runtime.kv.batch import LayerKV, PagedBatch, StepBatch
-from runtime.kv.format import PARAM_DTYPE, KVShape, key_rotation
+from runtime.kernels.paged import PARAM_DTYPE, LayerKV, PagedBatch
+from runtime.kv.batch import StepBatch, paged_batch
+from runtime.kv.format import KVShape, key_rotation
 
 
 class PagedKVCache:
@@ -39,7 +40,7 @@ class PagedKVCache:
 
     def prepare(self, batch: StepBatch) -> PagedBatch:
         """The step's block tables and slots on the device, built once and shared by every layer."""
-        return PagedBatch.build(batch, self.shape.block_size, self.k.device)
+        return paged_batch(batch, self.shape.block_size, self.k.device)
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pb: PagedBatch) -> torch.Tensor:
         """Store k, v (T, Hkv, D) and attend: q (T, Hq, D) -> (T, Hq, D)."""

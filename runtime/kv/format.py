@@ -8,7 +8,7 @@ Layout (per layer, K and V alike; ``docs/kv-cache.md``):
 * params ``(num_blocks, kv_heads, block_size, 2)`` float16, only for int8/int4: ``[scale, zero]``
   of each token and head, so that ``x ≈ code * scale + zero`` (asymmetric, zero = the minimum).
 
-Quantization (the torch reference below; the Triton write kernel does the same arithmetic):
+Quantization (``runtime.kernels.paged.quantize``, the torch reference; the Triton write kernel does the same arithmetic):
 ``lo, hi = min, max over head_dim``; ``scale = fp16(clamp((hi - lo) / qmax, 2^-14, 65504))``, ``zero = fp16(lo)``;
 ``code = clamp(floor((x - zero) / scale + 0.5), 0, qmax)``. Scale and zero are rounded to float16
 *before* the codes are computed, so the codes are chosen for the parameters actually stored.
@@ -26,11 +26,9 @@ from dataclasses import dataclass
 import torch
 
 from formats.errors import TpDeployError
+from runtime.kernels.paged import PARAM_DTYPE
 
 BLOCK_SIZE = 64  # tokens per block: a power of two, a whole number of kernel tiles
-PARAM_DTYPE = torch.float16  # scale and zero: 2 bytes each keeps int8 at >= 1.85x fp16's tokens at D=64
-_FP16_MAX = 65504.0
-_MIN_SCALE = 2.0 ** -14  # smallest normal fp16: a constant row still dequantizes exactly to its value
 
 KV_DTYPES = ("auto", "fp32", "fp16", "bf16", "int8", "int4")
 QUANT_POLICY = {0: "auto", 8: "int8", 4: "int4"}  # LMDeploy's --quant-policy
@@ -115,24 +113,3 @@ def key_rotation(head_dim: int, dtype: torch.dtype, device: torch.device) -> tor
     while h.shape[0] < block:
         h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
     return torch.block_diag(*[h / block ** 0.5] * (head_dim // block)).to(dtype=dtype, device=device)
-
-
-def quantize(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """x (..., D) -> codes uint8 (..., D or D/2) and params float16 (..., 2) = [scale, zero]."""
-    qmax = (1 << bits) - 1
-    x32 = x.float().clamp(-_FP16_MAX, _FP16_MAX)
-    lo, hi = x32.amin(-1, keepdim=True), x32.amax(-1, keepdim=True)
-    scale = ((hi - lo) / qmax).clamp(_MIN_SCALE, _FP16_MAX).to(PARAM_DTYPE)
-    zero = lo.to(PARAM_DTYPE)
-    codes = torch.floor((x32 - zero.float()) / scale.float() + 0.5).clamp(0, qmax).to(torch.uint8)
-    if bits == 4:
-        codes = codes[..., 0::2] | (codes[..., 1::2] << 4)
-    return codes, torch.cat([scale, zero], dim=-1)
-
-
-def dequantize(codes: torch.Tensor, params: torch.Tensor, bits: int, dtype: torch.dtype) -> torch.Tensor:
-    """codes (..., D or D/2) uint8 and params (..., 2) -> values (..., D) in ``dtype`` (math in fp32)."""
-    if bits == 4:
-        codes = torch.stack([codes & 0xF, codes >> 4], dim=-1).flatten(-2)
-    p = params.float()
-    return (codes.float() * p[..., :1] + p[..., 1:]).to(dtype)

@@ -28,13 +28,19 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from formats.errors import TpDeployError
 from runtime import __version__
-from runtime.sampling import SamplingParams
-from runtime.serve.contract import (ContextTooLong, Delta, EngineClient, Overloaded,
-                                    ServiceUnavailable, Usage)
+from runtime.engine.sampling import SamplingParams
+from runtime.serve.contract import ContextTooLong, Delta, EngineClient, Overloaded, ServiceUnavailable, Usage
 from runtime.serve.metrics import CONTENT_TYPE, Metrics
-from runtime.serve.protocol import (APIError, ChatCompletionRequest, ChatRenderer,
-                                    CompletionRenderer, CompletionRequest, Renderer, error_body,
-                                    sse)
+from runtime.serve.protocol import (
+    APIError,
+    ChatCompletionRequest,
+    ChatRenderer,
+    CompletionRenderer,
+    CompletionRequest,
+    Renderer,
+    error_body,
+    sse,
+)
 from runtime.serve.streams import merge
 
 log = logging.getLogger("tprun.serve")

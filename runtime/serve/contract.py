@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from formats.errors import TpDeployError
-from runtime.sampling import SamplingParams, TokenLogprobs
+from runtime.engine.sampling import SamplingParams, TokenLogprobs
 
 
 class Overloaded(TpDeployError):

@@ -4,7 +4,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from formats.errors import TpDeployError
-from runtime.serve.plan import GIB, MemoryPlan
+from runtime.serve.plan import MemoryPlan
+from runtime.worker.memory import GIB
 
 # Weights and reserve are what the model costs; the KV cache is what λ hands out; unused is the rest.
 PARTS = (("weights", "#4C72B0"), ("reserve", "#DD8452"), ("KV cache", "#55A868"), ("unused", "#C8C8C8"))

@@ -14,7 +14,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator, model_validator
 
 from formats.errors import TpDeployError
-from runtime.sampling import MAX_LOGPROBS, SamplingParams
+from runtime.engine.sampling import MAX_LOGPROBS, SamplingParams
 from runtime.serve.contract import Delta, Usage
 
 MAX_STOP_STRINGS = 4  # OpenAI's limit; more would also slow the engine's per-token stop check

@@ -69,7 +69,7 @@ def _cache(kv_dtype: str, batch: int, context: int, gen):
     """A full random paged cache on the GPU and its shuffled block tables (B, context / BLOCK_SIZE) int32."""
     import torch
 
-    from runtime.kv.batch import LayerKV
+    from runtime.kernels.paged import LayerKV
     from runtime.kv.format import kv_format
 
     fmt = kv_format(kv_dtype, torch.float16, HEAD_DIM)
@@ -95,7 +95,7 @@ def _contiguous(kv, tables):
     """K and V of every sequence as fp16 (B, Hkv, L, D), dequantized one sequence at a time."""
     import torch
 
-    from runtime.kv.format import dequantize
+    from runtime.kernels.paged import dequantize
 
     batch, per_seq = tables.shape
     k = torch.empty(batch, HKV, per_seq * BLOCK_SIZE, HEAD_DIM, dtype=torch.float16, device=DEVICE)

@@ -33,7 +33,15 @@ from pathlib import Path
 from typing import Any
 
 from tests.bench.bench_convert import (
-    MB, Model, Row, as_markdown, as_text, bench_model, describe, interpreter_baseline, memory_table,
+    MB,
+    Model,
+    Row,
+    as_markdown,
+    as_text,
+    bench_model,
+    describe,
+    interpreter_baseline,
+    memory_table,
     throughput_table,
 )
 from tests.fixtures.quantized import REFERENCE_FILE, REPORT_FILE, awq_smollm2_path

@@ -30,7 +30,7 @@ def _since_process_start() -> float:
 
 def child_tprun(ws: str) -> dict:
     from runtime.api import LLM
-    from runtime.sampling import SamplingParams
+    from runtime.engine.sampling import SamplingParams
 
     first: list[float] = []
     with LLM(ws, device="cpu") as llm:

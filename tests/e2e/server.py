@@ -10,7 +10,7 @@ from pathlib import Path
 
 import httpx
 
-from runtime.parallel import free_port
+from runtime.worker.parallel import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 

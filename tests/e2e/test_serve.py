@@ -8,7 +8,7 @@ import httpx
 import openai
 import pytest
 
-from runtime.sampling import SamplingParams
+from runtime.engine.sampling import SamplingParams
 from tests.e2e.server import Server
 
 pytestmark = pytest.mark.slow

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from runtime.sampling import SamplingParams
+from runtime.engine.sampling import SamplingParams
 
 pytestmark = pytest.mark.slow
 PROMPTS = [

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from formats.errors import FormatError, TpDeployError
-from runtime.sampling import SamplingParams
+from runtime.engine.sampling import SamplingParams
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
@@ -33,7 +33,7 @@ def test_rank_loads_with_other_ranks_deleted(smollm2_ws, tmp_path):
     import torch
 
     from formats.manifest import load_manifest
-    from runtime.workspace import load_rank
+    from runtime.worker.workspace import load_rank
 
     ws = tmp_path / "ws"
     shutil.copytree(smollm2_ws[3], ws)
@@ -97,9 +97,9 @@ def test_second_multi_rank_llm_in_one_process_is_refused(llms, smollm2_ws):
 
 
 def test_more_ranks_than_gpus(smollm2_ws):
-    from runtime.api import LLM
-
     import torch
+
+    from runtime.api import LLM
     if torch.cuda.device_count() >= 3:
         pytest.skip("this machine has enough GPUs")
     with pytest.raises(TpDeployError, match=r"tp=3 ranks but \d CUDA device\(s\) are visible"):

@@ -6,7 +6,7 @@ import torch
 
 from formats import int4
 from formats.errors import ShardingError
-from formats.plan import file_groups, int4_source_shape, rank_tensor, source_names
+from formats.shard_plan import file_groups, int4_source_shape, rank_tensor, source_names
 from formats.sharding import check_tp
 from tests.formats.test_sharding import SMOLLM2
 

@@ -5,7 +5,7 @@ import pytest
 
 from formats.config import ModelConfig
 from formats.errors import ShardingError
-from formats.plan import file_groups, rank_tensor, source_names
+from formats.shard_plan import file_groups, rank_tensor, source_names
 from formats.sharding import check_tp, padded_size, source_shape, valid_tp_values
 
 SMOLLM2 = ModelConfig(

@@ -5,7 +5,7 @@ import torch
 
 from converter.convert import ConvertOptions, convert
 from runtime.api import LLM
-from runtime.sampling import SamplingParams
+from runtime.engine.sampling import SamplingParams
 from tests.workspace import source_state
 
 pytestmark = pytest.mark.slow

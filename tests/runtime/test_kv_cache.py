@@ -4,11 +4,11 @@ import torch
 
 from formats.errors import TpDeployError
 from runtime import kernels
+from runtime.kernels.paged import PARAM_DTYPE, dequantize, quantize
 from runtime.kv.blocks import BlockManager
 from runtime.kv.cache import PagedKVCache
-from runtime.kv.format import (PARAM_DTYPE, KVShape, dequantize, from_quant_policy, key_rotation, kv_format,
-                               quantize)
-from runtime.memory import CacheConfig
+from runtime.kv.format import KVShape, from_quant_policy, key_rotation, kv_format
+from runtime.worker.memory import CacheConfig
 
 # (head_dim, int8 minimum, int4 minimum): tokens at equal memory vs fp16, scale and zero counted.
 CAPACITY_TARGETS = [(64, 1.85, 3.5), (128, 1.9, 3.7)]

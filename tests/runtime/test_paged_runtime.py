@@ -6,8 +6,8 @@ import torch
 from converter.convert import ConvertOptions, convert
 from formats.errors import TpDeployError
 from runtime.api import LLM
-from runtime.memory import CacheConfig
-from runtime.sampling import SamplingParams
+from runtime.engine.sampling import SamplingParams
+from runtime.worker.memory import CacheConfig
 
 LOGIT_ATOL = 1e-4  # fp32 throughout; only the order of sums differs between paths
 # Quantized KV perturbs every attention score; on random tiny models logits of magnitude ~1 move by:

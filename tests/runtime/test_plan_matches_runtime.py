@@ -4,9 +4,9 @@ import torch
 
 from converter.convert import ConvertOptions, convert
 from runtime.api import LLM
-from runtime.memory import CacheConfig
 from runtime.serve.plan import plan_memory
-from runtime.workspace import open_workspace
+from runtime.worker.memory import CacheConfig
+from runtime.worker.workspace import open_workspace
 
 MIB = 1 << 20
 

@@ -5,7 +5,7 @@ import torch
 
 from converter.convert import ConvertOptions, convert
 from runtime.api import LLM
-from runtime.sampling import SamplingParams
+from runtime.engine.sampling import SamplingParams
 
 PROMPT = [5, 17, 42, 99, 7, 130, 64, 12]
 STEPS = 16

@@ -5,8 +5,14 @@ import pytest
 import torch
 
 from formats.errors import TpDeployError
-from runtime.sampling import (SamplingParams, Sampler, apply_penalties, filtered_probs, make_generator,
-                              mask_stop_tokens)
+from runtime.engine.sampling import (
+    Sampler,
+    SamplingParams,
+    apply_penalties,
+    filtered_probs,
+    make_generator,
+    mask_stop_tokens,
+)
 
 # Four tokens with known probabilities, so every filter's expected survivors can be worked out by hand.
 KNOWN_PROBS = [0.5, 0.3, 0.15, 0.05]

@@ -5,9 +5,9 @@ output is known in advance whatever the batch composition, chunking or preemptio
 """
 import torch
 
-from runtime.engine import Engine
+from runtime.engine.core import Engine
+from runtime.engine.sampling import SamplingParams
 from runtime.kv.blocks import BlockManager
-from runtime.sampling import SamplingParams
 
 VOCAB = 1000
 

@@ -4,7 +4,7 @@ import itertools
 import pytest
 
 from formats.errors import TpDeployError
-from runtime.stops import StopChecker, safe_prefix
+from runtime.engine.stops import StopChecker, safe_prefix
 
 
 def stream(pieces: list[str], stop: tuple[str, ...], flush: bool = True, include: bool = False,

@@ -5,7 +5,7 @@ from transformers import AutoModelForCausalLM
 
 from converter.convert import ConvertOptions, convert
 from runtime.api import LLM
-from runtime.sampling import SamplingParams
+from runtime.engine.sampling import SamplingParams
 
 # fp32 end to end; tp > 1 sums partial matmuls across ranks in a different order than one matmul.
 LOGIT_ATOL = 1e-4

@@ -10,7 +10,7 @@ from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
 from converter.tokenizer import write_tokenizer
 from formats.errors import FormatError, TpDeployError
-from runtime.tokenizer import ChatTemplateError, IncrementalDecoder, Tokenizer
+from runtime.engine.tokenizer import ChatTemplateError, IncrementalDecoder, Tokenizer
 from tests.fixtures.tiny import TRAIN_TEXT, make_tiny
 
 TEXTS = [

@@ -4,7 +4,8 @@ from __future__ import annotations
 import torch
 
 from runtime.kernels import reference
-from runtime.kv.batch import LayerKV, PagedBatch, SeqSlice, StepBatch
+from runtime.kernels.paged import LayerKV
+from runtime.kv.batch import SeqSlice, StepBatch, paged_batch
 from runtime.kv.format import kv_format
 
 KV_NAMES = {32: "fp32", 16: "fp16", 8: "int8", 4: "int4"}
@@ -47,13 +48,13 @@ def filled(bits: int, contexts: list[int], news: list[int], kv_heads: int, head_
     past = StepBatch(tuple(SeqSlice(s.seq_id, s.context - s.new, s.context - s.new, s.blocks)
                            for s in batch.seqs if s.context > s.new))
     if past.seqs:
-        pb_past = PagedBatch.build(past, block_size, device)
+        pb_past = paged_batch(past, block_size, device)
         t = past.num_tokens
         reference.write_kv(kv, _rand((t, kv_heads, head_dim), g, scale, dtype, device),
                            _rand((t, kv_heads, head_dim), g, scale, dtype, device), pb_past.slots)
     t = batch.num_tokens
     k_new, v_new = (_rand((t, kv_heads, head_dim), g, scale, dtype, device) for _ in range(2))
-    return kv, PagedBatch.build(batch, block_size, device), k_new, v_new
+    return kv, paged_batch(batch, block_size, device), k_new, v_new
 
 
 def _rand(shape, g, scale, dtype, device) -> torch.Tensor:

@@ -13,7 +13,7 @@ import torch
 from formats.errors import TpDeployError
 from runtime.kernels import prefill_attention as kernels
 from runtime.kernels import reference
-from runtime.kv.batch import LayerKV, PagedBatch
+from runtime.kernels.paged import LayerKV, PagedBatch
 from tests.runtime.kernels import paged_cases
 
 # Output tolerances (outputs are convex mixes of N(0, 1) values, so |out| < ~4):

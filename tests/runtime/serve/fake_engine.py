@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
-from runtime.sampling import SamplingParams, TokenLogprobs
+from runtime.engine.sampling import SamplingParams, TokenLogprobs
 from runtime.serve.contract import ContextTooLong, Delta, ServiceUnavailable, Usage
 
 BOS = 1  # also the fake's EOS: a reversed prompt that started with BOS ends with it

@@ -13,10 +13,8 @@ from starlette.testclient import TestClient
 from formats.errors import TpDeployError
 from runtime.serve.app import create_app
 from runtime.serve.contract import ContextTooLong, Overloaded
-from runtime.serve.metrics import Metrics
-from tests.runtime.serve.fake_engine import BOS, FakeEngine, fake_logprob
-
 from tests.runtime.serve.conftest import KEY, MODEL
+from tests.runtime.serve.fake_engine import BOS, FakeEngine, fake_logprob
 
 HELLO = [{"role": "user", "content": "hello"}]
 PROMPT_TEXT = "<user>hello</><assistant>"  # what the fake template makes of HELLO

@@ -2,8 +2,6 @@
 prompt lists, continue_final_message, /version and /ping, draining and in-band errors."""
 from __future__ import annotations
 
-import asyncio
-import json
 import threading
 import time
 
@@ -15,7 +13,6 @@ from runtime.serve.app import Lifecycle, create_app
 from runtime.serve.contract import ServiceUnavailable
 from runtime.serve.metrics import Metrics
 from tests.runtime.serve.conftest import KEY, MODEL
-from tests.runtime.serve.fake_engine import BOS, FakeEngine
 from tests.runtime.serve.test_app import HELLO, error_of, events, only_request
 
 AUTH = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}

@@ -5,11 +5,11 @@ import pytest
 
 from converter.convert import ConvertOptions, convert
 from runtime.api import LLM
-from runtime.memory import CacheConfig
-from runtime.sampling import SamplingParams
+from runtime.engine.sampling import SamplingParams
+from runtime.serve.async_engine import AsyncEngine
 from runtime.serve.contract import ContextTooLong, Overloaded
-from runtime.serve.engine import AsyncEngine
 from runtime.serve.metrics import Metrics
+from runtime.worker.memory import CacheConfig
 
 LONG = SamplingParams(temperature=0, max_tokens=400, ignore_eos=True)
 

@@ -12,12 +12,9 @@ from safetensors import safe_open
 from converter.convert import ConvertOptions, convert
 from formats.errors import TpDeployError
 from formats.manifest import load_manifest
-from runtime.memory import CacheConfig
-from runtime.serve.plan import (
-    ALLOCATOR_SLACK, GIB, MemoryPlan, format_table, kv_bytes, parse_size, plan_memory, reserve_bytes,
-    weights_bytes,
-)
+from runtime.serve.plan import MemoryPlan, format_table, plan_memory
 from runtime.serve.plan_png import draw
+from runtime.worker.memory import ALLOCATOR_SLACK, GIB, CacheConfig, kv_bytes, parse_size, reserve_bytes, weights_bytes
 from tests.fixtures.int4_pack import make_tiny_awq
 from tests.fixtures.tiny import make_tiny
 

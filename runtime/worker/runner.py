@@ -16,11 +16,10 @@ from runtime import kernels
 from runtime.kv.batch import StepBatch
 from runtime.kv.cache import PagedKVCache
 from runtime.kv.format import KVShape, kv_format
-from runtime.memory import CacheConfig, free_bytes
-from runtime.model import Model
-from runtime.parallel import Comm
-from runtime.serve.plan import kv_bytes, reserve_bytes, weights_bytes
-from runtime.workspace import load_rank
+from runtime.model.comm import Comm
+from runtime.model.llama import Model
+from runtime.worker.memory import CacheConfig, free_bytes, kv_bytes, reserve_bytes, weights_bytes
+from runtime.worker.workspace import load_rank
 
 
 @dataclass(frozen=True)

@@ -19,8 +19,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from formats.errors import TpDeployError
-from runtime.engine import Sequence
-from runtime.sampling import SamplingParams
+from runtime.engine.core import Sequence
+from runtime.engine.sampling import SamplingParams
 from runtime.serve.contract import ContextTooLong, Delta, Overloaded, ServiceUnavailable, Usage
 from runtime.serve.metrics import Metrics
 

@@ -21,8 +21,9 @@ import torch
 import torch.distributed as dist
 
 from formats.errors import TpDeployError
-from runtime.parallel import Comm, free_port, init_process_group
-from runtime.runner import ModelRunner, RunnerSpec, Step
+from runtime.model.comm import Comm
+from runtime.worker.parallel import free_port, init_process_group
+from runtime.worker.runner import ModelRunner, RunnerSpec, Step
 
 STEP_TIMEOUT = timedelta(minutes=10)  # a collective that waits longer means a rank died
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h

@@ -11,9 +11,7 @@ from dataclasses import dataclass
 from formats import int4, layout
 from formats.config import ModelConfig
 from formats.errors import ShardingError
-from formats.sharding import (
-    GLOBAL_RULES, LAYER_RULES, Replicate, padded_size, rank_range, source_shape, source_units,
-)
+from formats.sharding import GLOBAL_RULES, LAYER_RULES, Replicate, padded_size, rank_range, source_shape, source_units
 
 # Linear layers that int4 checkpoints quantize; embeddings, norms, biases and lm_head stay dense.
 QUANTIZED_LINEARS = ("attention.wqkv.weight", "attention.wo.weight",

@@ -13,12 +13,12 @@ from dataclasses import dataclass, field
 import torch
 
 from formats.errors import TpDeployError
+from runtime.engine.sampling import Sampler, SamplingParams, TokenLogprobs, make_generator
+from runtime.engine.scheduler import Scheduler
+from runtime.engine.stops import StopChecker, safe_prefix
 from runtime.kv.batch import SeqSlice, StepBatch
 from runtime.kv.blocks import BlockManager
-from runtime.runner import Step
-from runtime.sampling import Sampler, SamplingParams, TokenLogprobs, make_generator
-from runtime.scheduler import Scheduler
-from runtime.stops import StopChecker, safe_prefix
+from runtime.worker.runner import Step
 
 MAX_BATCH_TOKENS = 2048  # new tokens per step: long prompts are prefilled in chunks of at most this
 _NO_IDS: tuple[int, ...] = ()  # shared, so a sequence without a repetition penalty allocates nothing per step

@@ -17,7 +17,6 @@ from formats.manifest import STORED_DTYPES, Manifest, RankEntry, load_manifest
 from formats.safetensors_io import read_header
 
 
-
 def open_workspace(path: Path) -> Manifest:
     """The manifest, after the tokenizer is found; shard sizes are checked by each rank on load."""
     manifest = load_manifest(Path(path))

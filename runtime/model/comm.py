@@ -1,11 +1,9 @@
 """The only tensor-parallel operations the model needs: all-reduce and a vocab gather.
 
 ``Comm`` wraps ``torch.distributed`` (gloo on CPU, NCCL on CUDA); with one rank it does nothing,
-so the model code reads the same at any tp.
+so the model code reads the same at any tp. The worker joins the process group and hands it one.
 """
 from __future__ import annotations
-
-import socket
 
 import torch
 import torch.distributed as dist
@@ -45,16 +43,3 @@ class Comm:
         box = [obj]
         dist.broadcast_object_list(box, src=0)
         return box[0]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def init_process_group(rank: int, world: int, port: int, device: torch.device) -> Comm:
-    if world > 1:
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    return Comm(rank, world)

@@ -15,11 +15,12 @@ from formats.config import ModelConfig
 from formats.int4 import Int4Format
 from formats.sharding import heads_per_rank, kv_heads_per_rank
 from runtime.kernels import Kernels
+from runtime.kernels.paged import PagedBatch
 from runtime.kernels.reference import Int4Weight
-from runtime.kv.batch import PagedBatch, StepBatch
+from runtime.kv.batch import StepBatch
 from runtime.kv.cache import PagedKVCache
-from runtime.parallel import Comm
-from runtime.rope import apply_rope, cos_sin, inv_frequencies
+from runtime.model.comm import Comm
+from runtime.model.rope import apply_rope, cos_sin, inv_frequencies
 
 
 @dataclass(frozen=True)

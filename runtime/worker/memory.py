@@ -1,0 +1,118 @@
+"""A rank's memory: the KV cache's size settings, what the weights and the largest step take, and
+what is left — per rank KV = λ × (T − S/P − reserve).
+
+Pure arithmetic on the manifest: ``tprun plan`` (``runtime.serve.plan``) and the runner both use these
+functions, so the plan and the server always agree."""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+import psutil
+import torch
+
+from formats import int4
+from formats.config import ModelConfig
+from formats.errors import TpDeployError
+from formats.manifest import FLOAT_DTYPES, STORED_DTYPES, Manifest
+from formats.sharding import heads_per_rank, kv_heads_per_rank, padded_size
+from runtime.kv.format import BLOCK_SIZE
+
+# PyTorch's caching allocator rounds large blocks up to 2 MiB segments and cannot always reuse a freed
+# block for a differently sized request (fragmentation); cuBLAS workspaces (up to 32 MiB per handle on
+# Hopper), NCCL's channel buffers and Triton's launch scratch come out of the same memory. 256 MiB
+# covers these plus the short-lived temporaries the per-layer estimate leaves out (RMSNorm's fp32 copy,
+# RoPE outputs). The CUDA context itself (~0.5 GiB) is not counted: the server measures free memory
+# after it exists, and `tprun plan --gpu-mem` means the memory the process can use.
+ALLOCATOR_SLACK = 256 << 20
+GIB = 1 << 30
+_LOGIT_BYTES = 4  # the runner hands logits to sampling as float32, whatever the compute dtype
+
+# One letter (80g) is binary, as in Docker and the JVM; "GB" is decimal, "GiB" binary.
+_UNITS = {"": 1, "b": 1,
+          **{p: 1024 ** i for i, p in enumerate("kmgt", 1)}, **{f"{p}ib": 1024 ** i for i, p in enumerate("kmgt", 1)},
+          **{f"{p}b": 1000 ** i for i, p in enumerate("kmgt", 1)}}
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*$")
+
+
+def parse_size(text: str | int, what: str = "size") -> int:
+    """``24GiB``, ``24GB``, ``24000MiB``, ``80g`` or ``123456`` (bytes) as a positive byte count."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        value = text
+    else:
+        m = _SIZE.match(str(text))
+        if m is None or m.group(2).lower() not in _UNITS:
+            raise TpDeployError(
+                f"{what} {text!r} is not a size; write bytes with an optional unit, e.g. 24GiB, 24GB, 24000MiB, "
+                "80g or 123456 (binary: KiB MiB GiB TiB and k m g t; decimal: KB MB GB TB)")
+        value = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    if value < 1:
+        raise TpDeployError(f"{what} {text!r} must be at least 1 byte")
+    return value
+
+
+def weights_bytes(manifest: Manifest, rank: int, compute_dtype: torch.dtype) -> int:
+    """Bytes of ``rank``'s weights once loaded: dense float tensors in the compute dtype, int4 parts as
+    stored (the runner converts the former and keeps the latter, see ``runtime/runner.py``)."""
+    total = 0
+    for t in manifest.ranks[rank].tensors:
+        keeps_dtype = int4.is_part(t.name) or t.dtype not in FLOAT_DTYPES
+        itemsize = STORED_DTYPES[t.dtype].itemsize if keeps_dtype else compute_dtype.itemsize
+        total += math.prod(t.shape) * itemsize
+    return total
+
+
+def reserve_bytes(cfg: ModelConfig, tp: int, compute_dtype: torch.dtype, max_prefill_tokens: int,
+                  max_batch_size: int, *, rank: int = 0) -> int:
+    """Activation workspace of the largest step (the server's dummy forward), analytically, per rank.
+
+    Layers run one after another, so one layer's live tensors bound the peak; summing them all is an
+    over-estimate of at most a few tensors (which of them overlap depends on the allocator).
+    """
+    c = compute_dtype.itemsize
+    tokens = max(max_prefill_tokens, max_batch_size)  # a prefill chunk, or one token per decoding sequence
+    d, inter = cfg.head_dim, cfg.intermediate_size // tp
+    hq, hkv = heads_per_rank(cfg, tp), kv_heads_per_rank(cfg, tp)
+    per_token = (2 * cfg.hidden_size  # hidden states and the residual sum being formed (replicated)
+                 + (hq + 2 * hkv) * d  # fused qkv output, this rank's heads
+                 + hq * d  # attention output before wo
+                 + 2 * inter  # gate_up output [gate; up]
+                 + inter)  # silu(gate) * up, the input of w_down
+    layer = tokens * per_token * c
+    vocab = padded_size(cfg.vocab_size, tp)
+    logits = max_batch_size * (vocab // tp) * _LOGIT_BYTES  # this rank's vocabulary slice, one row per sequence
+    if rank == 0:  # rank 0 also holds the gathered full-vocabulary logits that sampling reads
+        logits += max_batch_size * vocab * _LOGIT_BYTES
+    return layer + logits + ALLOCATOR_SLACK
+
+
+def kv_bytes(available_after_weights: int, reserve: int, lam: float) -> int:
+    """λ × (memory left after the weights − reserve), floored; the one formula `tprun plan` and the server share."""
+    return max(0, math.floor(lam * (available_after_weights - reserve)))
+
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    kv_dtype: str = "auto"  # auto (= compute dtype), fp32, fp16, bf16, int8, int4
+    block_size: int = BLOCK_SIZE
+    cache_max_entry_count: float = 0.8  # λ: fraction of the memory free after loading the weights
+    kv_cache_tokens: int | None = None  # an exact size instead of λ (tests, CPU runs, reproducible plans)
+    gpu_mem: int | None = None  # T: memory per rank to plan for, instead of measuring what is free
+
+    def __post_init__(self):
+        if not 0 < self.cache_max_entry_count <= 1:
+            raise TpDeployError(f"--cache-max-entry-count must be in (0, 1], got {self.cache_max_entry_count}")
+        if self.kv_cache_tokens is not None and self.kv_cache_tokens < 1:
+            raise TpDeployError(f"--kv-cache-tokens must be >= 1, got {self.kv_cache_tokens}")
+        if self.gpu_mem is not None and self.gpu_mem < 1:
+            raise TpDeployError(f"--gpu-mem must be positive, got {self.gpu_mem}")
+
+
+def free_bytes(device: torch.device, ranks_on_host: int) -> int:
+    """Memory this rank may still use: the GPU's free memory, or its share of the host's available RAM."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    return psutil.virtual_memory().available // ranks_on_host
+
