@@ -1,7 +1,6 @@
 """The ``tprun`` command line."""
 from __future__ import annotations
 
-import functools
 import json
 import sys
 import time
@@ -11,7 +10,7 @@ import click
 
 from formats.errors import TpDeployError
 from runtime import __version__
-from runtime.kv.format import KV_DTYPES
+from runtime.config import EngineConfig, from_options, options, user_errors
 
 
 @click.group()
@@ -20,42 +19,18 @@ def main() -> None:
     """Run tpdeploy workspaces with tensor parallelism: one process per rank, each mapping only its own shard."""
 
 
-def runtime_options(f):
-    """Device, dtype and KV-cache flags shared by every command that loads a workspace."""
-    options = [
-        click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None, help="Default: cuda when available."),
-        click.option("--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]), default="auto",
-                     show_default=True),
-        click.option("--max-model-len", type=int, default=None, help="Context window (default: the model's)."),
-        click.option("--kv-dtype", type=click.Choice(KV_DTYPES), default="auto", show_default=True,
-                     help="KV cache precision; auto = the compute dtype."),
-        click.option("--quant-policy", type=int, default=None, help="LMDeploy's spelling: 0 (off), 8 (int8), 4 (int4)."),
-        click.option("--cache-max-entry-count", type=float, default=0.8, show_default=True,
-                     help="λ: the KV cache takes this fraction of the memory left after the weights."),
-        click.option("--kv-cache-tokens", type=int, default=None, help="An exact KV cache size in tokens instead of λ."),
-        click.option("--block-size", type=int, default=64, show_default=True, help="Tokens per KV block (power of two)."),
-    ]
-    return functools.reduce(lambda g, opt: opt(g), reversed(options), f)
+# Which engine settings each command takes as flags (their help and defaults: runtime.config).
+LOAD = ("device", "dtype", "max_model_len", "kv_dtype", "quant_policy", "cache_max_entry_count", "kv_cache_tokens",
+        "block_size")
+SERVE = (*LOAD, "gpu_mem", "max_batch_size", "max_prefill_tokens", "enable_prefix_caching", "seed")
+PLAN = ("gpu_mem", "dtype", "kv_dtype", "quant_policy", "cache_max_entry_count", "kv_cache_tokens", "block_size",
+        "max_model_len", "max_batch_size", "max_prefill_tokens")
 
 
-def open_llm(workspace: Path, device, dtype, max_model_len, kv_dtype, quant_policy, cache_max_entry_count,
-             kv_cache_tokens, block_size, gpu_mem: int | None = None, **extra):
-    """An LLM from the shared runtime flags (generate, perplexity, serve)."""
+def open_llm(workspace: Path, config: EngineConfig):
     from runtime.api import LLM
-    from runtime.kv.format import from_quant_policy
-    from runtime.worker.memory import CacheConfig
 
-    if quant_policy is not None:
-        if kv_dtype != "auto":
-            raise TpDeployError(f"--quant-policy {quant_policy} and --kv-dtype {kv_dtype} both set the KV precision; give one")
-        kv_dtype = from_quant_policy(quant_policy)
-    cache = CacheConfig(kv_dtype, block_size, cache_max_entry_count, kv_cache_tokens, gpu_mem)
-    return LLM(workspace, device=device, dtype=dtype, max_model_len=max_model_len, cache=cache, **extra)
-
-
-def _fail(e: TpDeployError) -> None:
-    click.echo(f"tprun: error: {e}", err=True)
-    sys.exit(2)
+    return LLM(workspace, config)
 
 
 @main.command("generate")
@@ -69,25 +44,23 @@ def _fail(e: TpDeployError) -> None:
 @click.option("--top-k", type=int, default=0, show_default=True)
 @click.option("--seed", type=int, default=None)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of streaming text.")
-@runtime_options
+@options(LOAD)
+@user_errors("tprun")
 def generate_cmd(workspace: Path, prompt: str, chat: bool, system: str | None, max_tokens: int, temperature: float,
-                 top_p: float, top_k: int, seed: int | None, as_json: bool, **runtime) -> None:
+                 top_p: float, top_k: int, seed: int | None, as_json: bool, **settings) -> None:
     """Generate from WORKSPACE, streaming tokens to the terminal as they are produced."""
     from runtime.engine.sampling import SamplingParams
 
     t0 = time.perf_counter()
-    try:
-        params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
-        with open_llm(workspace, **runtime) as llm:
-            loaded = time.perf_counter()
-            stream = None if as_json else (lambda seq, delta: (sys.stdout.write(delta), sys.stdout.flush()))
-            if chat:
-                messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-                out = llm.chat(messages, params, on_delta=stream)[0]
-            else:
-                out = llm.generate(prompt, params, on_delta=stream)[0]
-    except TpDeployError as e:
-        _fail(e)
+    params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
+    with open_llm(workspace, from_options(settings)) as llm:
+        loaded = time.perf_counter()
+        stream = None if as_json else (lambda seq, delta: (sys.stdout.write(delta), sys.stdout.flush()))
+        if chat:
+            messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+            out = llm.chat(messages, params, on_delta=stream)[0]
+        else:
+            out = llm.generate(prompt, params, on_delta=stream)[0]
     done = time.perf_counter()
     c = out.outputs[0]
     if as_json:
@@ -106,41 +79,26 @@ def generate_cmd(workspace: Path, prompt: str, chat: bool, system: str | None, m
 @click.option("--context", type=int, default=512, show_default=True, help="Window length in tokens.")
 @click.option("--prefill-chunk", type=int, default=None, help="Prefill each window this many tokens per step.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-@runtime_options
+@options(LOAD)
+@user_errors("tprun")
 def perplexity_cmd(workspace: Path, text_file: Path, context: int, prefill_chunk: int | None, as_json: bool,
-                   **runtime) -> None:
+                   **settings) -> None:
     """Perplexity of TEXT through the serving path, to judge a --kv-dtype on your own text."""
     from runtime.perplexity import perplexity
 
     try:
-        try:
-            text = text_file.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as e:
-            raise TpDeployError(f"cannot read --file {text_file}: {e}") from e
-        with open_llm(workspace, max_batch_size=1, **runtime) as llm:
-            ids = llm.tokenizer.encode(text)
-            result = perplexity(llm, ids, context, prefill_chunk)
-            kv = llm.driver.runner.cache.shape.fmt.name
-    except TpDeployError as e:
-        _fail(e)
+        text = text_file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise TpDeployError(f"cannot read --file {text_file}: {e}") from e
+    with open_llm(workspace, from_options(settings).replace(max_batch_size=1)) as llm:
+        ids = llm.tokenizer.encode(text)
+        result = perplexity(llm, ids, context, prefill_chunk)
+        kv = llm.driver.runner.cache.shape.fmt.name
     if as_json:
         click.echo(json.dumps({"kv_dtype": kv, **result.to_dict()}))
     else:
         click.echo(f"perplexity {result.perplexity:.4f} (kv {kv}; {result.windows} windows of {context} tokens, "
                    f"{result.scored_tokens} scored of {result.text_tokens})")
-
-
-def server_options(f):
-    """Flags of the server that also shape the memory plan (largest step, context)."""
-    for opt in reversed([
-        click.option("--max-batch-size", type=int, default=64, show_default=True, help="Sequences per step."),
-        click.option("--max-prefill-tokens", type=int, default=2048, show_default=True,
-                     help="New tokens per step; longer prompts are prefilled in chunks of this size."),
-        click.option("--gpu-mem", default=None,
-                     help="Memory per rank to plan for (e.g. 24GiB) instead of measuring what is free."),
-    ]):
-        f = opt(f)
-    return f
 
 
 @main.command("serve")
@@ -154,16 +112,15 @@ def server_options(f):
               help="Requests admitted into the batch at once; more wait in the queue (not the cache size).")
 @click.option("--max-queue", type=int, default=1024, show_default=True,
               help="Requests allowed to wait beyond --max-concurrent-requests; more get HTTP 429.")
-@click.option("--enable-prefix-caching", is_flag=True, help="Share the KV blocks of repeated prompt prefixes.")
 @click.option("--max-n", type=click.IntRange(min=1), default=16, show_default=True,
               help="Most samples (n) one request may ask for; more get HTTP 400.")
 @click.option("--shutdown-timeout", type=click.FloatRange(min=0), default=30.0, show_default=True,
               help="On SIGTERM/SIGINT: seconds the requests in flight may take to finish; new ones get 503.")
-@server_options
-@runtime_options
+@options(SERVE)
+@user_errors("tprun")
 def serve_cmd(workspace: Path, host: str, port: int, api_key: str | None, served_model_name: str | None,
-              max_concurrent_requests: int, max_queue: int, enable_prefix_caching: bool, max_n: int,
-              shutdown_timeout: float, **options) -> None:
+              max_concurrent_requests: int, max_queue: int, max_n: int, shutdown_timeout: float,
+              **settings) -> None:
     """Serve WORKSPACE with an OpenAI-compatible API (continuous batching over the paged KV cache)."""
     import uvicorn
 
@@ -172,17 +129,10 @@ def serve_cmd(workspace: Path, host: str, port: int, api_key: str | None, served
     from runtime.serve.metrics import Metrics
     from runtime.serve.plan import startup_table
     from runtime.serve.shutdown import GracefulServer, listen
-    from runtime.worker.memory import parse_size
 
-    try:
-        sock = listen(host, port)
-        llm = open_llm(workspace, max_batch_size=options.pop("max_batch_size"),
-                   max_prefill_tokens=options.pop("max_prefill_tokens"),
-                   gpu_mem=None if options["gpu_mem"] is None else parse_size(options["gpu_mem"], "--gpu-mem"),
-                   enable_prefix_caching=enable_prefix_caching, **{k: v for k, v in options.items() if k != "gpu_mem"})
-    except TpDeployError as e:
-        click.echo(f"tprun: error: {e}", err=True)
-        sys.exit(2)
+    config = from_options(settings)
+    sock = listen(host, port)  # before loading: a port in use fails in a second, not after the load
+    llm = open_llm(workspace, config)
     click.echo(startup_table(llm), err=True)
     metrics, lifecycle = Metrics(), Lifecycle()
     engine = AsyncEngine(llm, metrics, max_concurrent_requests, max_queue)
@@ -204,47 +154,25 @@ def serve_cmd(workspace: Path, host: str, port: int, api_key: str | None, served
 
 @main.command("plan")
 @click.argument("workspace", type=click.Path(path_type=Path))
-@click.option("--gpu-mem", required=True, help="Memory of one GPU, e.g. 24GiB, 80GB.")
-@click.option("--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]), default="auto",
-              show_default=True)
-@click.option("--kv-dtype", type=click.Choice(KV_DTYPES), default="auto", show_default=True)
-@click.option("--quant-policy", type=int, default=None, help="LMDeploy's spelling: 0, 8, 4.")
-@click.option("--cache-max-entry-count", type=float, default=0.8, show_default=True)
-@click.option("--kv-cache-tokens", type=int, default=None)
-@click.option("--block-size", type=int, default=64, show_default=True)
-@click.option("--max-model-len", type=int, default=None)
-@click.option("--max-batch-size", type=int, default=64, show_default=True)
-@click.option("--max-prefill-tokens", type=int, default=2048, show_default=True)
+@options(PLAN, gpu_mem={"required": True, "help": "Memory of one GPU, e.g. 24GiB, 80GB."})
 @click.option("--tp", type=int, default=None, help="Must match the workspace (it was converted for one tp).")
 @click.option("--png", type=click.Path(path_type=Path), default=None, help="Also draw the plan as a bar chart.")
 @click.option("--json", "as_json", is_flag=True)
-def plan_cmd(workspace: Path, gpu_mem: str, dtype: str, kv_dtype: str, quant_policy: int | None,
-             cache_max_entry_count: float, kv_cache_tokens: int | None, block_size: int, max_model_len: int | None,
-             max_batch_size: int, max_prefill_tokens: int, tp: int | None, png: Path | None, as_json: bool) -> None:
+@user_errors("tprun")
+def plan_cmd(workspace: Path, tp: int | None, png: Path | None, as_json: bool, **settings) -> None:
     """The per-rank memory table of `tprun serve` for WORKSPACE on a given GPU, without loading the model."""
-    from runtime.api import _dtype
-    from runtime.kv.format import from_quant_policy
-    from runtime.serve.plan import format_table, plan_memory
-    from runtime.worker.memory import CacheConfig, parse_size
+    from runtime.serve.plan import format_table, plan_for
     from runtime.worker.workspace import open_workspace
 
-    try:
-        manifest = open_workspace(workspace)
-        if tp is not None and tp != manifest.tp:
-            raise TpDeployError(f"--tp {tp} does not match the workspace, converted for tp {manifest.tp}; "
-                                f"re-run `tpconv convert --tp {tp}` to plan for {tp} GPUs")
-        if quant_policy is not None:
-            kv_dtype = from_quant_policy(quant_policy)
-        cache = CacheConfig(kv_dtype, block_size, cache_max_entry_count, kv_cache_tokens)
-        plan = plan_memory(manifest, gpu_mem=parse_size(gpu_mem, "--gpu-mem"), cache=cache,
-                           compute_dtype=_dtype(dtype, manifest.weights.dtype), max_model_len=max_model_len,
-                           max_batch_size=max_batch_size, max_prefill_tokens=max_prefill_tokens)
-        if png is not None:
-            from runtime.serve.plan_png import draw
-            draw(plan, png)
-    except TpDeployError as e:
-        click.echo(f"tprun: error: {e}", err=True)
-        sys.exit(2)
+    config = from_options(settings)
+    manifest = open_workspace(workspace)
+    if tp is not None and tp != manifest.tp:
+        raise TpDeployError(f"--tp {tp} does not match the workspace, converted for tp {manifest.tp}; "
+                            f"re-run `tpconv convert --tp {tp}` to plan for {tp} GPUs")
+    plan = plan_for(manifest, config)
+    if png is not None:
+        from runtime.serve.plan_png import draw
+        draw(plan, png)
     click.echo(json.dumps(plan.to_dict(), indent=1) if as_json else format_table(plan))
     for w in plan.warnings:
         click.echo(f"tprun: warning: {w}", err=True)

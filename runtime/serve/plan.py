@@ -23,8 +23,9 @@ from formats.config import ModelConfig
 from formats.errors import TpDeployError
 from formats.manifest import Manifest
 from formats.sharding import kv_heads_per_rank
+from runtime.config import DEFAULTS, CacheConfig, EngineConfig, compute_dtype
 from runtime.kv.format import KVShape, kv_format
-from runtime.worker.memory import ALLOCATOR_SLACK, GIB, CacheConfig, kv_bytes, reserve_bytes, weights_bytes
+from runtime.worker.memory import ALLOCATOR_SLACK, GIB, kv_bytes, reserve_bytes, weights_bytes
 
 
 @dataclass(frozen=True)
@@ -80,9 +81,19 @@ class MemoryPlan:
         return dataclasses.asdict(self)
 
 
+def plan_for(manifest: Manifest, config: EngineConfig) -> MemoryPlan:
+    """The plan of the server that ``config`` would start (its ``gpu_mem`` is required here)."""
+    if config.gpu_mem is None:
+        raise TpDeployError("planning needs the memory of one GPU: give --gpu-mem (e.g. 80GiB)")
+    return plan_memory(manifest, gpu_mem=config.gpu_mem, cache=config.cache,
+                       compute_dtype=compute_dtype(config.dtype, manifest.weights.dtype),
+                       max_model_len=config.max_model_len, max_batch_size=config.max_batch_size,
+                       max_prefill_tokens=config.max_prefill_tokens)
+
+
 def plan_memory(manifest: Manifest, *, gpu_mem: int, cache: CacheConfig, compute_dtype: torch.dtype,
-                max_model_len: int | None = None, max_batch_size: int = 64,
-                max_prefill_tokens: int = 2048) -> MemoryPlan:
+                max_model_len: int | None = None, max_batch_size: int = DEFAULTS.max_batch_size,
+                max_prefill_tokens: int = DEFAULTS.max_prefill_tokens) -> MemoryPlan:
     """Every rank's weights, reserve and KV cache on a GPU of ``gpu_mem`` bytes, and the agreed cache."""
     cfg, tp = manifest.model, manifest.tp
     max_model_len = cfg.max_position_embeddings if max_model_len is None else max_model_len

@@ -6,18 +6,14 @@ functions, so the plan and the server always agree."""
 from __future__ import annotations
 
 import math
-import re
-from dataclasses import dataclass
 
 import psutil
 import torch
 
 from formats import int4
 from formats.config import ModelConfig
-from formats.errors import TpDeployError
 from formats.manifest import FLOAT_DTYPES, STORED_DTYPES, Manifest
 from formats.sharding import heads_per_rank, kv_heads_per_rank, padded_size
-from runtime.kv.format import BLOCK_SIZE
 
 # PyTorch's caching allocator rounds large blocks up to 2 MiB segments and cannot always reuse a freed
 # block for a differently sized request (fragmentation); cuBLAS workspaces (up to 32 MiB per handle on
@@ -28,29 +24,6 @@ from runtime.kv.format import BLOCK_SIZE
 ALLOCATOR_SLACK = 256 << 20
 GIB = 1 << 30
 _LOGIT_BYTES = 4  # the runner hands logits to sampling as float32, whatever the compute dtype
-
-# One letter (80g) is binary, as in Docker and the JVM; "GB" is decimal, "GiB" binary.
-_UNITS = {"": 1, "b": 1,
-          **{p: 1024 ** i for i, p in enumerate("kmgt", 1)}, **{f"{p}ib": 1024 ** i for i, p in enumerate("kmgt", 1)},
-          **{f"{p}b": 1000 ** i for i, p in enumerate("kmgt", 1)}}
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*$")
-
-
-def parse_size(text: str | int, what: str = "size") -> int:
-    """``24GiB``, ``24GB``, ``24000MiB``, ``80g`` or ``123456`` (bytes) as a positive byte count."""
-    if isinstance(text, int) and not isinstance(text, bool):
-        value = text
-    else:
-        m = _SIZE.match(str(text))
-        if m is None or m.group(2).lower() not in _UNITS:
-            raise TpDeployError(
-                f"{what} {text!r} is not a size; write bytes with an optional unit, e.g. 24GiB, 24GB, 24000MiB, "
-                "80g or 123456 (binary: KiB MiB GiB TiB and k m g t; decimal: KB MB GB TB)")
-        value = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
-    if value < 1:
-        raise TpDeployError(f"{what} {text!r} must be at least 1 byte")
-    return value
-
 
 def weights_bytes(manifest: Manifest, rank: int, compute_dtype: torch.dtype) -> int:
     """Bytes of ``rank``'s weights once loaded: dense float tensors in the compute dtype, int4 parts as
@@ -91,23 +64,6 @@ def kv_bytes(available_after_weights: int, reserve: int, lam: float) -> int:
     """λ × (memory left after the weights − reserve), floored; the one formula `tprun plan` and the server share."""
     return max(0, math.floor(lam * (available_after_weights - reserve)))
 
-
-
-@dataclass(frozen=True)
-class CacheConfig:
-    kv_dtype: str = "auto"  # auto (= compute dtype), fp32, fp16, bf16, int8, int4
-    block_size: int = BLOCK_SIZE
-    cache_max_entry_count: float = 0.8  # λ: fraction of the memory free after loading the weights
-    kv_cache_tokens: int | None = None  # an exact size instead of λ (tests, CPU runs, reproducible plans)
-    gpu_mem: int | None = None  # T: memory per rank to plan for, instead of measuring what is free
-
-    def __post_init__(self):
-        if not 0 < self.cache_max_entry_count <= 1:
-            raise TpDeployError(f"--cache-max-entry-count must be in (0, 1], got {self.cache_max_entry_count}")
-        if self.kv_cache_tokens is not None and self.kv_cache_tokens < 1:
-            raise TpDeployError(f"--kv-cache-tokens must be >= 1, got {self.kv_cache_tokens}")
-        if self.gpu_mem is not None and self.gpu_mem < 1:
-            raise TpDeployError(f"--gpu-mem must be positive, got {self.gpu_mem}")
 
 
 def free_bytes(device: torch.device, ranks_on_host: int) -> int:

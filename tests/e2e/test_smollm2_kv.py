@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from runtime.api import LLM
+from runtime.config import CacheConfig
 from runtime.engine.sampling import SamplingParams
-from runtime.worker.memory import CacheConfig
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]

@@ -1,6 +1,6 @@
 """The architecture as a test: runtime/ is layered and light, formats/ is the shared contract.
 
-``runtime`` imports only downward — kernels ← kv ← model ← worker ← engine ← api ← serve, cli — so the
+``runtime`` imports only downward — kernels ← kv ← config ← model ← worker ← engine ← api ← serve, cli — so the
 tree reads as the data flow of a request; it never imports transformers or converter; formats imports
 neither program; converter never imports runtime.
 """
@@ -14,8 +14,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 # Each top-level part of runtime/ and its layer: a part may import its own layer or lower ones.
-LAYERS = {"kernels": 0, "kv": 1, "model": 2, "worker": 3, "engine": 4, "api": 5, "perplexity": 5,
-          "serve": 6, "cli": 6, "__main__": 7}
+LAYERS = {"kernels": 0, "kv": 1, "config": 2, "model": 3, "worker": 4, "engine": 5, "api": 6, "perplexity": 6,
+          "serve": 7, "cli": 7, "__main__": 8}
 PACKAGE_ROOT = "__init__"  # runtime/__init__.py: lazy re-exports of the public API, at the top
 
 

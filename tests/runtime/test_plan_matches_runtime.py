@@ -4,8 +4,8 @@ import torch
 
 from converter.convert import ConvertOptions, convert
 from runtime.api import LLM
+from runtime.config import CacheConfig
 from runtime.serve.plan import plan_memory
-from runtime.worker.memory import CacheConfig
 from runtime.worker.workspace import open_workspace
 
 MIB = 1 << 20

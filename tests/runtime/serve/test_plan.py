@@ -12,9 +12,10 @@ from safetensors import safe_open
 from converter.convert import ConvertOptions, convert
 from formats.errors import TpDeployError
 from formats.manifest import load_manifest
+from runtime.config import CacheConfig, parse_size
 from runtime.serve.plan import MemoryPlan, format_table, plan_memory
 from runtime.serve.plan_png import draw
-from runtime.worker.memory import ALLOCATOR_SLACK, GIB, CacheConfig, kv_bytes, parse_size, reserve_bytes, weights_bytes
+from runtime.worker.memory import ALLOCATOR_SLACK, GIB, kv_bytes, reserve_bytes, weights_bytes
 from tests.fixtures.int4_pack import make_tiny_awq
 from tests.fixtures.tiny import make_tiny
 
