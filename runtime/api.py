@@ -7,25 +7,28 @@
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from formats.errors import TpDeployError
-from formats.manifest import FLOAT_DTYPES
-from runtime.engine.core import MAX_BATCH_TOKENS, Engine, OnDelta, Sequence
+from runtime.config import CacheConfig, EngineConfig, compute_dtype
+from runtime.engine.core import Engine
+from runtime.engine.outputs import Delta
 from runtime.engine.sampling import SamplingParams, TokenLogprobs
 from runtime.engine.tokenizer import Tokenizer
 from runtime.kv.blocks import BlockManager
 from runtime.worker.launch import Driver
-from runtime.worker.memory import CacheConfig
 from runtime.worker.runner import RunnerSpec
 from runtime.worker.workspace import open_workspace
 
 Prompt = str | list[int]
 Messages = list[dict[str, Any]]
+OnDelta = Callable[[Delta, str], None]  # (a sample's step output, its new text) as the text becomes final
 
 
 @dataclass(frozen=True)
@@ -56,25 +59,24 @@ class RequestOutput:
 class LLM:
     """Loads a workspace on ``tp`` ranks (one process each) and generates from rank 0."""
 
-    def __init__(self, workspace: str | Path, *, device: str | None = None, dtype: str = "auto",
-                 max_model_len: int | None = None, max_batch_size: int = 64, seed: int | None = None,
-                 cache: CacheConfig | None = None, max_prefill_tokens: int = MAX_BATCH_TOKENS,
-                 enable_prefix_caching: bool = False):
+    def __init__(self, workspace: str | Path, config: EngineConfig | None = None, *,
+                 cache: CacheConfig | None = None, **settings: Any):
+        """``config``, or its fields by name as vLLM users write them (``LLM(ws, max_model_len=4096,
+        kv_dtype="int8")``); ``cache`` gives the KV-cache fields at once. Later ones win."""
+        config = EngineConfig.of(cache, **{**(dataclasses.asdict(config) if config else {}), **settings})
         ws = Path(workspace)
+        self.config = config
         self.manifest = open_workspace(ws)
         cfg = self.manifest.model
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        if device not in ("cpu", "cuda"):
-            raise TpDeployError(f"--device must be cpu or cuda, got {device!r}")
-        self.max_model_len = _max_model_len(max_model_len, cfg.max_position_embeddings)
+        device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.max_model_len = _max_model_len(config.max_model_len, cfg.max_position_embeddings)
         self.tokenizer = Tokenizer.from_workspace(ws)
-        spec = RunnerSpec(ws, self.manifest, device, _dtype(dtype, self.manifest.weights.dtype), cache or CacheConfig(),
-                          max_batch_size=max_batch_size, max_prefill_tokens=max_prefill_tokens)
+        spec = RunnerSpec(ws, self.manifest, device, compute_dtype(config.dtype, self.manifest.weights.dtype), config.cache,
+                          max_batch_size=config.max_batch_size, max_prefill_tokens=config.max_prefill_tokens)
         self.driver = Driver(spec)
         kv = self.driver.runner.cache
-        self.blocks = BlockManager(kv.num_blocks, kv.shape.block_size, enable_prefix_caching)
-        self.engine = Engine(self.driver, self.tokenizer, self.blocks, cfg.vocab_size, self.max_model_len,
-                             max_batch_size, seed, max_prefill_tokens)
+        self.blocks = BlockManager(kv.num_blocks, kv.shape.block_size, config.enable_prefix_caching)
+        self.engine = Engine(self.driver, self.tokenizer, self.blocks, cfg.vocab_size, self.max_model_len, config)
 
     def generate(self, prompts: Prompt | list[Prompt], sampling_params: SamplingParams | list[SamplingParams] | None = None,
                  on_delta: OnDelta | None = None) -> list[RequestOutput]:
@@ -109,8 +111,29 @@ class LLM:
         params = sampling_params if isinstance(sampling_params, list) else [sampling_params or SamplingParams()] * len(ids)
         if len(params) != len(ids):
             raise TpDeployError(f"got {len(params)} SamplingParams for {len(ids)} prompts; give one, or one per prompt")
-        results = self.engine.generate(ids, params, on_delta)
-        return [RequestOutput(r, texts[r], ids[r], [_completion(s) for s in group]) for r, group in enumerate(results)]
+        params = [self._within_window(p, sp) for p, sp in zip(ids, params)]
+        samples = {str(r): [_Sample() for _ in range(sp.n)] for r, sp in enumerate(params)}
+        try:
+            for request_id, prompt, sp in zip(samples, ids, params):
+                self.engine.add(request_id, prompt, sp)
+            while self.engine.has_work:
+                for delta in self.engine.step():
+                    samples[delta.request_id][delta.index].take(delta)
+                    if on_delta is not None and (delta.text or delta.finish_reason):
+                        on_delta(delta, delta.text)
+        finally:  # an error mid-run must not leave requests (and their blocks) in the engine
+            for request_id in samples:
+                self.engine.abort(request_id)
+        return [RequestOutput(r, texts[r], ids[r], [s.output(i, params[r]) for i, s in enumerate(group)])
+                for r, group in enumerate(samples.values())]
+
+    def _within_window(self, prompt: list[int], params: SamplingParams) -> SamplingParams:
+        """Offline, as in vLLM, generation also ends at the context window (finish "length"): a max_tokens
+        past it is lowered to fit instead of refused as the server does. The engine checks the rest."""
+        room = self.max_model_len - len(prompt)
+        if params.max_tokens is None or not 0 < room < params.max_tokens:
+            return params
+        return dataclasses.replace(params, max_tokens=room, min_tokens=min(params.min_tokens, room))
 
     def close(self) -> None:
         if getattr(self, "driver", None) is not None:
@@ -124,9 +147,24 @@ class LLM:
         self.close()
 
 
-def _completion(s: Sequence) -> CompletionOutput:
-    return CompletionOutput(s.index, s.text, list(s.out), s.finish_reason,
-                            s.logprobs if s.params.logprobs is not None else None)
+@dataclass
+class _Sample:
+    """One sample's step outputs put together."""
+
+    text: list[str] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprobs] = field(default_factory=list)
+    finish_reason: str | None = None
+
+    def take(self, delta: Delta) -> None:
+        self.text.append(delta.text)
+        self.token_ids.extend(delta.token_ids)
+        self.logprobs.extend(delta.logprobs)
+        self.finish_reason = delta.finish_reason or self.finish_reason
+
+    def output(self, index: int, params: SamplingParams) -> CompletionOutput:
+        return CompletionOutput(index, "".join(self.text), self.token_ids, self.finish_reason,
+                                self.logprobs if params.logprobs is not None else None)
 
 
 def _max_model_len(requested: int | None, model_max: int) -> int:
@@ -135,10 +173,3 @@ def _max_model_len(requested: int | None, model_max: int) -> int:
     if not 1 < requested <= model_max:
         raise TpDeployError(f"--max-model-len {requested} must be in [2, {model_max}] (the model's max_position_embeddings)")
     return requested
-
-
-def _dtype(requested: str, stored: str) -> torch.dtype:
-    name = stored if requested == "auto" else requested
-    if name not in FLOAT_DTYPES:
-        raise TpDeployError(f"--dtype {requested!r} is not supported; choose auto, {', '.join(FLOAT_DTYPES)}")
-    return FLOAT_DTYPES[name]

@@ -13,13 +13,17 @@ tokens: the caller passes ``check=False`` while it has generated no more than mi
 
 Caller contract:
 
-* ``feed`` takes the FULL text decoded so far (the caller re-decodes). It should only ever extend what
-  was fed before: text already emitted cannot be taken back. If a decoder rewrites earlier text anyway
-  (e.g. ``clean_up_tokenization_spaces`` turning "a ," into "a,"), the stream carries on from the same
-  character offset rather than failing; ``text`` always reflects the latest decode.
-* A byte-level tokenizer may decode a partial multi-byte character as U+FFFD. While generating, pass
-  ``safe_prefix(text)`` so such a placeholder is never emitted or matched. When generation ends
-  without a stop (EOS, max_tokens), feed the complete decoded text as is and then call ``flush``.
+* ``extend`` takes the NEW text since the previous call (the engine passes its incremental decoder's
+  deltas). Each call looks only at that text and the few characters before it that a stop string could
+  span, so the work per token does not grow with the length of the output.
+* ``feed`` takes the FULL text decoded so far, for callers that re-decode. It should only ever extend
+  what was fed before: text already emitted cannot be taken back. If a decoder rewrites earlier text
+  anyway (e.g. ``clean_up_tokenization_spaces`` turning "a ," into "a,"), the stream carries on from the
+  same character offset rather than failing; ``text`` always reflects the latest decode.
+* A byte-level tokenizer may decode a partial multi-byte character as U+FFFD. While generating, never
+  pass such a placeholder (the incremental decoder holds it back; full-text callers pass
+  ``safe_prefix(text)``). When generation ends without a stop (EOS, max_tokens), pass the rest of the
+  text as is and then call ``flush``.
 """
 from __future__ import annotations
 
@@ -44,12 +48,14 @@ class StopChecker:
                 raise TpDeployError(f"stop strings must be non-empty str, got {s!r}")
         self._stops = tuple(stop)
         self._include = include_in_output
-        # A held tail is a proper prefix of some stop string, so it is never longer than this.
-        longest = max((len(s) for s in self._stops), default=1)
-        self._max_hold = 0 if include_in_output else longest - 1
-        self._text = ""  # everything fed so far, cut at the stop once stopped
-        self._emitted = 0  # length of self._text already handed out
-        self._checked = 0  # a stop ending at or before this offset was looked for already (or is exempt)
+        # A stop string ending in new text starts at most this many characters before it.
+        self._reach = max((len(s) for s in self._stops), default=1) - 1
+        # A held tail is a proper prefix of some stop string, so never longer than the reach.
+        self._max_hold = 0 if include_in_output else self._reach
+        self._pieces: list[str] = []  # everything fed so far, cut at the stop once stopped
+        self._length = 0  # of the text in _pieces
+        self._tail = ""  # its last _reach characters: where a stop ending in the next text may start
+        self._emitted = 0  # characters handed out (past _length only after a rewrite, see feed)
         self._stopped = False
 
     @property
@@ -60,54 +66,76 @@ class StopChecker:
     def text(self) -> str:
         """The final text so far: emitted plus held back, cut before the stop string (after it with
         include_in_output)."""
-        return self._text
+        if len(self._pieces) > 1:
+            self._pieces = ["".join(self._pieces)]
+        return self._pieces[0] if self._pieces else ""
 
-    def feed(self, text: str, check: bool = True) -> tuple[str, bool]:
-        """Return ``(new text safe to show now, stopped)`` for the full text decoded so far.
+    def extend(self, new: str, check: bool = True) -> tuple[str, bool]:
+        """Return ``(new text safe to show now, stopped)`` for the text decoded since the last call.
 
-        ``check=False`` (still within min_tokens): no stop string may end in this text; tails that could
+        ``check=False`` (still within min_tokens): no stop string may end in ``new``; tails that could
         grow into one are held back all the same.
         """
         if self._stopped:
             return "", True
-        if not text.startswith(self._text):
-            # The decoder rewrote earlier text: any stop overlapping the first changed character counts.
-            self._checked = min(self._checked, len(os.path.commonprefix((text, self._text))))
-        cut = self._find_stop(text) if check else None
+        window = self._tail + new  # window[0] is the character at offset `origin` of the text
+        origin = self._length - len(self._tail)
+        done = self._emitted - origin  # window[:done] was handed out already
+        cut = self._find_stop(window, len(self._tail)) if check else None
         if cut is not None:
-            emit = text[self._emitted:cut]
-            self._text, self._emitted, self._stopped = text[:cut], max(cut, self._emitted), True
+            self._pieces = [self.text[:origin] + window[:cut]]
+            self._length, self._tail, self._stopped = origin + cut, "", True
+            emit = window[done:cut] if cut > done else ""
+            self._emitted = max(self._emitted, origin + cut)
             return emit, True
-        end = len(text) - self._held_length(text)
-        emit = text[self._emitted:end]
-        self._text, self._emitted, self._checked = text, max(end, self._emitted), len(text)
+        self._pieces.append(new)
+        self._length += len(new)
+        self._tail = window[-self._reach:] if self._reach else ""
+        end = len(window) - self._held_length(window, done)
+        emit = window[done:end] if end > done else ""
+        self._emitted = max(self._emitted, origin + end)
         return emit, False
+
+    def feed(self, text: str, check: bool = True) -> tuple[str, bool]:
+        """``extend`` for callers that pass the full text decoded so far (see the module docstring)."""
+        if self._stopped:
+            return "", True
+        old = self.text
+        if not text.startswith(old):
+            # The decoder rewrote earlier text: carry on from the common prefix, so that any stop
+            # overlapping the first changed character counts; what was emitted stays emitted.
+            common = text[:len(os.path.commonprefix((text, old)))]
+            self._pieces, self._length = [common], len(common)
+            self._tail = common[-self._reach:] if self._reach else ""
+            old = common
+        return self.extend(text[len(old):], check)
 
     def flush(self) -> str:
         """Release the held-back tail when generation ended without a stop string."""
-        if self._stopped:
+        if self._stopped or self._emitted >= self._length:
             return ""
-        emit = self._text[self._emitted:]
-        self._emitted = len(self._text)
+        emit = self._tail[len(self._tail) - (self._length - self._emitted):]
+        self._emitted = self._length
         return emit
 
-    def _find_stop(self, text: str) -> int | None:
-        """Where the text ends because of a stop string that ends past ``_checked``, or None.
+    def _find_stop(self, window: str, start: int) -> int | None:
+        """Where the text ends because of a stop string ending past ``window[:start]``, or None.
 
         Without include_in_output the earliest-starting stop wins and the text ends before it; with it,
         the earliest-ending one wins and the text ends after it, which is where a stream fed one character
         at a time would stop too.
         """
-        # A stop ending past _checked starts at most len(stop) - 1 characters before it.
-        found = [(text.find(s, max(0, self._checked - len(s) + 1)), len(s)) for s in self._stops]
+        # A stop ending past `start` starts at most len(stop) - 1 characters before it.
+        found = [(window.find(s, max(0, start - len(s) + 1)), len(s)) for s in self._stops]
         cuts = [pos + size if self._include else pos for pos, size in found if pos >= 0]
         return min(cuts) if cuts else None
 
-    def _held_length(self, text: str) -> int:
-        """Length of the longest not-yet-emitted tail that is a proper prefix of some stop string."""
-        longest = min(self._max_hold, len(text) - self._emitted)
+    def _held_length(self, window: str, done: int) -> int:
+        """Length of the longest tail of ``window[done:]`` (not handed out yet) that is a proper prefix
+        of some stop string."""
+        longest = min(self._max_hold, len(window) - done)
         for size in range(longest, 0, -1):
-            tail = text[-size:]
+            tail = window[-size:]
             if any(s.startswith(tail) for s in self._stops):
                 return size
         return 0

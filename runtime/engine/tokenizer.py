@@ -337,6 +337,11 @@ class IncrementalDecoder:
     of the first token. So, as vLLM does, each step decodes a short window of already-emitted
     tokens plus the new ones and emits only the text beyond the window's own decoding; text ending
     in U+FFFD is held back until the character completes. ``finish`` releases what is still held.
+    The work per token is a decode of a few tokens, however long the output grows.
+
+    One divergence, as in vLLM: a byte-fallback (SentencePiece) decoder turns a run of byte tokens
+    that is not valid UTF-8 into one U+FFFD per byte, including valid bytes before the bad one, which
+    the stream has already shown as themselves (text cannot be taken back).
     """
 
     def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True) -> None:

@@ -4,8 +4,9 @@ It talks to the engine only through ``contract.EngineClient``, so it runs (and i
 fake engine. Two rules shape the code:
 
 - every error a client can cause becomes OpenAI's ``{"error": {...}}`` body with a real status code,
-  which is why the first Delta is awaited before a stream's 200 is sent (the engine raises
-  Overloaded / ContextTooLong before its first Delta);
+  which is why the first Delta is awaited before a stream's 200 is sent (the engine checks a request,
+  and raises Overloaded / InvalidPrompt / ContextTooLong, before its first Delta); a failure of the
+  server itself is a 500 ``server_error`` (in-band once streaming), never the client's 400;
 - a request whose client went away is aborted in the engine at once (its iterator is closed), so
   its KV blocks go back to requests that still have a reader.
 """
@@ -29,7 +30,16 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from formats.errors import TpDeployError
 from runtime import __version__
 from runtime.engine.sampling import SamplingParams
-from runtime.serve.contract import ContextTooLong, Delta, EngineClient, Overloaded, ServiceUnavailable, Usage
+from runtime.serve.contract import (
+    ContextTooLong,
+    Delta,
+    EngineClient,
+    InvalidPrompt,
+    Overloaded,
+    ServerError,
+    ServiceUnavailable,
+    Usage,
+)
 from runtime.serve.metrics import CONTENT_TYPE, Metrics
 from runtime.serve.protocol import (
     APIError,
@@ -162,21 +172,10 @@ class _Server:
             echo = [p if isinstance(p, str) else tok.decode(p, skip_special_tokens=False) for p in body.prompt]
         return await self._generate(request, body, params, ids, CompletionRenderer, "cmpl", echo)
 
-    def _check_prompt(self, ids: list[int]) -> None:
-        if not ids:
-            raise APIError(400, "the prompt is empty after tokenization; send at least one token",
-                           param="prompt")
-        vocab = getattr(self.engine.tokenizer, "vocab_size", None)
-        # An id past the embedding table would crash the model (a CUDA device assert), not the request.
-        if vocab is not None and max(ids) >= vocab:
-            raise APIError(400, f"prompt token id {max(ids)} is out of range: this model's "
-                                f"vocabulary has ids 0..{vocab - 1}", param="prompt")
-
     async def _generate(self, request: Request, body: Any, params: SamplingParams,
                         prompts: list[list[int]], renderer_cls: type[Renderer], prefix: str,
                         echo: list[str] | None = None) -> Response:
-        for ids in prompts:
-            self._check_prompt(ids)
+        # The engine checks each prompt (empty, ids past the vocabulary, context window, cache) once.
         request_id = f"{prefix}-{uuid.uuid4().hex}"
         renderer = renderer_cls(request_id, int(time.time()), self.model, self.engine.tokenizer,
                                 logprobs=params.logprobs is not None,
@@ -188,12 +187,12 @@ class _Server:
         stream = merge([self.engine.generate(r, p, params) for r, p in zip(ids, prompts)], params.n)
         streaming = False
         try:
-            # The engine refuses (Overloaded, ContextTooLong) before its first Delta: wait for it so
-            # that a refusal still gets its status code, and give up if the client leaves meanwhile.
+            # The engine refuses (Overloaded, InvalidPrompt, ContextTooLong) before its first Delta: wait
+            # for it so that a refusal still gets its status code, and give up if the client leaves meanwhile.
             done, first = await _unless_disconnected(request, lambda: anext(stream, None))
             if done and body.stream:
                 streaming = True  # from here on the response closes the stream
-                events = self._events(renderer, n, first, stream, ids, prefixes)
+                events = self._events(renderer, n, first, stream, prefixes)
                 return _EventStream(events, stream)
             if done:
                 done, deltas = await _unless_disconnected(request, lambda: _collect(first, stream))
@@ -202,18 +201,13 @@ class _Server:
                 await _close(stream)
         if not done:
             return Response(status_code=_CLIENT_CLOSED)
-        return JSONResponse(renderer.response(deltas, n, self._usage(ids), prefixes))
-
-    def _usage(self, request_ids: list[str]) -> Usage:
-        parts = [self.engine.usage(r) for r in request_ids]
-        return Usage(sum(u.prompt_tokens for u in parts), sum(u.completion_tokens for u in parts),
-                     sum(u.cached_prompt_tokens for u in parts))
+        return JSONResponse(renderer.response(deltas, n, _total([d.usage for d in deltas]), prefixes))
 
     async def _events(self, renderer: Renderer, n: int, first: Delta | None,
-                      stream: AsyncIterator[Delta], request_ids: list[str],
-                      prefixes: list[str] | None) -> AsyncIterator[bytes]:
+                      stream: AsyncIterator[Delta], prefixes: list[str] | None) -> AsyncIterator[bytes]:
         """The SSE body. Its finally aborts the engine request when the client goes away."""
         unfinished = set(range(n))
+        usages: list[Usage | None] = []  # each engine request's last Delta carries its usage
         try:
             for chunk in renderer.opening_chunks(n, prefixes):
                 yield sse(chunk)
@@ -223,9 +217,10 @@ class _Server:
                     yield sse(chunk)
                 if delta.finish_reason is not None:
                     unfinished.discard(delta.index)
+                usages.append(delta.usage)
                 delta = await anext(stream, None)
             if renderer.include_usage:
-                yield sse(renderer.usage_chunk(self._usage(request_ids)))
+                yield sse(renderer.usage_chunk(_total(usages)))
         except Exception as e:  # the 200 is already sent: report in-band, as OpenAI does
             if not isinstance(e, ServiceUnavailable):
                 log.exception("request %s failed mid-stream", renderer.id)
@@ -235,6 +230,13 @@ class _Server:
         finally:
             await _close(stream)
         yield b"data: [DONE]\n\n"
+
+
+def _total(usages: list[Usage | None]) -> Usage:
+    """The usage of a response: the sum over its engine requests (one per prompt)."""
+    parts = [u for u in usages if u is not None]
+    return Usage(sum(u.prompt_tokens for u in parts), sum(u.completion_tokens for u in parts),
+                 sum(u.cached_prompt_tokens for u in parts))
 
 
 async def _collect(first: Delta | None, stream: AsyncIterator[Delta]) -> list[Delta]:
@@ -315,6 +317,8 @@ def _error(status: int, message: str, type: str = "invalid_request_error", param
 def _in_band_error(e: Exception) -> dict[str, Any]:
     if isinstance(e, ServiceUnavailable):
         return error_body(str(e), "server_error", code="service_unavailable")
+    if isinstance(e, ServerError):
+        return error_body(str(e), "server_error")
     if isinstance(e, TpDeployError):
         return error_body(str(e), "invalid_request_error")
     return error_body(f"internal server error ({type(e).__name__}); see the server log", "server_error")
@@ -337,6 +341,10 @@ def _validation_error(errors: list[dict[str, Any]]) -> tuple[str, str | None]:
     return f"{param}: {err['msg']} (received {err['input']!r:.80})", param
 
 
+def _prompt_param(request: Request) -> str:
+    return "messages" if request.url.path.endswith("/chat/completions") else "prompt"
+
+
 def _install_error_handlers(app: FastAPI) -> None:
     """Map every exception to OpenAI's error body (Starlette picks the most specific class)."""
 
@@ -351,9 +359,9 @@ def _install_error_handlers(app: FastAPI) -> None:
         return _error(429, str(e), "rate_limit_error", code="rate_limit_exceeded",
                       headers={"Retry-After": str(max(1, int(e.retry_after)))})
 
-    async def too_long(request: Request, e: ContextTooLong) -> JSONResponse:
-        param = "messages" if request.url.path.endswith("/chat/completions") else "prompt"
-        return _error(400, str(e), param=param, code="context_length_exceeded")
+    async def bad_prompt(request: Request, e: InvalidPrompt) -> JSONResponse:
+        code = "context_length_exceeded" if isinstance(e, ContextTooLong) else None
+        return _error(400, str(e), param=_prompt_param(request), code=code)
 
     async def unavailable(_: Request, e: ServiceUnavailable) -> JSONResponse:
         return _error(503, str(e), "server_error", code="service_unavailable")
@@ -365,14 +373,18 @@ def _install_error_handlers(app: FastAPI) -> None:
         kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
         return _error(e.status_code, str(e.detail), kind, headers=e.headers)
 
+    async def server_error(request: Request, e: ServerError) -> JSONResponse:
+        log.error("%s %s failed: %s", request.method, request.url.path, e)
+        return _error(500, str(e), "server_error")
+
     async def crash(request: Request, e: Exception) -> JSONResponse:
         log.error("%s %s failed", request.method, request.url.path, exc_info=e)
         return _error(500, f"internal server error ({type(e).__name__}); see the server log",
                       "server_error")
 
     for cls, handler in ((APIError, api_error), (RequestValidationError, invalid),
-                         (Overloaded, overloaded), (ContextTooLong, too_long),
-                         (ServiceUnavailable, unavailable),
+                         (Overloaded, overloaded), (InvalidPrompt, bad_prompt),
+                         (ServiceUnavailable, unavailable), (ServerError, server_error),
                          (TpDeployError, user_error), (HTTPException, http_error),
                          (Exception, crash)):
         app.add_exception_handler(cls, handler)

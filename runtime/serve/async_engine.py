@@ -1,11 +1,14 @@
-"""The serving engine: the step loop in a background thread, requests as async streams of Deltas.
+"""The serving engine: ``Engine`` in a background thread, requests as async streams of its Deltas.
 
-uvicorn's event loop never runs a forward: ``generate`` checks the request, posts it to the loop
-thread, and awaits Deltas that the loop thread hands back with ``call_soon_threadsafe``. Admission
-is two-stage: at most ``max_concurrent_requests`` requests are in the scheduler (it batches them,
-preempts, prefills in chunks); the rest wait in a queue of at most ``max_queue``; beyond that,
-``Overloaded`` (HTTP 429). Closing a request's stream (client gone) aborts it and frees its blocks
-at the next loop turn, before the next step.
+A thin adapter: it only calls the engine's contract (check, add, abort, step, stats) and owns what the
+engine knows nothing about — asyncio, admission and metrics. uvicorn's event loop never runs a
+forward: ``generate`` refuses what the engine would refuse (at once, not after a wait in the queue),
+posts the request to the loop thread, and awaits the Deltas that the loop thread hands back with
+``call_soon_threadsafe``. Admission is two-stage: at most ``max_concurrent_requests`` requests are in
+the engine (it batches them, preempts, prefills in chunks); the rest wait in a queue of at most
+``max_queue``; beyond that, ``Overloaded`` (HTTP 429). Closing a request's stream (client gone) aborts
+it and frees its blocks at the next loop turn, before the next step. A step that raises is a server
+fault: the requests in flight end with ``ServerError`` and the loop goes on serving.
 """
 from __future__ import annotations
 
@@ -14,14 +17,15 @@ import queue
 import sys
 import threading
 import time
+import traceback
 from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from formats.errors import TpDeployError
-from runtime.engine.core import Sequence
+from runtime.engine.outputs import EngineStats
 from runtime.engine.sampling import SamplingParams
-from runtime.serve.contract import ContextTooLong, Delta, Overloaded, ServiceUnavailable, Usage
+from runtime.serve.contract import Delta, Overloaded, ServerError, ServiceUnavailable
 from runtime.serve.metrics import Metrics
 
 _DONE = object()  # end of a request's stream
@@ -35,9 +39,9 @@ class _Request:
     out: asyncio.Queue
     loop: asyncio.AbstractEventLoop
     arrival: float = field(default_factory=time.perf_counter)
-    seqs: list[Sequence] = field(default_factory=list)
     last_token: dict[int, float] = field(default_factory=dict)  # sample index -> time of its last token
     first_token: bool = False
+    completion_tokens: int = 0  # sent so far, all samples together
 
     def send(self, item) -> None:
         try:
@@ -53,11 +57,8 @@ class AsyncEngine:
         self.max_concurrent, self.max_queue = max_concurrent_requests, max_queue
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._pending: deque[_Request] = deque()
-        self._active: dict[str, _Request] = {}
-        self._by_seq: dict[int, _Request] = {}
-        self._usage: dict[str, Usage] = {}
-        self._seen_prefix = (0, 0)
-        self._seen_preemptions = 0
+        self._active: dict[str, _Request] = {}  # in the engine
+        self._seen = EngineStats(0, 0, 0, 1, 0, 0, 0)  # counters already passed on to the metrics
         self._refusal: ServiceUnavailable | None = None  # set once shutting down or a rank died
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="tprun-engine", daemon=True)
@@ -68,7 +69,7 @@ class AsyncEngine:
     async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[Delta]:
         if self._refusal is not None:
             raise self._refusal
-        self._check(prompt_ids, params)
+        self.engine.check(prompt_ids, params)  # the engine's own check (stateless): before queueing
         if len(self._pending) >= self.max_queue:
             raise Overloaded(f"the server is at capacity: {len(self._active)} requests running and "
                              f"{len(self._pending)} queued (--max-queue {self.max_queue}); retry shortly")
@@ -84,9 +85,6 @@ class AsyncEngine:
         finally:
             if not finished:  # the client went away or the consumer stopped: free the blocks now
                 self._inbox.put(("abort", req))
-
-    def usage(self, request_id: str) -> Usage:
-        return self._usage.pop(request_id, Usage(0, 0))
 
     def metrics_text(self) -> bytes:
         return self.metrics.render()
@@ -106,15 +104,6 @@ class AsyncEngine:
         self._inbox.put(("stop", None))
         self._thread.join(timeout=30)
 
-    def _check(self, prompt: list[int], params: SamplingParams) -> None:
-        want = len(prompt) + (params.max_tokens or 0)
-        if len(prompt) >= self.max_model_len or want > self.max_model_len:
-            raise ContextTooLong(
-                f"this model's maximum context length is {self.max_model_len} tokens, but you requested {want} "
-                f"tokens ({len(prompt)} in the prompt, {params.max_tokens or 0} for the completion); shorten "
-                "the prompt or lower max_tokens")
-        self.engine.check(0, prompt, params)
-
     # -- loop-thread side ---------------------------------------------------------------------------
 
     def _run(self) -> None:
@@ -126,9 +115,15 @@ class AsyncEngine:
                 if dead is not None:  # not a step's fault: every request ends, and so does the server
                     self._fail_all(ServiceUnavailable(f"{dead}; the server is stopping"))
                     continue
-                sys.stderr.write(f"tprun: engine step failed: {e!r}\n")
-                for req in list(self._active.values()):
-                    self._finish(req, error=TpDeployError(f"generation failed: {e}"))
+                self._step_failed(e)
+
+    def _step_failed(self, e: Exception) -> None:
+        """A server fault: the requests in the engine end with ServerError; the queue keeps its turn."""
+        sys.stderr.write(f"tprun: engine step failed; ending {len(self._active)} request(s) with a server "
+                         f"error:\n{traceback.format_exc()}")
+        self.metrics.on_step_failure()
+        for req in list(self._active.values()):
+            self._finish(req, error=ServerError(f"generation failed: {e}"))
 
     def _dead_rank(self) -> str | None:
         driver = getattr(self.llm, "driver", None)
@@ -144,9 +139,9 @@ class AsyncEngine:
             self._finish(req, error=error)
 
     def _turn(self) -> None:
-        if self._drain(block=not self.engine.scheduler.has_work):
+        if self._drain(block=not self.engine.has_work):
             self._report()  # aborts free blocks without a step: keep the gauges true
-        if self.engine.scheduler.has_work:
+        if self.engine.has_work:
             self._step()
 
     def _drain(self, block: bool) -> bool:
@@ -174,20 +169,19 @@ class AsyncEngine:
         return True
 
     def _promote(self) -> None:
-        """Move queued requests into the scheduler while fewer than --max-concurrent-requests are in it."""
+        """Move queued requests into the engine while fewer than --max-concurrent-requests are in it."""
         while self._pending and len(self._active) < self.max_concurrent and self._refusal is None:
-            self._admit(self._pending.popleft())
-
-    def _admit(self, req: _Request) -> None:
-        try:
-            req.seqs = self.engine.sequences(0, req.prompt, req.params)
-        except TpDeployError as e:
-            req.send(e)
-            return
-        self._active[req.request_id] = req
-        for s in req.seqs:
-            self._by_seq[s.seq_id] = req
-            self.engine.scheduler.add(s)
+            req = self._pending.popleft()
+            try:
+                self.engine.add(req.request_id, req.prompt, req.params)
+            except TpDeployError as e:  # the client's: its stream raises it, nobody else is touched
+                req.send(e)
+                continue
+            except Exception as e:  # a bug, not the client's
+                sys.stderr.write(f"tprun: adding request {req.request_id} failed:\n{traceback.format_exc()}")
+                req.send(ServerError(f"the engine could not take the request: {e}"))
+                continue
+            self._active[req.request_id] = req
 
     def _abort(self, req: _Request) -> None:
         if req in self._pending:
@@ -196,19 +190,16 @@ class AsyncEngine:
             self._finish(req)
 
     def _step(self) -> None:
-        deltas: dict[int, str] = {}
-        sampled = self.engine.step(on_delta=lambda s, text: deltas.__setitem__(s.seq_id, text))
-        now, touched = time.perf_counter(), {}
-        for s in sampled:
-            req = self._by_seq.get(s.seq_id)
+        deltas = self.engine.step()
+        now = time.perf_counter()
+        for d in deltas:
+            req = self._active.get(d.request_id)
             if req is None:
                 continue
-            self._timing(req, s.index, now)
-            lp = [s.logprobs[-1]] if s.params.logprobs is not None and s.logprobs else []
-            req.send(Delta(s.index, deltas.get(s.seq_id, ""), [s.out[-1]], lp, s.finish_reason))
-            touched[req.request_id] = req
-        for req in touched.values():  # after every sample's Delta of this step went out
-            if all(x.finish_reason for x in req.seqs):
+            self._timing(req, d.index, now)
+            req.completion_tokens += len(d.token_ids)
+            req.send(d)
+            if d.finished:  # the request's last Delta, after every other Delta of it went out
                 self._finish(req)
         self._report()
 
@@ -221,29 +212,19 @@ class AsyncEngine:
         req.last_token[index] = now
 
     def _finish(self, req: _Request, error: Exception | None = None) -> None:
-        self.engine.abort(req.seqs)  # frees blocks; marks unfinished samples "abort"
+        self.engine.abort(req.request_id)  # frees the blocks of an unfinished request; no-op otherwise
         self._active.pop(req.request_id, None)
-        for s in req.seqs:
-            self._by_seq.pop(s.seq_id, None)
-        completion = sum(len(s.out) for s in req.seqs)
-        self._usage[req.request_id] = Usage(len(req.prompt), completion, max(0, min(s.cached for s in req.seqs)))
-        if len(self._usage) > 10_000:  # usage is read right after the stream ends; drop strays
-            self._usage.pop(next(iter(self._usage)))
-        self.metrics.on_request_done(len(req.prompt), completion, time.perf_counter() - req.arrival)
+        self.metrics.on_request_done(len(req.prompt), req.completion_tokens, time.perf_counter() - req.arrival)
         req.send(error if error is not None else _DONE)
         if error is not None:
             req.send(_DONE)
         self._promote()
 
     def _report(self) -> None:
-        sched, blocks = self.engine.scheduler, self.engine.blocks
-        self.metrics.on_step(len(sched.running), len(sched.waiting) + len(self._pending),
-                             blocks.num_used / blocks.num_blocks)
-        queried, hit = sched.prefix_queried, sched.prefix_hit
-        if (queried, hit) != self._seen_prefix:
-            self.metrics.on_prefix_cache(queried - self._seen_prefix[0], hit - self._seen_prefix[1])
-            self._seen_prefix = (queried, hit)
-        for _ in range(sched.preemptions - self._seen_preemptions):
+        stats, seen = self.engine.stats(), self._seen
+        self.metrics.on_step(stats.running, stats.waiting + len(self._pending), stats.kv_usage)
+        if (stats.prefix_queried, stats.prefix_hit) != (seen.prefix_queried, seen.prefix_hit):
+            self.metrics.on_prefix_cache(stats.prefix_queried - seen.prefix_queried, stats.prefix_hit - seen.prefix_hit)
+        for _ in range(stats.preemptions - seen.preemptions):
             self.metrics.on_preemption()
-        self._seen_preemptions = sched.preemptions
-
+        self._seen = stats

@@ -40,6 +40,7 @@ class Metrics:
     - ``on_prefix_cache(queried_tokens, hit_tokens)``: once per admitted prompt, how many prompt
       tokens were looked up in the prefix cache and how many were found.
     - ``on_preemption()``: each time a running request is preempted for lack of KV blocks.
+    - ``on_step_failure()``: each time a step raised (a server fault: its requests end with HTTP 500).
 
     The HTTP layer calls ``on_http_response(route, status)``; ``render()`` gives the exposition
     text for ``GET /metrics`` (and for the engine's ``metrics_text()``).
@@ -64,6 +65,9 @@ class Metrics:
                                    "Prompt tokens found in the prefix cache", registry=r)
         self.preemptions = Counter("tprun_preemptions_total",
                                    "Requests preempted for lack of KV-cache blocks", registry=r)
+        self.step_failures = Counter("tprun_engine_step_failures_total",
+                                     "Engine steps that raised; their requests ended with a server error",
+                                     registry=r)
         self.ttft = Histogram("tprun_time_to_first_token_seconds",
                               "Arrival to first generated token", buckets=_TTFT_BUCKETS, registry=r)
         self.itl = Histogram("tprun_inter_token_latency_seconds",
@@ -95,6 +99,9 @@ class Metrics:
 
     def on_preemption(self) -> None:
         self.preemptions.inc()
+
+    def on_step_failure(self) -> None:
+        self.step_failures.inc()
 
     # --- for the HTTP layer ---
     def on_http_response(self, route: str, status: int) -> None:

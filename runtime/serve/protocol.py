@@ -352,7 +352,7 @@ class Renderer:
         raise NotImplementedError
 
     def opening_chunks(self, n: int, prefixes: list[str] | None = None) -> list[dict[str, Any]]:
-        return [self.delta_chunks(Delta(i, p, []))[0] for i, p in enumerate(prefixes or []) if p]
+        return [self.delta_chunks(Delta(self.id, i, p, []))[0] for i, p in enumerate(prefixes or []) if p]
 
     def finish_chunk(self, index: int, reason: str) -> dict[str, Any]:
         """A choice ended with ``reason`` and no new text (a stream cut by a server fault)."""

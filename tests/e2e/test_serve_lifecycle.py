@@ -5,6 +5,7 @@ character on a keep-alive connection — each reproduced against the process use
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -67,6 +68,16 @@ def _finish_reasons(events: list) -> list:
             if isinstance(e, dict) and e.get("choices") and e["choices"][0]["finish_reason"]]
 
 
+@contextlib.contextmanager
+def serving(ws, *args: str):
+    """A server that is closed whatever happens, so a failing test leaves no process behind."""
+    server = Server(ws, *args)
+    try:
+        yield server
+    finally:
+        server.close()
+
+
 def _wait_exit(server: Server) -> int:
     try:
         return server.proc.wait(timeout=EXIT_WAIT_S)
@@ -75,35 +86,35 @@ def _wait_exit(server: Server) -> int:
 
 
 def test_sigterm_lets_streams_in_flight_finish_and_exits_0(tiny_ws):
-    server = Server(tiny_ws[1], "--shutdown-timeout", "60")
-    outs, threads = _start_streams(server.url, 3, 120)
-    server.proc.send_signal(signal.SIGTERM)
-    time.sleep(0.3)
-    refused = httpx.post(f"{server.url}/v1/completions", json={"prompt": "hi"}, timeout=10)
-    health = httpx.get(f"{server.url}/health", timeout=10).status_code
-    for t in threads:
-        t.join(EXIT_WAIT_S)
-    code = _wait_exit(server)
-    assert refused.status_code == 503 and "shutting down" in refused.json()["error"]["message"]
-    assert health == 503
-    for out in outs:  # every stream ran to its end: 120 tokens, a reason, [DONE]
-        assert out[-1] == "[DONE]" and _finish_reasons(out) == ["length"], out[-3:]
-    assert code == 0, server.log
-    assert "Traceback" not in server.log and "stopped" in server.log
+    with serving(tiny_ws[1], "--shutdown-timeout", "60", "--max-model-len", "2048") as server:
+        outs, threads = _start_streams(server.url, 3, 1500)  # seconds of work: still running at SIGTERM
+        server.proc.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        refused = httpx.post(f"{server.url}/v1/completions", json={"prompt": "hi"}, timeout=10)
+        health = httpx.get(f"{server.url}/health", timeout=10).status_code
+        for t in threads:
+            t.join(EXIT_WAIT_S)
+        code = _wait_exit(server)
+        assert refused.status_code == 503 and "shutting down" in refused.json()["error"]["message"]
+        assert health == 503
+        for out in outs:  # every stream ran to its end: 1500 tokens, a reason, [DONE]
+            assert out[-1] == "[DONE]" and _finish_reasons(out) == ["length"], out[-3:]
+        assert code == 0, server.log
+        assert "Traceback" not in server.log and "stopped" in server.log
 
 
 def test_sigterm_past_the_shutdown_timeout_ends_streams_with_an_error(tiny_ws):
-    server = Server(tiny_ws[1], "--shutdown-timeout", "0.5", "--max-model-len", "2048")
-    outs, threads = _start_streams(server.url, 2, 2000)
-    server.proc.send_signal(signal.SIGTERM)
-    for t in threads:
-        t.join(EXIT_WAIT_S)
-    code = _wait_exit(server)
-    for out in outs:
-        error = next(e for e in out if isinstance(e, dict) and "error" in e)
-        assert "shutdown-timeout" in error["error"]["message"]
-        assert out[-1] == "[DONE]" and _finish_reasons(out) == ["error"]
-    assert code == 0 and "Traceback" not in server.log, server.log
+    with serving(tiny_ws[1], "--shutdown-timeout", "0.5", "--max-model-len", "2048") as server:
+        outs, threads = _start_streams(server.url, 2, 2000)
+        server.proc.send_signal(signal.SIGTERM)
+        for t in threads:
+            t.join(EXIT_WAIT_S)
+        code = _wait_exit(server)
+        for out in outs:
+            error = next(e for e in out if isinstance(e, dict) and "error" in e)
+            assert "shutdown-timeout" in error["error"]["message"]
+            assert out[-1] == "[DONE]" and _finish_reasons(out) == ["error"]
+        assert code == 0 and "Traceback" not in server.log, server.log
 
 
 def test_a_port_in_use_fails_before_loading(tiny_ws):
@@ -120,21 +131,21 @@ def test_a_port_in_use_fails_before_loading(tiny_ws):
 
 
 def test_a_killed_rank_ends_every_stream_with_its_name_and_the_server_exits(tiny_ws):
-    server = Server(tiny_ws[2], "--max-model-len", "2048")
-    outs, threads = _start_streams(server.url, 3, 2000)
-    rank1 = psutil.Process(server.proc.pid).children(recursive=True)
-    workers = [p for p in rank1 if "spawn_main" in " ".join(p.cmdline())]
-    assert len(workers) == 1, [p.cmdline() for p in rank1]
-    os.kill(workers[0].pid, signal.SIGKILL)
-    for t in threads:
-        t.join(EXIT_WAIT_S)
-    code = _wait_exit(server)
-    for out in outs:
-        error = next(e for e in out if isinstance(e, dict) and "error" in e)
-        assert "rank 1 exited unexpectedly" in error["error"]["message"], error
-        assert "gloo" not in error["error"]["message"].lower()
-        assert out[-1] == "[DONE]" and _finish_reasons(out) == ["error"]
-    assert code == 70, server.log
+    with serving(tiny_ws[2], "--max-model-len", "2048") as server:
+        outs, threads = _start_streams(server.url, 3, 2000)
+        rank1 = psutil.Process(server.proc.pid).children(recursive=True)
+        workers = [p for p in rank1 if "spawn_main" in " ".join(p.cmdline())]
+        assert len(workers) == 1, [p.cmdline() for p in rank1]
+        os.kill(workers[0].pid, signal.SIGKILL)
+        for t in threads:
+            t.join(EXIT_WAIT_S)
+        code = _wait_exit(server)
+        for out in outs:
+            error = next(e for e in out if isinstance(e, dict) and "error" in e)
+            assert "rank 1 exited unexpectedly" in error["error"]["message"], error
+            assert "gloo" not in error["error"]["message"].lower()
+            assert out[-1] == "[DONE]" and _finish_reasons(out) == ["error"]
+        assert code == 70, server.log
 
 
 def test_a_lone_surrogate_is_a_400_and_the_connection_stays_usable(tiny_ws):

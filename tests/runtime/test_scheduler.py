@@ -5,6 +5,7 @@ output is known in advance whatever the batch composition, chunking or preemptio
 """
 import torch
 
+from runtime.config import EngineConfig
 from runtime.engine.core import Engine
 from runtime.engine.sampling import SamplingParams
 from runtime.kv.blocks import BlockManager
@@ -45,11 +46,23 @@ class Tok:
 def engine(num_blocks=64, prefix=False, batch=8, batch_tokens=32) -> tuple[Engine, CountingDriver]:
     driver = CountingDriver()
     blocks = BlockManager(num_blocks, 16, prefix_caching=prefix)
-    return Engine(driver, Tok(), blocks, VOCAB, max_model_len=512, max_batch_size=batch, max_batch_tokens=batch_tokens), driver
+    config = EngineConfig(max_batch_size=batch, max_prefill_tokens=batch_tokens)
+    return Engine(driver, Tok(), blocks, VOCAB, max_model_len=512, config=config), driver
 
 
 def expected(prompt, n):
     return [prompt[-1] + 1 + i for i in range(n)]
+
+
+def generate(eng, prompts, params) -> list[list[list[int]]]:
+    """Token ids per prompt, per sample, through the engine's contract: add, then step until done."""
+    out = [[[] for _ in range(p.n)] for p in params]
+    for r, (prompt, p) in enumerate(zip(prompts, params)):
+        eng.add(str(r), prompt, p)
+    while eng.has_work:
+        for d in eng.step():
+            out[int(d.request_id)][d.index] += d.token_ids
+    return out
 
 
 GREEDY = SamplingParams(temperature=0, max_tokens=10)
@@ -58,8 +71,8 @@ PROMPTS = [list(range(100 + 7 * i, 100 + 7 * i + length)) for i, length in enume
 
 def test_long_prompts_are_prefilled_in_chunks_beside_decodes():
     eng, driver = engine(batch_tokens=32)
-    seqs = eng.generate(PROMPTS, [GREEDY] * len(PROMPTS))
-    assert [g[0].out for g in seqs] == [expected(p, 10) for p in PROMPTS]
+    outs = generate(eng, PROMPTS, [GREEDY] * len(PROMPTS))
+    assert [g[0] for g in outs] == [expected(p, 10) for p in PROMPTS]
     assert max(len(s.tokens) for s in driver.steps) <= 32  # chunked: the 65-token prompt needs 3 steps
     mixed = [s for s in driver.steps if any(x.new == 1 for x in s.batch.seqs) and any(x.new > 1 for x in s.batch.seqs)]
     assert mixed, "a prefill chunk ran beside decodes"
@@ -69,51 +82,51 @@ def test_long_prompts_are_prefilled_in_chunks_beside_decodes():
 def test_preemption_under_a_tiny_cache_loses_nothing():
     eng, driver = engine(num_blocks=7, batch_tokens=64)  # 112 tokens: not enough for everyone at once
     params = SamplingParams(temperature=0, max_tokens=30)
-    seqs = eng.generate(PROMPTS, [params] * len(PROMPTS))
-    assert [g[0].out for g in seqs] == [expected(p, 30) for p in PROMPTS]
-    assert eng.scheduler.preemptions > 0
+    outs = generate(eng, PROMPTS, [params] * len(PROMPTS))
+    assert [g[0] for g in outs] == [expected(p, 30) for p in PROMPTS]
+    assert eng.stats().preemptions > 0
     assert eng.blocks.num_free == 7
 
 
 def test_prefix_cache_shares_the_blocks_of_a_repeated_prompt():
     eng, driver = engine(prefix=True)
     system = list(range(200, 250))  # 50 tokens: three full blocks
-    first = eng.generate([system + [1, 2]], [GREEDY])[0][0]
+    first = generate(eng, [system + [1, 2]], [GREEDY])[0][0]
     driver.steps.clear()
-    second = eng.generate([system + [3, 4, 5]], [GREEDY])[0][0]
-    assert first.out == expected(system + [1, 2], 10) and second.out == expected(system + [3, 4, 5], 10)
+    second = generate(eng, [system + [3, 4, 5]], [GREEDY])[0][0]
+    assert first == expected(system + [1, 2], 10) and second == expected(system + [3, 4, 5], 10)
     assert driver.steps[0].batch.seqs[0].new == 53 - 48  # 3 blocks (48 tokens) came from the cache
-    assert eng.scheduler.prefix_hit == 48 and eng.scheduler.prefix_queried == 52 + 53
+    assert eng.stats().prefix_hit == 48 and eng.stats().prefix_queried == 52 + 53
     assert eng.blocks.num_free == eng.blocks.num_blocks  # cached blocks count as free
 
 
 def test_prefix_cache_off_recomputes_everything():
     eng, driver = engine(prefix=False)
     system = list(range(200, 250))
-    eng.generate([system + [1]], [GREEDY])
+    generate(eng, [system + [1]], [GREEDY])
     driver.steps.clear()
-    eng.generate([system + [2]], [GREEDY])
+    generate(eng, [system + [2]], [GREEDY])
     assert driver.steps[0].batch.seqs[0].new == 32  # first chunk of the full prompt (batch_tokens 32)
 
 
 def test_abort_frees_blocks_at_once_and_others_continue():
     eng, _ = engine()
-    a, b = eng.sequences(0, PROMPTS[3], GREEDY), eng.sequences(1, PROMPTS[2], GREEDY)
-    for s in a + b:
-        eng.scheduler.add(s)
-    eng.step(), eng.step()
-    used = eng.blocks.num_used
-    eng.abort(a)
-    assert a[0].finish_reason == "abort" and eng.blocks.num_used < used
-    while eng.scheduler.has_work:
-        eng.step()
-    assert b[0].out == expected(PROMPTS[2], 10) and eng.blocks.num_free == eng.blocks.num_blocks
+    eng.add("a", PROMPTS[3], GREEDY), eng.add("b", PROMPTS[2], GREEDY)
+    b = [t for d in eng.step() + eng.step() if d.request_id == "b" for t in d.token_ids]
+    used = eng.stats().kv_blocks_used
+    eng.abort("a")
+    assert eng.stats().kv_blocks_used < used
+    while eng.has_work:
+        deltas = eng.step()
+        assert {d.request_id for d in deltas} == {"b"}
+        b += [t for d in deltas for t in d.token_ids]
+    assert b == expected(PROMPTS[2], 10) and eng.blocks.num_free == eng.blocks.num_blocks
 
 
 def test_n_samples_each_get_their_own_blocks():
     eng, driver = engine()
-    group = eng.generate([PROMPTS[2]], [SamplingParams(temperature=0, max_tokens=5, n=3)])[0]
-    assert [s.out for s in group] == [expected(PROMPTS[2], 5)] * 3
+    group = generate(eng, [PROMPTS[2]], [SamplingParams(temperature=0, max_tokens=5, n=3)])[0]
+    assert group == [expected(PROMPTS[2], 5)] * 3
     tables = {}
     for step in driver.steps:
         for x in step.batch.seqs:

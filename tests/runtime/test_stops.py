@@ -1,5 +1,6 @@
 """Stop strings in a stream: cut across token boundaries, never leak a partial stop, flush the rest."""
 import itertools
+import random
 
 import pytest
 
@@ -186,3 +187,54 @@ def test_min_tokens_stop_may_start_before_the_boundary_if_it_ends_after():
 def test_min_tokens_with_include_stop_str():
     chunks, stopped, checker = stream(["ab", "STOP", "cd", "ST", "OPef"], ("STOP",), include=True, min_tokens=2)
     assert stopped and "".join(chunks) == "abSTOPcdSTOP" == checker.text
+
+
+# --- the incremental feed against the full-text checker it replaced ------------------------------
+
+class FullTextChecker:
+    """The checker before ``extend``: it took the whole text every time (kept here as the reference)."""
+
+    def __init__(self, stop, include):
+        self._stops, self._include = tuple(stop), include
+        self._max_hold = 0 if include else max((len(s) for s in stop), default=1) - 1
+        self.text, self._emitted, self._checked, self._stopped = "", 0, 0, False
+
+    def feed(self, text, check=True):
+        if self._stopped:
+            return "", True
+        found = [(text.find(s, max(0, self._checked - len(s) + 1)), len(s)) for s in self._stops] if check else []
+        cuts = [pos + size if self._include else pos for pos, size in found if pos >= 0]
+        if cuts:
+            cut = min(cuts)
+            emit = text[self._emitted:cut]
+            self.text, self._emitted, self._stopped = text[:cut], max(cut, self._emitted), True
+            return emit, True
+        held = next((n for n in range(min(self._max_hold, len(text) - self._emitted), 0, -1)
+                     if any(s.startswith(text[-n:]) for s in self._stops)), 0)
+        emit = text[self._emitted:len(text) - held]
+        self.text, self._emitted, self._checked = text, max(len(text) - held, self._emitted), len(text)
+        return emit, False
+
+    def flush(self):
+        emit = "" if self._stopped else self.text[self._emitted:]
+        self._emitted = len(self.text)
+        return emit
+
+
+def test_extend_matches_the_full_text_checker():
+    """Random pieces over a small alphabet (so stops overlap, repeat and span pieces), random stops."""
+    for seed in range(500):
+        rng = random.Random(seed)
+        stops = tuple({"".join(rng.choices("abc", k=rng.randint(1, 4))) for _ in range(rng.randint(1, 3))})
+        include, min_tokens = rng.random() < 0.3, rng.choice([0, 0, 2, 5])
+        pieces = ["".join(rng.choices("abcd", k=rng.randint(0, 5))) for _ in range(rng.randint(1, 12))]
+        new, old, text = StopChecker(stops, include_in_output=include), FullTextChecker(stops, include), ""
+        case = (seed, stops, include, min_tokens, pieces)
+        for count, piece in enumerate(pieces, start=1):
+            text += piece
+            got = new.extend(piece, check=count > min_tokens)
+            assert got == old.feed(text, check=count > min_tokens), case
+            if got[1]:
+                break
+        assert (new.flush(), new.text, new.stopped) == (old.flush(), old.text, old._stopped), case
+        assert len(new._tail) <= max(map(len, stops)) - 1  # the window a stop may span, not the whole text

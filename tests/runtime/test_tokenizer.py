@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 
 import pytest
@@ -239,6 +240,65 @@ def test_llama_style_stream_keeps_leading_spaces(tmp_path):
     deltas = stream(ours, ids)
     assert "".join(deltas) == ours.decode(ids) == "The capital 日本 is x"
     assert any(d.startswith(" ") for d in deltas)  # a lone-token decode would strip these
+
+
+# --- incremental detokenization: the stream's concatenation is decode(ids), whatever the ids -
+
+@pytest.mark.slow
+def test_smollm2_incremental_decoder_on_generated_ids(smol, smol_generated):
+    ours, hf = smol
+    for _, ids in smol_generated:
+        for skip in (True, False):
+            deltas = stream(ours, ids, skip)
+            whole = ours.decode(ids, skip_special_tokens=skip)
+            assert "".join(deltas) == whole == hf.decode(ids, skip_special_tokens=skip), ids
+            if "\ufffd" not in whole:
+                assert not any("\ufffd" in d for d in deltas)
+
+
+def tiny_tokenizers(tmp_path: Path) -> dict[str, Tokenizer]:
+    byte_level = make_tiny(tmp_path / "m", vocab=300)  # all 256 bytes: non-ASCII text is byte tokens
+    return {"byte-level": Tokenizer(workspace_tokenizer(byte_level, tmp_path / "ws")),
+            "sentencepiece": Tokenizer(llama_style(tmp_path / "sp", {}))}
+
+
+def random_ids(tok: Tokenizer, rng: random.Random, byte_fallback: bool) -> list[int]:
+    """Random ids, special tokens anywhere. Byte-level: any id, so also partial and invalid UTF-8.
+    Byte fallback (SentencePiece) decodes an invalid run of byte tokens as one U+FFFD per byte, taking
+    back valid bytes before it that a stream has already shown; so there, bytes come as whole characters."""
+    if not byte_fallback:
+        return [rng.randrange(tok.vocab_size) for _ in range(rng.randrange(1, 40))]
+    byte_ids = {tok.token_to_id(f"<0x{b:02X}>") for b in range(256)}
+    ids: list[int] = []
+    while len(ids) < 30:
+        if rng.random() < 0.3:
+            ids += tok.encode(chr(rng.choice([rng.randrange(0x20, 0x7F), rng.randrange(0xA0, 0x3000),
+                                              rng.randrange(0x1F300, 0x1F600)])), add_special_tokens=False)
+        else:
+            ids.append(rng.choice([i for i in range(tok.vocab_size) if i not in byte_ids]))
+    return ids
+
+
+def test_tiny_incremental_decoder_on_random_ids(tmp_path):
+    rng = random.Random(0)
+    for name, tok in tiny_tokenizers(tmp_path).items():
+        for _ in range(20):
+            ids = random_ids(tok, rng, byte_fallback=name == "sentencepiece")
+            for skip in (True, False):
+                whole = tok.decode(ids, skip_special_tokens=skip)
+                assert "".join(stream(tok, ids, skip)) == whole, (name, ids, skip)
+
+
+@pytest.mark.parametrize("text", ["é", "naïve café", "日本語", "😀👍🏽 family 👨\u200d👩\u200d👧", "a😀b"])
+def test_tiny_incremental_decoder_waits_for_a_character_split_over_tokens(tmp_path, text):
+    for name, tok in tiny_tokenizers(tmp_path).items():
+        ids = tok.encode(text, add_special_tokens=False)
+        assert len(ids) > len(text), name  # some characters are split over byte tokens
+        for skip in (True, False):
+            deltas = stream(tok, ids, skip)
+            assert "".join(deltas) == tok.decode(ids, skip_special_tokens=skip) == text, name
+            assert not any("\ufffd" in d for d in deltas), name
+            assert "" in deltas[:-1], name  # steps inside a character emit nothing
 
 
 # --- chat template environment and errors ----------------------------------------------------

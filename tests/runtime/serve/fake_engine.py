@@ -1,15 +1,19 @@
 """A deterministic stand-in for the serving engine: no model, the answer is the prompt reversed.
 
-It keeps the contract's promises (refusals before the first Delta, closing the iterator aborts) and
-records what it was asked, so HTTP tests can check both directions without a model or a GPU.
+It keeps the contract's promises (the real engine's check of a request, refusals before the first
+Delta, usage on the last Delta, closing the iterator aborts) and records what it was asked, so HTTP
+tests can check both directions without a model or a GPU.
 """
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import sys
 from collections.abc import AsyncIterator
 
+from runtime.engine.core import check_request
 from runtime.engine.sampling import SamplingParams, TokenLogprobs
-from runtime.serve.contract import ContextTooLong, Delta, ServiceUnavailable, Usage
+from runtime.serve.contract import Delta, ServiceUnavailable, Usage
 
 BOS = 1  # also the fake's EOS: a reversed prompt that started with BOS ends with it
 
@@ -58,7 +62,6 @@ class FakeEngine:
         self.requests: dict[str, tuple[list[int], SamplingParams]] = {}
         self.finished: list[str] = []
         self.aborted: list[str] = []
-        self._usage: dict[str, Usage] = {}
         # Held like a real engine holds its requests: were the streams dropped instead, garbage
         # collection would close them too and hide an HTTP layer that forgets to.
         self.streams: list[AsyncIterator[Delta]] = []
@@ -67,9 +70,6 @@ class FakeEngine:
                  params: SamplingParams) -> AsyncIterator[Delta]:
         self.streams.append(self._generate(request_id, list(prompt_ids), params))
         return self.streams[-1]
-
-    def usage(self, request_id: str) -> Usage:
-        return self._usage[request_id]
 
     def abort_all(self, error: ServiceUnavailable) -> None:
         self.refusal = error
@@ -82,36 +82,32 @@ class FakeEngine:
             raise self.fail
         if self.refusal is not None:
             raise self.refusal
-        wanted = len(prompt_ids) + (params.max_tokens or 1)
-        if wanted > self.max_model_len:
-            raise ContextTooLong(f"prompt ({len(prompt_ids)} tokens) + max_tokens "
-                                 f"({params.max_tokens}) exceed the context window "
-                                 f"({self.max_model_len} tokens)")
+        check_request(prompt_ids, params, self.max_model_len, self.tokenizer.vocab_size, cache_tokens=sys.maxsize)
 
     async def _generate(self, request_id: str, prompt_ids: list[int],
                         params: SamplingParams) -> AsyncIterator[Delta]:
         self._check(prompt_ids, params)
         self.requests[request_id] = (prompt_ids, params)
-        samples = [self._sample(prompt_ids, params, i) for i in range(params.n)]
-        produced = sum(len(d.token_ids) for s in samples for d in s)
-        self._usage[request_id] = Usage(len(prompt_ids), produced)
+        samples = [self._sample(request_id, prompt_ids, params, i) for i in range(params.n)]
+        order = [sample[step] for step in range(max(map(len, samples))) for sample in samples if step < len(sample)]
+        usage = Usage(len(prompt_ids), sum(len(d.token_ids) for d in order))
+        order[-1] = dataclasses.replace(order[-1], usage=usage)  # on the request's last Delta
         done, sent = False, 0
         try:
             for step in range(max(len(s) for s in samples)):
                 await asyncio.sleep(self.delay)
                 if self.refusal is not None:
                     raise self.refusal
-                for sample in samples:
-                    if step < len(sample):
-                        if sent == self.fail_after:
-                            raise RuntimeError("fake engine failure")
-                        sent += 1
-                        yield sample[step]
+                for _ in range(sum(step < len(sample) for sample in samples)):
+                    if sent == self.fail_after:
+                        raise RuntimeError("fake engine failure")
+                    sent += 1
+                    yield order[sent - 1]
             done = True
         finally:
             (self.finished if done else self.aborted).append(request_id)
 
-    def _sample(self, prompt_ids: list[int], params: SamplingParams, index: int) -> list[Delta]:
+    def _sample(self, request_id: str, prompt_ids: list[int], params: SamplingParams, index: int) -> list[Delta]:
         tokens, finish = [], "stop"
         for t in reversed(prompt_ids[:len(prompt_ids) - index]):
             if params.max_tokens is not None and len(tokens) == params.max_tokens:
@@ -126,10 +122,10 @@ class FakeEngine:
             tokens = tokens[:cut + max(len(s) for s in params.stop if text.find(s) == cut)]
             finish = "stop"
         shown = len(text) if cut is None else cut
-        deltas = [Delta(index, self.tokenizer.decode([t]) if k < shown else "", [t],
+        deltas = [Delta(request_id, index, self.tokenizer.decode([t]) if k < shown else "", [t],
                         self._logprobs(t, k, params)) for k, t in enumerate(tokens)]
-        last = deltas.pop() if deltas else Delta(index, "", [])
-        return [*deltas, Delta(index, last.text, last.token_ids, last.logprobs, finish)]
+        last = deltas.pop() if deltas else Delta(request_id, index, "", [])
+        return [*deltas, dataclasses.replace(last, finish_reason=finish)]
 
     @staticmethod
     def _logprobs(token: int, position: int, params: SamplingParams) -> list[TokenLogprobs]:
