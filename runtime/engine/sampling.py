@@ -413,8 +413,11 @@ class Sampler:
         device = logits.device
         work = apply_penalties(logits, params, history, outputs)  # (B, V) float32
         work = mask_stop_tokens(work, params, outputs, self._eos)
-        tokens = torch.empty(logits.shape[0], dtype=torch.long, device=device)
         greedy = [i for i, p in enumerate(params) if p.greedy]
+        if len(greedy) == len(params):  # the common batch: one argmax over all rows, no row copy
+            tokens = work.argmax(dim=-1)
+            return SampleResult(tokens=tokens, logprobs=_logprobs(logits, tokens, params))
+        tokens = torch.empty(logits.shape[0], dtype=torch.long, device=device)
         if greedy:
             idx = _index(greedy, device)
             tokens[idx] = work[idx].argmax(dim=-1)

@@ -1,7 +1,9 @@
-"""The one place that picks the kernels: Triton on CUDA, the torch references on CPU.
+"""The one place that picks the kernels: Triton on CUDA, batched torch on CPU.
 
 ``TPDEPLOY_KERNELS=triton`` forces the Triton kernels (on CPU, with ``TRITON_INTERPRET=1``, which
-is how the model path through the kernels is tested without a GPU); ``=torch`` forces the references.
+is how the model path through the kernels is tested without a GPU); ``=torch`` forces the CPU path
+(``torch_attention``: every sequence of a step in one batched computation); ``=reference`` the plain
+torch references that both are tested against (``reference``: one prompt at a time).
 """
 from __future__ import annotations
 
@@ -27,13 +29,17 @@ def select(device: torch.device) -> Kernels:
     choice = os.environ.get("TPDEPLOY_KERNELS", "triton" if device.type == "cuda" else "torch")
     if choice == "torch":
         from runtime.kernels import reference as r
-        return Kernels("torch", r.write_kv, r.prefill_attention, r.decode_attention, r.w4a16_linear)
+        from runtime.kernels import torch_attention as t
+        return Kernels("torch", r.write_kv, t.prefill_attention, t.decode_attention, r.w4a16_linear)
+    if choice == "reference":
+        from runtime.kernels import reference as r
+        return Kernels("reference", r.write_kv, r.prefill_attention, r.decode_attention, r.w4a16_linear)
     if choice == "triton":
         try:
             from runtime.kernels import decode_attention, prefill_attention, w4a16
         except ImportError as e:
             raise TpDeployError(f"the Triton kernels need the `triton` package ({e}); install it, or set "
-                                "TPDEPLOY_KERNELS=torch to run the torch reference kernels") from e
+                                "TPDEPLOY_KERNELS=torch to run the torch kernels") from e
         return Kernels("triton", prefill_attention.write_kv, prefill_attention.prefill_attention,
                        decode_attention.decode_attention, w4a16.w4a16_linear)
-    raise TpDeployError(f"TPDEPLOY_KERNELS={choice!r} is not known; use triton or torch")
+    raise TpDeployError(f"TPDEPLOY_KERNELS={choice!r} is not known; use triton, torch or reference")

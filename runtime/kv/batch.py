@@ -1,12 +1,13 @@
 """What one step asks of the cache: which sequences, how many new tokens, which blocks.
 
-``StepBatch`` is what rank 0 broadcasts (plain Python, cheap to pickle); ``paged_batch`` turns it into
-the kernels' ``PagedBatch`` on the device.
+``StepBatch`` is what rank 0 sends the other ranks (plain Python); ``paged_batch`` turns it into the
+kernels' ``PagedBatch`` on the device with a fixed number of tensor operations, whatever the batch size.
 """
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from itertools import chain
 
 import torch
 
@@ -37,7 +38,11 @@ class StepBatch:
         return all(s.new == 1 for s in self.seqs)
 
     def positions(self) -> torch.Tensor:
-        return torch.cat([torch.arange(s.context - s.new, s.context) for s in self.seqs])
+        """(T,) int64: the position of every new token in its sequence."""
+        news = torch.tensor([s.new for s in self.seqs])
+        first = torch.tensor([s.context for s in self.seqs]) - news  # (B,) position of each first new token
+        starts = news.cumsum(0) - news  # (B,) row of each first new token
+        return torch.arange(int(news.sum())) + torch.repeat_interleave(first - starts, news)
 
     def last_token_index(self) -> torch.Tensor:
         """Row of each sequence's last new token in the packed step (where logits are needed)."""
@@ -46,26 +51,38 @@ class StepBatch:
 
 
 def paged_batch(batch: StepBatch, block_size: int, device: torch.device) -> PagedBatch:
-    """The kernels' device view of a step."""
-    whole = _build(batch, block_size, device)
-    decode = [i for i, s in enumerate(batch.seqs) if s.new == 1]
-    if whole.decode_only or not decode:
+    """The kernels' device view of a step (a step mixing prompt chunks and decodes is also split in two)."""
+    seqs = batch.seqs
+    news = torch.tensor([s.new for s in seqs])  # (B,) int64
+    contexts = torch.tensor([s.context for s in seqs])  # (B,)
+    counts = torch.tensor([len(s.blocks) for s in seqs])  # (B,)
+    assert bool((contexts <= counts * block_size).all()), "a sequence has too few blocks for its context"
+    width = int(counts.max())
+    tables = torch.zeros(len(seqs), width, dtype=torch.int64)  # (B, W): padded with block 0
+    held = torch.arange(width)[None, :] < counts[:, None]  # (B, W): row-major, the order of the blocks below
+    tables[held] = torch.tensor(list(chain.from_iterable(s.blocks for s in seqs)), dtype=torch.int64)
+    seq = torch.repeat_interleave(torch.arange(len(seqs)), news)  # (T,) sequence of each new token
+    starts = news.cumsum(0) - news  # (B,) row of each sequence's first new token
+    pos = torch.arange(seq.shape[0]) + (contexts - news - starts)[seq]  # (T,) position in its sequence
+    slots = tables[seq, pos // block_size] * block_size + pos % block_size  # (T,) int64
+    whole = _view(tables, counts, news, contexts, slots, device)
+    decode = news == 1
+    if whole.decode_only or not bool(decode.any()):
         return whole
-    prefill = [i for i, s in enumerate(batch.seqs) if s.new > 1]
-    starts = whole.query_start.tolist()
-    rows = (lambda idx: torch.tensor([r for i in idx for r in range(starts[i], starts[i + 1])], device=device))
-    sub = (lambda idx: _build(StepBatch(tuple(batch.seqs[i] for i in idx)), block_size, device))
-    return dataclasses.replace(whole, split=(rows(decode), sub(decode), rows(prefill), sub(prefill)))
+    dec, pre = decode.nonzero().squeeze(1), (~decode).nonzero().squeeze(1)
+    dec_rows, pre_rows = starts[dec], (~decode)[seq].nonzero().squeeze(1)  # rows of the packed step
+
+    def sub(idx: torch.Tensor, rows: torch.Tensor) -> PagedBatch:
+        return _view(tables[idx], counts[idx], news[idx], contexts[idx], slots[rows], device)
+
+    split = (dec_rows.to(device), sub(dec, dec_rows), pre_rows.to(device), sub(pre, pre_rows))
+    return dataclasses.replace(whole, split=split)
 
 
-def _build(batch: StepBatch, block_size: int, device: torch.device) -> PagedBatch:
-    width = max(len(s.blocks) for s in batch.seqs)
-    tables = torch.tensor([list(s.blocks) + [0] * (width - len(s.blocks)) for s in batch.seqs], dtype=torch.int32)
-    news = torch.tensor([s.new for s in batch.seqs], dtype=torch.int32)
-    slots = []
-    for s in batch.seqs:
-        pos = torch.arange(s.context - s.new, s.context)
-        slots.append(torch.tensor(s.blocks, dtype=torch.int64)[pos // block_size] * block_size + pos % block_size)
-    return PagedBatch(tables.to(device), torch.tensor([s.context for s in batch.seqs], dtype=torch.int32).to(device),
-               torch.cat([torch.zeros(1, dtype=torch.int32), news.cumsum(0, dtype=torch.int32)]).to(device),
-               torch.cat(slots).to(device), int(news.max()), max(s.context for s in batch.seqs), batch.decode_only)
+def _view(tables: torch.Tensor, counts: torch.Tensor, news: torch.Tensor, contexts: torch.Tensor, slots: torch.Tensor,
+          device: torch.device) -> PagedBatch:
+    """A PagedBatch of these sequences; the table is as wide as their longest one."""
+    query_start = torch.cat([torch.zeros(1, dtype=torch.int64), news.cumsum(0)])  # (B + 1,)
+    return PagedBatch(tables[:, :int(counts.max())].to(device, torch.int32), contexts.to(device, torch.int32),
+                      query_start.to(device, torch.int32), slots.to(device), int(news.max()), int(contexts.max()),
+                      bool((news == 1).all()))

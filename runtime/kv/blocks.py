@@ -31,6 +31,7 @@ class BlockManager:
         self._refs = [0] * num_blocks
         self._hashed: dict[int, tuple[int, int]] = {}  # seq -> (blocks hashed so far, last hash)
         self.tables: dict[int, list[int]] = {}
+        self._tuples: dict[int, tuple[int, ...]] = {}  # seq -> its table as last handed out by table()
 
     @property
     def num_free(self) -> int:
@@ -62,10 +63,23 @@ class BlockManager:
             block = self._take()
             self._refs[block] = 1
             table.append(block)
-        return tuple(table)
+        return self.table(seq_id)
+
+    def table(self, seq_id: int) -> tuple[int, ...]:
+        """``seq_id``'s block table as a tuple: the same object for as long as the table is unchanged, so
+        handing it to every step costs nothing (and the other ranks' copy can be checked by identity).
+        Tables only grow by appending, or are dropped whole (``free``), so the length tells a change."""
+        table = self.tables.get(seq_id)
+        if table is None:
+            return ()
+        frozen = self._tuples.get(seq_id)
+        if frozen is None or len(frozen) != len(table):
+            frozen = self._tuples[seq_id] = tuple(table)
+        return frozen
 
     def free(self, seq_id: int) -> None:
         self._hashed.pop(seq_id, None)
+        self._tuples.pop(seq_id, None)
         for block in reversed(self.tables.pop(seq_id, [])):
             self._refs[block] -= 1
             if self._refs[block] == 0:

@@ -1,4 +1,5 @@
-"""The only tensor-parallel operations the model needs: all-reduce and a vocab gather.
+"""The only tensor-parallel operations the model needs: all-reduce and a vocab gather (and, for
+the worker, the broadcast that carries each step from rank 0).
 
 ``Comm`` wraps ``torch.distributed`` (gloo on CPU, NCCL on CUDA); with one rank it does nothing,
 so the model code reads the same at any tp. The worker joins the process group and hands it one.
@@ -8,10 +9,15 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+# int64s in a message's first broadcast (8 KiB): a decode step of up to ~160 sequences fits, so a
+# step usually costs one collective; a longer message (a long prompt's ids) sends the rest in a second.
+_FIRST_BROADCAST = 1024
+
 
 class Comm:
-    def __init__(self, rank: int, world: int):
+    def __init__(self, rank: int, world: int, device: torch.device | None = None):
         self.rank, self.world = rank, world
+        self.device = device or torch.device("cpu")  # where the backend wants tensors (NCCL: the GPU)
 
     def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
         """Sum partial results of row-parallel layers across ranks, in place."""
@@ -36,10 +42,22 @@ class Comm:
         dist.all_gather_object(out, value)
         return out
 
-    def broadcast_object(self, obj: object) -> object:
-        """Rank 0 sends one step description; the others receive it."""
+    def broadcast_ints(self, message: torch.Tensor | None) -> torch.Tensor:
+        """Rank 0's 1-D int64 ``message`` (None on the other ranks) on every rank, on the CPU: one
+        broadcast of a fixed-size buffer holding its length and start, a second for the rest if longer."""
         if self.world == 1:
-            return obj
-        box = [obj]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
+            return message
+        first = torch.zeros(_FIRST_BROADCAST, dtype=torch.int64)  # [length, message[:_FIRST_BROADCAST - 1]]
+        if self.rank == 0:
+            head = message[:_FIRST_BROADCAST - 1]
+            first[0], first[1:1 + head.numel()] = message.numel(), head
+        first = first.to(self.device)
+        dist.broadcast(first, src=0)
+        first = first.cpu()
+        n = int(first[0])
+        if n < _FIRST_BROADCAST:
+            return message if self.rank == 0 else first[1:1 + n]
+        rest = (message[_FIRST_BROADCAST - 1:] if self.rank == 0
+                else torch.empty(n - _FIRST_BROADCAST + 1, dtype=torch.int64)).to(self.device)
+        dist.broadcast(rest, src=0)
+        return message if self.rank == 0 else torch.cat([first[1:], rest.cpu()])

@@ -1,8 +1,8 @@
 """Start one process per rank and drive them from rank 0.
 
 Rank 0 lives in the caller's process (it also samples and, later, serves HTTP); ranks 1..tp-1 are
-spawned processes that loop on steps broadcast by rank 0. Loading errors on any rank are gathered
-and raised on rank 0 with the rank named, instead of leaving the others hanging.
+spawned processes that loop on steps broadcast by rank 0 (compact messages, ``wire``). Loading errors
+on any rank are gathered and raised on rank 0 with the rank named, instead of leaving the others hanging.
 """
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ from formats.errors import TpDeployError
 from runtime.model.comm import Comm
 from runtime.worker.parallel import free_port, init_process_group
 from runtime.worker.runner import ModelRunner, RunnerSpec, Step
+from runtime.worker.wire import StepDecoder, StepEncoder
 
 STEP_TIMEOUT = timedelta(minutes=10)  # a collective that waits longer means a rank died
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
@@ -54,6 +55,7 @@ class Driver:
         for w in self.workers:
             w.start()
         self._closing = False
+        self._encoder = StepEncoder()
         # Called once, from the watchdog thread, when a rank dies; the server replaces it to end its
         # streams with the reason before exiting. The default ends the process at once.
         self.on_rank_death = _exit_now
@@ -71,8 +73,13 @@ class Driver:
         self.runner = runner
 
     def execute(self, step: Step) -> torch.Tensor | None:
-        self.comm.broadcast_object(step)
+        if self.comm.world > 1:
+            self._send(step)
         return self.runner.execute(step)
+
+    def _send(self, step: Step | None) -> None:
+        """The step (None: stop) to the other ranks."""
+        self.comm.broadcast_ints(self._encoder.encode(step))
 
     def dead_rank(self, wait: float = 0.0) -> str | None:
         """Why the ranks cannot go on ("rank 1 exited unexpectedly ..."), or None while all live.
@@ -106,7 +113,7 @@ class Driver:
         self._closing = True
         atexit.unregister(self.close)
         if getattr(self, "comm", None) is not None and self.comm.world > 1 and dist.is_initialized() and self.workers:
-            self.comm.broadcast_object(None)
+            self._send(None)
             for w in self.workers:
                 w.join(timeout=30)
             dist.destroy_process_group()
@@ -119,7 +126,8 @@ def _worker_main(spec: RunnerSpec, rank: int, tp: int, port: int, die_with_paren
     runner, error = _load(spec, rank, comm)
     if not _load_errors(comm, error):
         runner.init_cache(comm)
-        while (step := comm.broadcast_object(None)) is not None:
+        decoder = StepDecoder()
+        while (step := decoder.decode(comm.broadcast_ints(None))) is not None:
             runner.execute(step)
     dist.destroy_process_group()
 

@@ -19,4 +19,4 @@ def init_process_group(rank: int, world: int, port: int, device: torch.device) -
     if world > 1:
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    return Comm(rank, world)
+    return Comm(rank, world, device)

@@ -13,12 +13,13 @@ from formats import int4
 from formats.manifest import Manifest
 from formats.sharding import kv_heads_per_rank
 from runtime import kernels
+from runtime.config import DEFAULTS, CacheConfig
 from runtime.kv.batch import StepBatch
 from runtime.kv.cache import PagedKVCache
 from runtime.kv.format import KVShape, kv_format
 from runtime.model.comm import Comm
 from runtime.model.llama import Model
-from runtime.worker.memory import CacheConfig, free_bytes, kv_bytes, reserve_bytes, weights_bytes
+from runtime.worker.memory import free_bytes, kv_bytes, reserve_bytes, weights_bytes
 from runtime.worker.workspace import load_rank
 
 
@@ -38,8 +39,8 @@ class RunnerSpec:
     device: str  # "cpu" or "cuda"
     dtype: torch.dtype
     cache: CacheConfig = field(default_factory=CacheConfig)
-    max_batch_size: int = 64  # with max_prefill_tokens: the largest step, which the reserve must cover
-    max_prefill_tokens: int = 2048
+    max_batch_size: int = DEFAULTS.max_batch_size  # with max_prefill_tokens: the largest step (the reserve)
+    max_prefill_tokens: int = DEFAULTS.max_prefill_tokens
     threads: int = 0  # CPU threads per rank (0: cores // tp)
 
 

@@ -4,11 +4,11 @@ import torch
 
 from formats.errors import TpDeployError
 from runtime import kernels
+from runtime.config import CacheConfig
 from runtime.kernels.paged import PARAM_DTYPE, dequantize, quantize
 from runtime.kv.blocks import BlockManager
 from runtime.kv.cache import PagedKVCache
 from runtime.kv.format import KVShape, from_quant_policy, key_rotation, kv_format
-from runtime.worker.memory import CacheConfig
 
 # (head_dim, int8 minimum, int4 minimum): tokens at equal memory vs fp16, scale and zero counted.
 CAPACITY_TARGETS = [(64, 1.85, 3.5), (128, 1.9, 3.7)]
@@ -88,6 +88,23 @@ def test_block_manager_grows_frees_and_reuses_blocks():
     assert bm.num_free == 3 and bm.grow(3, 33) == (0, 1, 3)  # freed blocks come back first
     bm.free(2), bm.free(3), bm.free(99)  # freeing an unknown sequence is a no-op
     assert bm.num_free == 4 and bm.tables == {}
+
+
+def test_block_table_tuple_is_reused_until_the_table_changes():
+    bm = BlockManager(num_blocks=8, block_size=16, prefix_caching=True)
+    first = bm.grow(1, 17)
+    assert bm.table(1) is first and bm.grow(1, 32) is first  # unchanged: the same object, no copy per step
+    grown = bm.grow(1, 33)
+    assert grown == first + (grown[-1],) and bm.table(1) is grown
+    bm.free(1)
+    assert bm.table(1) == ()
+    regrown = bm.grow(1, 40)  # LIFO: the same blocks again, in a new table
+    assert regrown == grown and regrown is not grown
+    tokens = list(range(40))
+    bm.register_full_blocks(1, tokens, 40)
+    assert bm.match_prefix(2, tokens + [7]) == 32 and bm.table(2) == bm.table(1)[:2]  # shared prefix blocks
+    bm.free(1), bm.free(2)
+    assert bm.table(2) == () and bm.num_free == 8
 
 
 def test_block_manager_refuses_an_empty_cache():

@@ -6,8 +6,8 @@ import torch
 from converter.convert import ConvertOptions, convert
 from formats.errors import TpDeployError
 from runtime.api import LLM
+from runtime.config import CacheConfig
 from runtime.engine.sampling import SamplingParams
-from runtime.worker.memory import CacheConfig
 
 LOGIT_ATOL = 1e-4  # fp32 throughout; only the order of sums differs between paths
 # Quantized KV perturbs every attention score; on random tiny models logits of magnitude ~1 move by:
@@ -25,8 +25,25 @@ def ws(tmp_path_factory):
     return {tp: convert(ConvertOptions(src, root / f"tp{tp}", tp)) and root / f"tp{tp}" for tp in (1, 2)}
 
 
-def _llm(path, max_prefill_tokens: int = 2048, **cache) -> LLM:
-    return LLM(path, device="cpu", cache=CacheConfig(block_size=16, **cache), max_prefill_tokens=max_prefill_tokens)
+# Triton kernels run compiled on a GPU and in Triton's interpreter on CPU (tests/conftest.py).
+TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _llm(path, max_prefill_tokens: int = 2048, device: str = "cpu", **cache) -> LLM:
+    return LLM(path, device=device, cache=CacheConfig(block_size=16, **cache), max_prefill_tokens=max_prefill_tokens)
+
+
+def _per_kernels(names: tuple[str, str], path, prompts: list, params: SamplingParams, monkeypatch,
+                 **llm) -> dict:
+    """Per kernel set: the chunked-prefill logits of one prompt, and greedy tokens of a batch."""
+    results = {}
+    for name in names:
+        monkeypatch.setenv("TPDEPLOY_KERNELS", name)
+        with _llm(path, **llm) as model:
+            assert model.driver.runner.kernels.name == name
+            results[name] = (model.prompt_logits(PROMPTS[3], chunk=13),
+                             [o.outputs[0].token_ids for o in model.generate(prompts, params)])
+    return results
 
 
 @pytest.mark.parametrize("tp", [1, 2])
@@ -79,18 +96,23 @@ def test_quantized_kv_stays_close_to_fp32(ws, kv):
 def test_triton_kernels_through_the_model_match_the_torch_path(ws, kv, monkeypatch):
     """Prefill, chunked prefill and batched decode through the Triton kernels (interpreted on CPU)."""
     pytest.importorskip("triton")
-    prompts = [PROMPTS[1], PROMPTS[3]]
     params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
-    results = {}
-    for name in ("torch", "triton"):
-        monkeypatch.setenv("TPDEPLOY_KERNELS", name)
-        # 16 new tokens per step: the 40-token prompt is prefilled in chunks beside the other's decodes
-        with _llm(ws[1], kv_cache_tokens=256, kv_dtype=kv, max_prefill_tokens=16) as llm:
-            assert llm.driver.runner.kernels.name == name
-            results[name] = (llm.prompt_logits(PROMPTS[3], chunk=13),
-                             [o.outputs[0].token_ids for o in llm.generate(prompts, params)])
+    # 16 new tokens per step: the 40-token prompt is prefilled in chunks beside the other's decodes
+    results = _per_kernels(("torch", "triton"), ws[1], [PROMPTS[1], PROMPTS[3]], params, monkeypatch,
+                           kv_cache_tokens=256, kv_dtype=kv, max_prefill_tokens=16, device=TRITON_DEVICE)
     torch.testing.assert_close(results["triton"][0], results["torch"][0], atol=LOGIT_ATOL, rtol=0)
     assert results["triton"][1] == results["torch"][1]
+
+
+@pytest.mark.parametrize("kv", ["auto", "int8"])
+def test_batched_cpu_attention_through_the_model_matches_the_reference(ws, kv, monkeypatch):
+    """The CPU path (all sequences of a step in one attention call) against the per-sequence reference:
+    chunked prefill beside decodes, then batched decode, on 2 ranks."""
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    results = _per_kernels(("reference", "torch"), ws[2], PROMPTS * 2, params, monkeypatch,
+                           kv_cache_tokens=1024, kv_dtype=kv, max_prefill_tokens=24)
+    torch.testing.assert_close(results["torch"][0], results["reference"][0], atol=LOGIT_ATOL, rtol=0)
+    assert results["torch"][1] == results["reference"][1]
 
 
 def test_w4a16_kernel_through_the_model_matches_the_torch_path(tmp_path, monkeypatch):
@@ -102,7 +124,7 @@ def test_w4a16_kernel_through_the_model_matches_the_torch_path(tmp_path, monkeyp
     logits = {}
     for name in ("torch", "triton"):
         monkeypatch.setenv("TPDEPLOY_KERNELS", name)
-        with LLM(tmp_path / "ws", device="cpu", dtype="float32", cache=CacheConfig(kv_cache_tokens=128)) as llm:
+        with LLM(tmp_path / "ws", device=TRITON_DEVICE, dtype="float32", kv_cache_tokens=128) as llm:
             logits[name] = llm.prompt_logits(PROMPTS[2])
     torch.testing.assert_close(logits["triton"], logits["torch"], atol=LOGIT_ATOL, rtol=0)
 

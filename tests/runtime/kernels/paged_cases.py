@@ -1,10 +1,12 @@
 """Random paged caches for kernel tests: scattered, shuffled blocks, any precision, any lengths."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from runtime.kernels import reference
-from runtime.kernels.paged import LayerKV
+from runtime.kernels.paged import LayerKV, PagedBatch
 from runtime.kv.batch import SeqSlice, StepBatch, paged_batch
 from runtime.kv.format import kv_format
 
@@ -64,3 +66,33 @@ def _rand(shape, g, scale, dtype, device) -> torch.Tensor:
 def clone(kv: LayerKV) -> LayerKV:
     c = (lambda t: None if t is None else t.clone())
     return LayerKV(kv.k.clone(), kv.v.clone(), c(kv.k_params), c(kv.v_params), kv.bits)
+
+
+def garbage(kv: LayerKV, pb: PagedBatch, seed: int = 0) -> tuple[LayerKV, PagedBatch]:
+    """The same cache with random bits (NaN, inf, 1e38 and everything between) in every slot no sequence
+    holds, behind a new garbage block 0: real table entries move up by one, padding stays 0. What a
+    ``torch.empty`` cache may hold where nothing was written; a path that reads it shows NaN or a wrong value."""
+    bs, nb, dev = kv.block_size, kv.k.shape[0], kv.k.device
+    held = torch.zeros(nb * bs, dtype=torch.bool)
+    for table, n in zip(pb.block_tables.tolist(), pb.seq_lens.tolist()):
+        pos = torch.arange(n)
+        held[torch.tensor(table)[pos // bs] * bs + pos % bs] = True
+    free = ~held.view(nb, 1, bs, 1).to(dev)  # broadcasts over (num_blocks, Hkv, block_size, X)
+    g = torch.Generator().manual_seed(seed)
+
+    def spoil(t):  # (nb, ...) -> (nb + 1, ...): random bits where free, and in the new block 0
+        bits = _random_bits(t.shape, t.dtype, g).to(dev)
+        t = torch.where(free, bits, t)
+        return torch.cat([_random_bits(t[:1].shape, t.dtype, g).to(dev), t])
+    p = (lambda t: None if t is None else spoil(t))
+    kv = LayerKV(spoil(kv.k), spoil(kv.v), p(kv.k_params), p(kv.v_params), kv.bits)
+    width = pb.block_tables.shape[1]
+    real = torch.arange(width, device=dev)[None, :] < ((pb.seq_lens + bs - 1) // bs)[:, None]  # (B, width)
+    return kv, replace(pb, block_tables=torch.where(real, pb.block_tables + 1, 0).int(), slots=pb.slots + bs)
+
+
+def _random_bits(shape, dtype: torch.dtype, g: torch.Generator) -> torch.Tensor:
+    """Uniformly random bit patterns of ``dtype``."""
+    as_int = {1: torch.uint8, 2: torch.int16, 4: torch.int32}[dtype.itemsize]
+    info = torch.iinfo(as_int)
+    return torch.randint(info.min, info.max, shape, generator=g, dtype=torch.int64).to(as_int).view(dtype)
