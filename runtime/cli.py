@@ -124,9 +124,10 @@ def serve_cmd(workspace: Path, host: str, port: int, api_key: str | None, served
     """Serve WORKSPACE with an OpenAI-compatible API (continuous batching over the paged KV cache)."""
     import uvicorn
 
-    from runtime.serve.app import Lifecycle, create_app
+    from runtime.serve.app import create_app
     from runtime.serve.async_engine import AsyncEngine
     from runtime.serve.metrics import Metrics
+    from runtime.serve.middleware import Lifecycle
     from runtime.serve.plan import startup_table
     from runtime.serve.shutdown import GracefulServer, listen
 

@@ -13,7 +13,6 @@ fake engine. Two rules shape the code:
 from __future__ import annotations
 
 import logging
-import secrets
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -21,61 +20,26 @@ from typing import Any, TypeVar
 
 import anyio
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
-from starlette.exceptions import HTTPException
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import Receive, Scope, Send
 
-from formats.errors import TpDeployError
 from runtime import __version__
 from runtime.engine.sampling import SamplingParams
-from runtime.serve.contract import (
-    ContextTooLong,
-    Delta,
-    EngineClient,
-    InvalidPrompt,
-    Overloaded,
-    ServerError,
-    ServiceUnavailable,
-    Usage,
-)
+from runtime.serve.contract import Delta, EngineClient, ServiceUnavailable, Usage
+from runtime.serve.errors import error_response, in_band_error, install_error_handlers
 from runtime.serve.metrics import CONTENT_TYPE, Metrics
-from runtime.serve.protocol import (
-    APIError,
-    ChatCompletionRequest,
-    ChatRenderer,
-    CompletionRenderer,
-    CompletionRequest,
-    Renderer,
-    error_body,
-    sse,
-)
+from runtime.serve.middleware import Admission, CountRequests, Lifecycle, RequireApiKey
+from runtime.serve.protocol import APIError, ChatCompletionRequest, CompletionRequest
+from runtime.serve.render import ChatRenderer, CompletionRenderer, Renderer, sse
 from runtime.serve.streams import merge
 
 log = logging.getLogger("tprun.serve")
 T = TypeVar("T")
 
-# Route labels for tprun_requests_total; any other path counts as "other" so that scanners
-# probing random URLs cannot grow the label set without bound.
-_ROUTES = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics",
-                     "/version", "/ping"})
 DEFAULT_MAX_N = 16  # samples per request: each is a sequence in the batch with its own KV blocks
-_GENERATION_ROUTES = frozenset({"/v1/chat/completions", "/v1/completions"})
 _CLIENT_CLOSED = 499  # nginx's "client closed request": nobody reads it, metrics and logs do
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # no proxy buffering
-
-
-class Lifecycle:
-    """What shutdown needs to see: requests in flight, and whether new ones are still admitted."""
-
-    def __init__(self) -> None:
-        self.draining: str | None = None  # why new requests get 503, once shutting down
-        self.in_flight = 0  # generation requests whose response has not ended
-
-    @property
-    def idle(self) -> bool:
-        return self.in_flight == 0
 
 
 def create_app(engine: EngineClient, *, served_model_name: str, api_key: str | None,
@@ -95,10 +59,10 @@ def create_app(engine: EngineClient, *, served_model_name: str, api_key: str | N
     app.add_api_route("/ping", server.health, methods=["GET", "POST"])  # vLLM's (SageMaker's) path
     app.add_api_route("/version", server.version, methods=["GET"])
     app.add_api_route("/metrics", server.render_metrics, methods=["GET"])
-    _install_error_handlers(app)
-    app.add_middleware(_RequireApiKey, api_key=api_key)
-    app.add_middleware(_Admission, lifecycle=lifecycle)
-    app.add_middleware(_CountRequests, metrics=metrics)  # added last = outermost: sees 401s too
+    install_error_handlers(app)
+    app.add_middleware(RequireApiKey, api_key=api_key)
+    app.add_middleware(Admission, lifecycle=lifecycle)
+    app.add_middleware(CountRequests, metrics=metrics)  # added last = outermost: sees 401s too
     return app
 
 
@@ -130,7 +94,7 @@ class _Server:
 
     async def health(self) -> Response:
         if self.lifecycle.draining:  # load balancers take this replica out while it drains
-            return _error(503, self.lifecycle.draining, "server_error", code="service_unavailable")
+            return error_response(503, self.lifecycle.draining, "server_error", code="service_unavailable")
         return JSONResponse({"status": "ok"})
 
     async def version(self) -> dict[str, str]:
@@ -226,7 +190,7 @@ class _Server:
                 log.exception("request %s failed mid-stream", renderer.id)
             for index in sorted(unfinished):  # every choice ends with a reason, as in vLLM
                 yield sse(renderer.finish_chunk(index, "error"))
-            yield sse(_in_band_error(e))
+            yield sse(in_band_error(e))
         finally:
             await _close(stream)
         yield b"data: [DONE]\n\n"
@@ -306,161 +270,3 @@ class _EventStream(StreamingResponse):
             with anyio.CancelScope(shield=True):
                 await self.body_iterator.aclose()
             await _close(self._engine_stream)
-
-
-# ------------------------------------------------------------------------------------------ errors
-def _error(status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
-           code: str | int | None = None, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse(error_body(message, type, param, code), status_code=status, headers=headers)
-
-
-def _in_band_error(e: Exception) -> dict[str, Any]:
-    if isinstance(e, ServiceUnavailable):
-        return error_body(str(e), "server_error", code="service_unavailable")
-    if isinstance(e, ServerError):
-        return error_body(str(e), "server_error")
-    if isinstance(e, TpDeployError):
-        return error_body(str(e), "invalid_request_error")
-    return error_body(f"internal server error ({type(e).__name__}); see the server log", "server_error")
-
-
-def _validation_error(errors: list[dict[str, Any]]) -> tuple[str, str | None]:
-    """Message and param of the first problem pydantic (or FastAPI's JSON parser) found."""
-    err = errors[0]
-    kind, loc = err["type"], [p for p in err["loc"] if p != "body"]
-    if kind == "json_invalid":
-        reason = err.get("ctx", {}).get("error", err["msg"])
-        return f"the request body is not valid JSON: {reason} (at character {err['loc'][-1]})", None
-    param = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".") or None
-    if kind == "value_error":  # our validators' own messages already say what was received
-        return (f"{param}: " if param else "") + str(err["ctx"]["error"]), param
-    if not loc:
-        return "the request body must be a JSON object (sent with Content-Type: application/json)", None
-    if kind == "missing":
-        return f"{param} is required", param
-    return f"{param}: {err['msg']} (received {err['input']!r:.80})", param
-
-
-def _prompt_param(request: Request) -> str:
-    return "messages" if request.url.path.endswith("/chat/completions") else "prompt"
-
-
-def _install_error_handlers(app: FastAPI) -> None:
-    """Map every exception to OpenAI's error body (Starlette picks the most specific class)."""
-
-    async def api_error(_: Request, e: APIError) -> JSONResponse:
-        return _error(e.status, e.message, e.type, e.param, e.code, e.headers)
-
-    async def invalid(_: Request, e: RequestValidationError) -> JSONResponse:
-        message, param = _validation_error(list(e.errors()))
-        return _error(400, message, param=param)
-
-    async def overloaded(_: Request, e: Overloaded) -> JSONResponse:
-        return _error(429, str(e), "rate_limit_error", code="rate_limit_exceeded",
-                      headers={"Retry-After": str(max(1, int(e.retry_after)))})
-
-    async def bad_prompt(request: Request, e: InvalidPrompt) -> JSONResponse:
-        code = "context_length_exceeded" if isinstance(e, ContextTooLong) else None
-        return _error(400, str(e), param=_prompt_param(request), code=code)
-
-    async def unavailable(_: Request, e: ServiceUnavailable) -> JSONResponse:
-        return _error(503, str(e), "server_error", code="service_unavailable")
-
-    async def user_error(_: Request, e: TpDeployError) -> JSONResponse:
-        return _error(400, str(e))
-
-    async def http_error(_: Request, e: HTTPException) -> JSONResponse:
-        kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
-        return _error(e.status_code, str(e.detail), kind, headers=e.headers)
-
-    async def server_error(request: Request, e: ServerError) -> JSONResponse:
-        log.error("%s %s failed: %s", request.method, request.url.path, e)
-        return _error(500, str(e), "server_error")
-
-    async def crash(request: Request, e: Exception) -> JSONResponse:
-        log.error("%s %s failed", request.method, request.url.path, exc_info=e)
-        return _error(500, f"internal server error ({type(e).__name__}); see the server log",
-                      "server_error")
-
-    for cls, handler in ((APIError, api_error), (RequestValidationError, invalid),
-                         (Overloaded, overloaded), (InvalidPrompt, bad_prompt),
-                         (ServiceUnavailable, unavailable), (ServerError, server_error),
-                         (TpDeployError, user_error), (HTTPException, http_error),
-                         (Exception, crash)):
-        app.add_exception_handler(cls, handler)
-
-
-# -------------------------------------------------------------------------------------- middleware
-class _RequireApiKey:
-    """401 for a /v1 request without ``Authorization: Bearer <key>``; /health and /metrics stay
-    open so that load balancers and Prometheus need no secret."""
-
-    def __init__(self, app: ASGIApp, api_key: str | None) -> None:
-        self.app, self.key = app, None if api_key is None else api_key.encode()
-
-    def _problem(self, scope: Scope) -> str | None:
-        header = dict(scope["headers"]).get(b"authorization")
-        if header is None:
-            return ("this server needs an API key: send the header 'Authorization: Bearer <key>' "
-                    "(OpenAI clients: api_key=<key>)")
-        scheme, _, token = header.partition(b" ")
-        if scheme.lower() != b"bearer" or not secrets.compare_digest(token.strip(), self.key):
-            return "invalid API key: send 'Authorization: Bearer <key>' with the server's key"
-        return None
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        path = scope.get("path", "")
-        if self.key is not None and scope["type"] == "http" and (
-                path == "/v1" or path.startswith("/v1/")):
-            problem = self._problem(scope)
-            if problem is not None:
-                response = _error(401, problem, code="invalid_api_key",
-                                  headers={"WWW-Authenticate": "Bearer"})
-                return await response(scope, receive, send)
-        await self.app(scope, receive, send)
-
-
-class _Admission:
-    """While draining: 503 for new generation requests; counts those in flight for the drain."""
-
-    def __init__(self, app: ASGIApp, lifecycle: Lifecycle) -> None:
-        self.app, self.lifecycle = app, lifecycle
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] not in _GENERATION_ROUTES:
-            return await self.app(scope, receive, send)
-        if self.lifecycle.draining:
-            response = _error(503, self.lifecycle.draining, "server_error", code="service_unavailable",
-                              headers={"Connection": "close", "Retry-After": "1"})
-            return await response(scope, receive, send)
-        self.lifecycle.in_flight += 1
-        try:
-            await self.app(scope, receive, send)
-        finally:
-            self.lifecycle.in_flight -= 1
-
-
-class _CountRequests:
-    """``tprun_requests_total{route,status}``: the status as sent, 500 when the app raised."""
-
-    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
-        self.app, self.metrics = app, metrics
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        path = scope["path"]
-        route = path if path in _ROUTES else \
-            "/v1/models/{model}" if path.startswith("/v1/models/") else "other"
-        status = 500
-
-        async def send_counted(message: dict[str, Any]) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_counted)
-        finally:
-            self.metrics.on_http_response(route, status)

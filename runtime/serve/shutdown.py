@@ -20,8 +20,8 @@ from types import FrameType
 import uvicorn
 
 from formats.errors import TpDeployError
-from runtime.serve.app import Lifecycle
 from runtime.serve.contract import EngineClient, ServiceUnavailable
+from runtime.serve.middleware import Lifecycle
 
 DEFAULT_SHUTDOWN_TIMEOUT = 30.0  # seconds in-flight requests may take after SIGTERM (k8s grace: 30)
 _CLOSE_WAIT = 5.0  # after ending the stragglers: time for their last events to reach the clients

@@ -5,14 +5,8 @@ import pytest
 import torch
 
 from formats.errors import TpDeployError
-from runtime.engine.sampling import (
-    Sampler,
-    SamplingParams,
-    apply_penalties,
-    filtered_probs,
-    make_generator,
-    mask_stop_tokens,
-)
+from runtime.engine.penalties import apply_penalties, mask_stop_tokens
+from runtime.engine.sampling import Sampler, SamplingParams, filtered_probs, make_generator
 
 # Four tokens with known probabilities, so every filter's expected survivors can be worked out by hand.
 KNOWN_PROBS = [0.5, 0.3, 0.15, 0.05]

@@ -9,9 +9,10 @@ import pytest
 from starlette.testclient import TestClient
 
 from runtime import __version__
-from runtime.serve.app import Lifecycle, create_app
+from runtime.serve.app import create_app
 from runtime.serve.contract import ServiceUnavailable
 from runtime.serve.metrics import Metrics
+from runtime.serve.middleware import Lifecycle
 from tests.runtime.serve.conftest import KEY, MODEL
 from tests.runtime.serve.test_app import HELLO, error_of, events, only_request
 
