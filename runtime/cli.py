@@ -10,7 +10,7 @@ import click
 
 from formats.errors import TpDeployError
 from runtime import __version__
-from runtime.config import EngineConfig, from_options, options, user_errors
+from runtime.config import DEFAULT_MAX_N, EngineConfig, from_options, options, user_errors
 
 
 @click.group()
@@ -112,7 +112,7 @@ def perplexity_cmd(workspace: Path, text_file: Path, context: int, prefill_chunk
               help="Requests admitted into the batch at once; more wait in the queue (not the cache size).")
 @click.option("--max-queue", type=int, default=1024, show_default=True,
               help="Requests allowed to wait beyond --max-concurrent-requests; more get HTTP 429.")
-@click.option("--max-n", type=click.IntRange(min=1), default=16, show_default=True,
+@click.option("--max-n", type=click.IntRange(min=1), default=DEFAULT_MAX_N, show_default=True,
               help="Most samples (n) one request may ask for; more get HTTP 400.")
 @click.option("--shutdown-timeout", type=click.FloatRange(min=0), default=30.0, show_default=True,
               help="On SIGTERM/SIGINT: seconds the requests in flight may take to finish; new ones get 503.")

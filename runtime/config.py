@@ -24,6 +24,7 @@ from formats.manifest import FLOAT_DTYPES
 from runtime.kv.format import BLOCK_SIZE, KV_DTYPES, QUANT_POLICY, from_quant_policy
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
+DEFAULT_MAX_N = 16  # samples per request (serve --max-n): each is a sequence in the batch with its own KV blocks
 
 # One letter (80g) is binary, as in Docker and the JVM; "GB" is decimal, "GiB" binary.
 _UNITS = {"": 1, "b": 1,

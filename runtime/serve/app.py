@@ -25,6 +25,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.types import Receive, Scope, Send
 
 from runtime import __version__
+from runtime.config import DEFAULT_MAX_N
 from runtime.engine.sampling import SamplingParams
 from runtime.serve.contract import Delta, EngineClient, ServiceUnavailable, Usage
 from runtime.serve.errors import error_response, in_band_error, install_error_handlers
@@ -37,7 +38,6 @@ from runtime.serve.streams import merge
 log = logging.getLogger("tprun.serve")
 T = TypeVar("T")
 
-DEFAULT_MAX_N = 16  # samples per request: each is a sequence in the batch with its own KV blocks
 _CLIENT_CLOSED = 499  # nginx's "client closed request": nobody reads it, metrics and logs do
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # no proxy buffering
 

@@ -65,7 +65,6 @@ def kv_bytes(available_after_weights: int, reserve: int, lam: float) -> int:
     return max(0, math.floor(lam * (available_after_weights - reserve)))
 
 
-
 def free_bytes(device: torch.device, ranks_on_host: int) -> int:
     """Memory this rank may still use: the GPU's free memory, or its share of the host's available RAM."""
     if device.type == "cuda":
