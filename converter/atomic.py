@@ -164,5 +164,5 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _raise_on_sigterm(signum, frame):  # noqa: ARG001 - signal handler signature
+def _raise_on_sigterm(signum, frame):
     raise SystemExit(128 + signum)

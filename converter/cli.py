@@ -29,13 +29,18 @@ def main() -> None:
 @main.command("convert")
 @click.argument("src", type=click.Path(path_type=Path))
 @click.option("-o", "--dst-path", type=click.Path(path_type=Path), default=Path("./workspace"), show_default=True)
-@click.option("--tp", type=int, default=1, show_default=True, help="Tensor-parallel degree (ranks).")
+@click.option("--tp", type=int, default=1, show_default=True, help="Tensor-parallel degree (ranks per stage).")
+@click.option("--pp", type=int, default=1, show_default=True,
+              help="Pipeline-parallel stages; the workspace holds tp x pp ranks, stages balanced by bytes.")
+@click.option("--pp-layers", default=None, metavar="N,N,...",
+              help="Decoder layers per stage, e.g. 10,10,8,2, instead of the balance by bytes.")
 @click.option("--model-format", type=click.Choice(["auto", "hf", "awq"]), default="auto", show_default=True)
 @click.option("--dtype", type=click.Choice(["auto", "float16", "bfloat16", "float32"]), default="auto",
               show_default=True, help="Output dtype; auto keeps the checkpoint's.")
 @click.option("--force", is_flag=True, help="Replace an existing workspace at --dst-path.")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary.")
-def convert_cmd(src: Path, dst_path: Path, tp: int, model_format: str, dtype: str, force: bool, as_json: bool) -> None:
+def convert_cmd(src: Path, dst_path: Path, tp: int, pp: int, pp_layers: str | None, model_format: str, dtype: str,
+                force: bool, as_json: bool) -> None:
     """Convert SRC (a local HF checkpoint directory) into a workspace with one shard per rank."""
     bar = None
 
@@ -47,7 +52,9 @@ def convert_cmd(src: Path, dst_path: Path, tp: int, model_format: str, dtype: st
         return bar.update
 
     try:
-        summary = convert(ConvertOptions(src, dst_path, tp, model_format, dtype, force), on_start)
+        if pp_layers is not None and pp == 1:
+            pp = len(pp_layers.split(","))  # the list says how many stages
+        summary = convert(ConvertOptions(src, dst_path, tp, model_format, dtype, force, pp, pp_layers), on_start)
     except TpDeployError as e:
         _fail(e)
     finally:
@@ -62,7 +69,7 @@ def convert_cmd(src: Path, dst_path: Path, tp: int, model_format: str, dtype: st
         click.echo(json.dumps(d, indent=1))
     else:
         per_rank = ", ".join(f"{b / 1e6:.1f} MB" for b in summary.bytes_per_rank)
-        click.echo(f"wrote {summary.workspace}: tp={tp}, {summary.dtype}, {summary.files} files, "
+        click.echo(f"wrote {summary.workspace}: tp={tp}, pp={summary.pp}, {summary.dtype}, {summary.files} files, "
                    f"per rank [{per_rank}] in {summary.seconds:.1f}s, peak RSS {summary.peak_rss_bytes / 1e6:.0f} MB")
 
 
@@ -98,8 +105,16 @@ def inspect_cmd(workspace: Path, as_json: bool) -> None:
     click.echo(f"model      {m['architecture']}: {m['num_layers']} layers, hidden {m['hidden_size']}, "
                f"{m['num_heads']} heads / {m['num_kv_heads']} KV heads, vocab {m['vocab_size']} "
                f"(padded {info['padded_vocab_size']}), tied embeddings: {m['tie_word_embeddings']}")
-    click.echo(f"weights    {info['dtype']}, tp={info['tp']}")
+    click.echo(f"weights    {info['dtype']}, tp={info['tp']}, pp={info['pp']} ({len(info['bytes_per_rank'])} ranks)")
+    for s in info["stages"]:
+        click.echo(f"stage {s['stage']:<4} layers {s['layers'][0]}..{s['layers'][1] - 1} ({s['num_layers']}), "
+                   f"{s['bytes'] / 1e6:10.2f} MB{'  ' + s['holds'] if s['holds'] else ''}")
+    if info["pp"] > 1:
+        click.echo(f"stages     {info['stage_spread_percent']}% spread between largest and smallest stage")
     for r, b in enumerate(info["bytes_per_rank"]):
-        click.echo(f"rank{r}      {b / 1e6:10.2f} MB  {info['tensors_per_rank'][r]} tensors")
+        stage, tp_rank = info["rank_stage"][r]
+        click.echo(f"rank{r:<6} stage {stage} tp rank {tp_rank} {b / 1e6:10.2f} MB  {info['tensors_per_rank'][r]} tensors")
     click.echo(f"balance    {info['rank_spread_percent']}% spread between largest and smallest rank")
+    if info["tied_lm_head_copy"]:
+        click.echo("tied       the last stage holds its own vocab-parallel copy of the tied embedding as lm_head")
     click.echo(f"source     {info['source']['path']} ({info['source']['format']}, {len(info['source']['files'])} files)")

@@ -22,6 +22,7 @@ from converter.writer import peak_rss_bytes, sha256_file
 from formats import layout
 from formats.errors import TpDeployError
 from formats.manifest import FileEntry, Manifest, RankEntry, SourceInfo, WeightFormat
+from formats.pipeline import StageEntry, balance, check_pp, global_rank, parse_pp_layers, stages_from_counts
 from formats.shard_plan import file_groups, rank_tensor
 from formats.sharding import check_tp, padded_size
 
@@ -36,12 +37,15 @@ class ConvertOptions:
     model_format: str = "auto"
     dtype: str = "auto"
     force: bool = False
+    pp: int = 1
+    pp_layers: str | None = None  # "10,10,8,2": layers per stage instead of the balance by bytes
 
 
 @dataclass(frozen=True)
 class ConvertSummary:
     workspace: str
     tp: int
+    pp: int
     dtype: str
     files: int
     bytes_per_rank: list[int]
@@ -71,15 +75,16 @@ def convert(opts: ConvertOptions, on_start: Callable[[int], Progress] | None = N
     torch.set_num_threads(1)
     try:
         check_tp(src.config, opts.tp, src.int4.group_size if src.int4 else 0)
-        total = planned_bytes(src, opts.tp)
+        stages = plan_stages(src, opts.tp, opts.pp, opts.pp_layers)
+        total = planned_bytes(src, opts.tp, stages)
         _check_space(dst, total)
         progress = on_start(total) if on_start else (lambda n: None)
         with concurrent.futures.ThreadPoolExecutor(1) as pool, building(dst, opts.force, src_dir) as tmp:
             # Hashing the source overlaps with conversion: hashlib releases the GIL.
             source_hashes = pool.submit(_hash_files, src.path, src.checkpoint.files)
-            ranks = _write_ranks(src, opts.tp, tmp, progress)
+            ranks = _write_ranks(src, opts.tp, stages, tmp, progress)
             tokenizer = _write_tokenizer(src, tmp)
-            manifest = _manifest(src, opts.tp, ranks, tokenizer, source_hashes.result())
+            manifest = _manifest(src, opts.tp, stages, ranks, tokenizer, source_hashes.result())
             _write_manifest(tmp, manifest)
     except OSError as e:
         raise _os_error(e, dst) from e
@@ -87,7 +92,7 @@ def convert(opts: ConvertOptions, on_start: Callable[[int], Progress] | None = N
         src.checkpoint.close()
         torch.set_num_threads(threads)
     return ConvertSummary(
-        workspace=str(dst.absolute()), tp=opts.tp, dtype=manifest.weights.dtype,
+        workspace=str(dst.absolute()), tp=opts.tp, pp=len(stages), dtype=manifest.weights.dtype,
         files=sum(len(r.files) for r in ranks) + len(tokenizer) + 1,
         bytes_per_rank=[r.bytes for r in ranks], seconds=round(time.perf_counter() - t0, 3),
         peak_rss_bytes=peak_rss_bytes(),
@@ -95,29 +100,56 @@ def convert(opts: ConvertOptions, on_start: Callable[[int], Progress] | None = N
     )
 
 
-def planned_bytes(src: Source, tp: int) -> int:
+def plan_stages(src: Source, tp: int, pp: int, pp_layers: str | None = None) -> tuple[StageEntry, ...]:
+    """The stages' layer ranges: ``--pp-layers`` as given, or balanced by the bytes each stage holds."""
+    cfg = src.config
+    check_pp(cfg.num_layers, pp)
+    if pp_layers is not None:
+        return stages_from_counts(parse_pp_layers(pp_layers, cfg.num_layers, pp))
+    if pp == 1:
+        return stages_from_counts([cfg.num_layers])
+    quantized = src.int4 is not None
+    first = file_groups(cfg, quantized, StageEntry(0, (0, 0)), pp)  # the embedding alone
+    last = file_groups(cfg, quantized, StageEntry(pp - 1, (0, 0)), pp)  # the head alone
+    layers = file_groups(cfg, quantized)[1:-1]
+    counts = balance([_group_bytes(src, g, tp) for g in layers], sum(_group_bytes(src, g, tp) for g in first),
+                     sum(_group_bytes(src, g, tp) for g in last), pp)
+    return stages_from_counts(counts)
+
+
+def planned_bytes(src: Source, tp: int, stages: tuple[StageEntry, ...] | None = None) -> int:
     """Tensor bytes the workspace will hold over all ranks (headers excluded)."""
-    n, group_size = 0, src.int4.group_size if src.int4 else 0
-    for group in file_groups(src.config, quantized=src.int4 is not None):
-        for rank in range(tp):
-            for t in group.tensors:
-                n += math.prod(rank_tensor(t, src.config, tp, rank, group_size).shape) * src.out_dtype(t).itemsize
-    return n
+    stages = stages or (StageEntry(0, (0, src.config.num_layers)),)
+    return sum(_group_bytes(src, g, tp) for s in stages for g in _groups(src, s, len(stages)))
 
 
-def _write_ranks(src: Source, tp: int, root: Path, progress: Progress) -> list[RankEntry]:
-    files: list[list[FileEntry]] = [[] for _ in range(tp)]
-    tensors: list[list] = [[] for _ in range(tp)]
-    for rank in range(tp):
+def _groups(src: Source, stage: StageEntry, pp: int):
+    return file_groups(src.config, src.int4 is not None, stage, pp)
+
+
+def _group_bytes(src: Source, group, tp: int) -> int:
+    """Bytes of one file group over the tp ranks of a stage."""
+    group_size = src.int4.group_size if src.int4 else 0
+    return sum(math.prod(rank_tensor(t, src.config, tp, rank, group_size).shape) * src.out_dtype(t).itemsize
+               for rank in range(tp) for t in group.tensors)
+
+
+def _write_ranks(src: Source, tp: int, stages: tuple[StageEntry, ...], root: Path, progress: Progress) -> list[RankEntry]:
+    world = tp * len(stages)
+    files: list[list[FileEntry]] = [[] for _ in range(world)]
+    tensors: list[list] = [[] for _ in range(world)]
+    for rank in range(world):
         (root / layout.rank_dir(rank)).mkdir()
-    for group in file_groups(src.config, quantized=src.int4 is not None):  # one layer at a time, all ranks
-        for rank in range(tp):
-            entry, entries = write_group(src, group, tp, rank, root)
-            files[rank].append(entry)
-            tensors[rank].extend(entries)
-            progress(entry.bytes)
-        src.release()
-    return [RankEntry(r, tuple(files[r]), tuple(tensors[r])) for r in range(tp)]
+    for stage in stages:
+        for group in _groups(src, stage, len(stages)):  # one layer at a time, all ranks of its stage
+            for tp_rank in range(tp):
+                rank = global_rank(stage.stage, tp_rank, tp)
+                entry, entries = write_group(src, group, tp, tp_rank, root, rank)
+                files[rank].append(entry)
+                tensors[rank].extend(entries)
+                progress(entry.bytes)
+            src.release()
+    return [RankEntry(r, tuple(files[r]), tuple(tensors[r]), *divmod(r, tp)) for r in range(world)]
 
 
 def _write_tokenizer(src: Source, root: Path) -> tuple[FileEntry, ...]:
@@ -129,9 +161,9 @@ def _hash_files(base: Path, paths: list[Path]) -> tuple[FileEntry, ...]:
     return tuple(FileEntry(str(p.relative_to(base)), p.stat().st_size, sha256_file(p)) for p in paths)
 
 
-def _manifest(src: Source, tp: int, ranks: list[RankEntry], tokenizer: tuple[FileEntry, ...],
-              source_files: tuple[FileEntry, ...]) -> Manifest:
-    return Manifest(
+def _manifest(src: Source, tp: int, stages: tuple[StageEntry, ...], ranks: list[RankEntry],
+              tokenizer: tuple[FileEntry, ...], source_files: tuple[FileEntry, ...]) -> Manifest:
+    return Manifest(pp=len(stages), stages=stages,
         model=src.config, tp=tp, padded_vocab_size=padded_size(src.config.vocab_size, tp),
         weights=WeightFormat(dtype=str(src.dtype).removeprefix("torch."), quantization=src.int4),
         source=SourceInfo(str(src.path.absolute()), src.checkpoint.format, source_files),

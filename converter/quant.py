@@ -31,7 +31,7 @@ class AwqGemm:
     scale_suffix: str = "scales"
 
     @classmethod
-    def from_config(cls, qc: dict[str, Any], where: str) -> "AwqGemm":
+    def from_config(cls, qc: dict[str, Any], where: str) -> AwqGemm:
         version = str(qc.get("version", "gemm")).lower()
         if version != "gemm":
             raise FormatError(f"{where}: AWQ version {version!r} is not supported (its packing differs); "
@@ -66,7 +66,7 @@ class CompressedTensorsW4A16:
         return ("weight_packed", "weight_scale", "weight_shape") + (("weight_zero_point",) if self.zero_point else ())
 
     @classmethod
-    def from_config(cls, qc: dict[str, Any], where: str) -> "CompressedTensorsW4A16":
+    def from_config(cls, qc: dict[str, Any], where: str) -> CompressedTensorsW4A16:
         groups = qc.get("config_groups") or {}
         if len(groups) != 1:
             raise FormatError(f"{where}: {len(groups)} config_groups; supported: exactly one W4A16 group")

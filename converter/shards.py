@@ -12,10 +12,13 @@ from formats.manifest import FileEntry, TensorEntry
 from formats.shard_plan import FileGroup, Piece, RankTensor, rank_tensor
 
 
-def write_group(src: Source, group: FileGroup, tp: int, rank: int, root: Path) -> tuple[FileEntry, list[TensorEntry]]:
-    """Write ``rank``'s file of ``group`` under ``root`` and describe it for the manifest."""
+def write_group(src: Source, group: FileGroup, tp: int, tp_rank: int, root: Path,
+                rank: int | None = None) -> tuple[FileEntry, list[TensorEntry]]:
+    """Write tensor rank ``tp_rank``'s file of ``group`` into global rank ``rank``'s directory (the same
+    without pipeline stages) under ``root`` and describe it for the manifest."""
     group_size = src.int4.group_size if src.int4 else 0
-    plans = {t: rank_tensor(t, src.config, tp, rank, group_size) for t in group.tensors}
+    rank = tp_rank if rank is None else rank
+    plans = {t: rank_tensor(t, src.config, tp, tp_rank, group_size) for t in group.tensors}
     declared = [Declared(t, src.out_dtype(t), p.shape) for t, p in plans.items()]
     rel = f"{layout.rank_dir(rank)}/{group.file}"
     written = write_safetensors(root / rel, declared, lambda d: _materialize(src, plans[d.name], d.dtype),

@@ -89,17 +89,38 @@ def inspect(workspace: Path) -> dict[str, Any]:
     """What a user asks first: which model, how it is split, and how even the ranks are."""
     m: Manifest = load_manifest(Path(workspace))
     per_rank = [r.bytes for r in m.ranks]
+    stages = _stages(m)
+    per_stage = [s["bytes"] for s in stages]
     return {
         "workspace": str(Path(workspace).absolute()),
         "model": m.model.to_dict(),
         "tp": m.tp,
+        "pp": m.pp,
+        "stages": stages,
+        "stage_spread_percent": _spread(per_stage),
+        "rank_stage": [[r.stage, r.tp_rank] for r in m.ranks],
+        "tied_lm_head_copy": m.model.tie_word_embeddings and m.pp > 1,
         "dtype": m.weights.dtype,
         "padded_vocab_size": m.padded_vocab_size,
         "bytes_per_rank": per_rank,
-        "rank_spread_percent": round(100 * (max(per_rank) - min(per_rank)) / max(per_rank), 3),
+        "rank_spread_percent": _spread(per_rank),
         "tensors_per_rank": [len(r.tensors) for r in m.ranks],
         "source": {"path": m.source.path, "format": m.source.format,
                    "files": [{"path": f.path, "bytes": f.bytes, "sha256": f.sha256} for f in m.source.files]},
         "schema_version": m.schema_version,
         "converter_version": m.converter_version,
     }
+
+
+def _stages(m: Manifest) -> list[dict[str, Any]]:
+    out = []
+    for s in m.stages:
+        holds = (["embedding"] if s.stage == 0 else []) + (["norm, lm_head"] if s.stage == m.pp - 1 else [])
+        out.append({"stage": s.stage, "layers": list(s.layers), "num_layers": s.num_layers,
+                    "bytes": sum(m.ranks[r].bytes for r in m.stage_ranks(s.stage)),
+                    "ranks": m.stage_ranks(s.stage), "holds": " + ".join(holds)})
+    return out
+
+
+def _spread(sizes: list[int]) -> float:
+    return round(100 * (max(sizes) - min(sizes)) / max(sizes), 3) if max(sizes) else 0.0

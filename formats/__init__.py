@@ -5,4 +5,4 @@ schema and the sharding rules all live here, declared once.
 """
 from formats.errors import FormatError, ShardingError, TpDeployError
 
-__all__ = ["TpDeployError", "FormatError", "ShardingError"]
+__all__ = ["FormatError", "ShardingError", "TpDeployError"]

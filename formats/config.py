@@ -51,7 +51,7 @@ class ModelConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any], where: str = "manifest.json: model") -> "ModelConfig":
+    def from_dict(cls, d: dict[str, Any], where: str = "manifest.json: model") -> ModelConfig:
         d = dict(_strict_keys(d, cls, where))
         if d.get("rope_scaling") is not None:
             d["rope_scaling"] = RopeScaling(**_strict_keys(d["rope_scaling"], RopeScaling, f"{where}.rope_scaling"))

@@ -1,9 +1,12 @@
 """The manifest: the one file that describes a workspace, written last by the converter.
 
-Schema version 3 (versions 1, dense weights only, and 2, without a digest, are still read). Readers
+Schema version 4 (versions 1, dense weights only, 2, without a digest, and 3, without pipeline
+stages, are still read: they are ``pp`` 1, one stage holding every layer). Readers
 reject unknown versions and unknown keys, so a workspace written by a newer converter fails loudly
 instead of half understood. Since version 3 the manifest carries ``digest``, the sha256 of its own
 canonical JSON: the model fields decide every answer, so an edit by hand must not pass as converted.
+Since version 4 it records ``pp``, each stage's layer range, and for every rank its stage and tensor
+rank (global rank = stage × tp + tp_rank, see ``formats.pipeline``).
 """
 from __future__ import annotations
 
@@ -20,11 +23,13 @@ from formats import layout
 from formats.config import ModelConfig, _strict_keys
 from formats.errors import FormatError
 from formats.int4 import LAYOUT, Int4Format
+from formats.pipeline import StageEntry, global_rank
 from formats.shard_plan import Piece
 
-SCHEMA_VERSION = 3
-READABLE_VERSIONS = (1, 2, 3)
+SCHEMA_VERSION = 4
+READABLE_VERSIONS = (1, 2, 3, 4)
 DIGEST_SINCE = 3  # first schema version whose manifests carry their own digest
+PIPELINE_SINCE = 4  # first schema version with pp, stages and each rank's (stage, tp_rank)
 FORMAT_NAME = "tpdeploy-workspace"
 # Dense tensor dtypes by their manifest name; int4 parts are stored as int32 (qweight) and uint8 (zeros).
 FLOAT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -54,9 +59,11 @@ class TensorEntry:
 
 @dataclass(frozen=True)
 class RankEntry:
-    rank: int
+    rank: int  # global rank: its directory is rank{rank}
     files: tuple[FileEntry, ...]
     tensors: tuple[TensorEntry, ...]
+    stage: int = 0
+    tp_rank: int = 0
 
     @property
     def bytes(self) -> int:
@@ -88,16 +95,37 @@ class Manifest:
     converter_version: str
     schema_version: int = SCHEMA_VERSION
     format: str = FORMAT_NAME
+    pp: int = 1
+    stages: tuple[StageEntry, ...] = ()  # read from an older schema: one stage, every layer
+
+    def __post_init__(self):
+        if not self.stages:
+            object.__setattr__(self, "stages", (StageEntry(0, (0, self.model.num_layers)),))
+
+    @property
+    def world(self) -> int:
+        """Ranks (processes) this workspace runs on: tp × pp."""
+        return self.tp * self.pp
+
+    def rank_of(self, stage: int, tp_rank: int) -> int:
+        return global_rank(stage, tp_rank, self.tp)
+
+    def stage_ranks(self, stage: int) -> list[int]:
+        return [self.rank_of(stage, t) for t in range(self.tp)]
 
     def to_json(self) -> str:
         d = dataclasses.asdict(self)
+        if self.schema_version < PIPELINE_SINCE:
+            del d["pp"], d["stages"]
+            for r in d["ranks"]:
+                del r["stage"], r["tp_rank"]
         d["model"] = self.model.to_dict()
         if self.schema_version >= DIGEST_SINCE:
             d["digest"] = manifest_digest(d)
         return json.dumps(d, indent=1) + "\n"
 
     @classmethod
-    def from_dict(cls, d: Any, where: str = "manifest.json") -> "Manifest":
+    def from_dict(cls, d: Any, where: str = "manifest.json") -> Manifest:
         """Parse and check the structure; whether ``digest`` matches is ``digest_problem``'s question."""
         if not isinstance(d, dict):
             raise FormatError(f"{where}: expected an object, got {type(d).__name__}")
@@ -107,23 +135,25 @@ class Manifest:
                 f"{where}: schema_version {version!r} is not supported (this tpdeploy reads versions "
                 f"{', '.join(map(str, READABLE_VERSIONS))}); re-convert the checkpoint with this version's tpconv")
         d = _strict_keys(_without_digest(d, version, where), cls, where)
+        _check_version_keys(d, version, ("pp", "stages"), where)
         if d.get("format", FORMAT_NAME) != FORMAT_NAME:
             raise FormatError(f"{where}: format is {d['format']!r}, expected {FORMAT_NAME!r}")
-        ranks = tuple(_rank(r, f"{where}: ranks[{i}]") for i, r in enumerate(d["ranks"]))
+        ranks = tuple(_rank(r, f"{where}: ranks[{i}]", version) for i, r in enumerate(d["ranks"]))
         w = dict(_strict_keys(d["weights"], WeightFormat, f"{where}: weights"))
         w["quantization"] = _int4(w.get("quantization"), f"{where}: weights.quantization")
         weights = WeightFormat(**w)
         if weights.dtype not in DTYPES:
             raise FormatError(f"{where}: weights.dtype {weights.dtype!r} not supported; one of {DTYPES}")
-        if len(ranks) != d["tp"] or [r.rank for r in ranks] != list(range(d["tp"])):
-            raise FormatError(f"{where}: tp is {d['tp']} but ranks list {[r.rank for r in ranks]}")
+        model = ModelConfig.from_dict(d["model"], f"{where}: model")
+        tp, pp = d["tp"], d.get("pp", 1)
+        stages = _stages(d.get("stages"), pp, model.num_layers, where)
+        _check_ranks(ranks, tp, pp, where)
         src = _strict_keys(d["source"], SourceInfo, f"{where}: source")
         return cls(
-            model=ModelConfig.from_dict(d["model"], f"{where}: model"),
-            tp=d["tp"], padded_vocab_size=d["padded_vocab_size"], weights=weights,
+            model=model, tp=tp, padded_vocab_size=d["padded_vocab_size"], weights=weights,
             source=SourceInfo(src["path"], src["format"], _files(src["files"], f"{where}: source.files")),
             tokenizer=_files(d["tokenizer"], f"{where}: tokenizer"), ranks=ranks,
-            converter_version=d["converter_version"], schema_version=version,
+            converter_version=d["converter_version"], schema_version=version, pp=pp, stages=stages,
         )
 
 
@@ -153,12 +183,50 @@ def _without_digest(d: dict[str, Any], version: int, where: str) -> dict[str, An
     return d
 
 
+def _check_version_keys(d: dict[str, Any], version: int, keys: tuple[str, ...], where: str) -> None:
+    """Pipeline keys are required from PIPELINE_SINCE on and unknown before it."""
+    present = sorted(k for k in keys if k in d)
+    if version < PIPELINE_SINCE and present:
+        raise FormatError(f"{where}: unknown key(s) {present} for schema_version {version}")
+    missing = sorted(set(keys) - set(present))
+    if version >= PIPELINE_SINCE and missing:
+        raise FormatError(f"{where}: missing key(s) {missing} (every schema_version {PIPELINE_SINCE} manifest has "
+                          "them); re-convert the checkpoint")
+
+
+def _stages(items: Any, pp: Any, num_layers: int, where: str) -> tuple[StageEntry, ...]:
+    if items is None:
+        return (StageEntry(0, (0, num_layers)),)
+    if not isinstance(pp, int) or pp < 1 or not isinstance(items, list) or len(items) != pp:
+        raise FormatError(f"{where}: pp is {pp!r} but stages lists {len(items) if isinstance(items, list) else items!r}")
+    stages, start = [], 0
+    for i, s in enumerate(items):
+        s = _strict_keys(s, StageEntry, f"{where}: stages[{i}]")
+        layers = tuple(s["layers"]) if isinstance(s["layers"], list) else None
+        if s["stage"] != i or layers is None or len(layers) != 2 or layers[0] != start or layers[1] <= start:
+            raise FormatError(f"{where}: stages[{i}] is {s!r}; stages must be numbered in order and hold "
+                              f"contiguous, non-empty layer ranges starting at {start}")
+        stages.append(StageEntry(i, layers))
+        start = layers[1]
+    if start != num_layers:
+        raise FormatError(f"{where}: the stages hold layers 0..{start} but the model has {num_layers}")
+    return tuple(stages)
+
+
+def _check_ranks(ranks: tuple[RankEntry, ...], tp: int, pp: int, where: str) -> None:
+    expected = [(r, *divmod(r, tp)) for r in range(tp * pp)]
+    if [(r.rank, r.stage, r.tp_rank) for r in ranks] != expected:
+        raise FormatError(f"{where}: tp {tp} x pp {pp} needs ranks 0..{tp * pp - 1} as (rank, stage, tp_rank) "
+                          f"{expected}, but ranks list {[(r.rank, r.stage, r.tp_rank) for r in ranks]}")
+
+
 def _files(items: list, where: str) -> tuple[FileEntry, ...]:
     return tuple(FileEntry(**_strict_keys(f, FileEntry, f"{where}[{i}]")) for i, f in enumerate(items))
 
 
-def _rank(d: Any, where: str) -> RankEntry:
+def _rank(d: Any, where: str, version: int) -> RankEntry:
     d = _strict_keys(d, RankEntry, where)
+    _check_version_keys(d, version, ("stage", "tp_rank"), where)
     tensors = []
     for i, t in enumerate(d["tensors"]):
         t = dict(_strict_keys(t, TensorEntry, f"{where}.tensors[{i}]"))
@@ -168,7 +236,8 @@ def _rank(d: Any, where: str) -> RankEntry:
             Piece(p["source"], p["axis"], tuple(p["src"]), tuple(p["dst"]))
             for p in (_strict_keys(p, Piece, f"{where}.tensors[{i}].pieces") for p in t["pieces"]))
         tensors.append(TensorEntry(**t))
-    return RankEntry(d["rank"], _files(d["files"], f"{where}.files"), tuple(tensors))
+    stage, tp_rank = d.get("stage", 0), d.get("tp_rank", d["rank"])
+    return RankEntry(d["rank"], _files(d["files"], f"{where}.files"), tuple(tensors), stage, tp_rank)
 
 
 def _int4(d: Any, where: str) -> Int4Format | None:

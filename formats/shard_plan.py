@@ -11,7 +11,17 @@ from dataclasses import dataclass
 from formats import int4, layout
 from formats.config import ModelConfig
 from formats.errors import ShardingError
-from formats.sharding import GLOBAL_RULES, LAYER_RULES, Replicate, padded_size, rank_range, source_shape, source_units
+from formats.pipeline import StageEntry
+from formats.sharding import (
+    GLOBAL_RULES,
+    LAYER_RULES,
+    TIED_LM_HEAD,
+    Replicate,
+    padded_size,
+    rank_range,
+    source_shape,
+    source_units,
+)
 
 # Linear layers that int4 checkpoints quantize; embeddings, norms, biases and lm_head stay dense.
 QUANTIZED_LINEARS = ("attention.wqkv.weight", "attention.wo.weight",
@@ -45,19 +55,25 @@ class FileGroup:
     tensors: tuple[str, ...]
 
 
-def file_groups(cfg: ModelConfig, quantized: bool = False) -> list[FileGroup]:
-    """Files of every rank, in conversion order; int4 linears become qweight/scales/zeros triples."""
+def file_groups(cfg: ModelConfig, quantized: bool = False, stage: StageEntry | None = None,
+                pp: int = 1) -> list[FileGroup]:
+    """Files of every rank of ``stage`` (None: the whole model), in conversion order; int4 linears become
+    qweight/scales/zeros triples. Stage 0 holds the embedding, the last stage the head."""
+    stage = stage or StageEntry(0, (0, cfg.num_layers))
+    first, last = stage.stage == 0, stage.stage == pp - 1
     per_layer = []
     for n in LAYER_RULES:
         if n == "attention.wqkv.bias" and not cfg.qkv_bias:
             continue
         per_layer += _int4_names(n) if quantized and n in QUANTIZED_LINEARS else [n]
-    groups = [FileGroup(layout.EMBED_FILE, ("tok_embeddings.weight",))]
-    for i in range(cfg.num_layers):
+    groups = [FileGroup(layout.EMBED_FILE, ("tok_embeddings.weight",))] if first else []
+    for i in range(*stage.layers):
         groups.append(FileGroup(layout.layer_file(i), tuple(f"layers.{i}.{n}" for n in per_layer)))
-    # Tied models reuse the embedding shard as lm_head: same vocab split, stored once.
-    head = ("norm.weight",) if cfg.tie_word_embeddings else ("norm.weight", "lm_head.weight")
-    groups.append(FileGroup(layout.HEAD_FILE, head))
+    if last:
+        # A tied model's single stage reuses the embedding shard as lm_head (same vocab split, stored
+        # once); a last stage without the embedding holds its own copy, made from the same source.
+        head = ("norm.weight",) if cfg.tie_word_embeddings and first else ("norm.weight", "lm_head.weight")
+        groups.append(FileGroup(layout.HEAD_FILE, head))
     return groups
 
 
@@ -66,7 +82,7 @@ def source_names(cfg: ModelConfig, quantized: bool = False) -> list[str]:
     names: list[str] = []
     for group in file_groups(cfg):
         for tensor in group.tensors:
-            prefix, rule = _rule(tensor)
+            prefix, rule = _rule(tensor, cfg)
             srcs = (rule.source,) if isinstance(rule, Replicate) else rule.sources
             for src in srcs:
                 linear = quantized and tensor.removeprefix(prefix) in QUANTIZED_LINEARS
@@ -79,7 +95,7 @@ def rank_tensor(name: str, cfg: ModelConfig, tp: int, rank: int, group_size: int
     if int4.is_part(name):
         base, _, part = name.rpartition(".")
         return _int4_rank_tensor(rank_tensor(base + ".weight", cfg, tp, rank), part, group_size)
-    prefix, rule = _rule(name)
+    prefix, rule = _rule(name, cfg)
     if isinstance(rule, Replicate):
         shape = source_shape(rule.source, cfg)
         return RankTensor(name, shape, (Piece(prefix + rule.source, 0, (0, shape[0]), (0, shape[0])),))
@@ -132,8 +148,10 @@ def _part_name(weight_name: str, part: str) -> str:
     return weight_name.removesuffix(".weight") + "." + part
 
 
-def _rule(name: str):
+def _rule(name: str, cfg: ModelConfig):
     m = _LAYER.match(name)
     if m:
         return f"layers.{m.group(1)}.", LAYER_RULES[m.group(2)]
+    if name == "lm_head.weight" and cfg.tie_word_embeddings:
+        return "", TIED_LM_HEAD  # a last pipeline stage's own copy of the tied embedding
     return "", GLOBAL_RULES[name]

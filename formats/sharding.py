@@ -66,6 +66,7 @@ GLOBAL_RULES: dict[str, Rule] = {
     "norm.weight": Replicate("norm.weight"),
     "lm_head.weight": Split(0, ("lm_head.weight",)),
 }
+TIED_LM_HEAD = Split(0, ("tok_embeddings.weight",))  # lm_head of a tied model, held apart from the embedding
 
 
 def source_units(source: str, axis: int, cfg: ModelConfig) -> Units:

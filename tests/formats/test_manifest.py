@@ -12,13 +12,26 @@ MINIMAL = {
     "weights": {"dtype": "float32", "quantization": None},
     "source": {"path": "/src", "format": "safetensors", "files": [{"path": "model.safetensors", "bytes": 1, "sha256": "ab"}]},
     "tokenizer": [], "converter_version": "0.1.0", "schema_version": SCHEMA_VERSION, "format": "tpdeploy-workspace",
-    "ranks": [{"rank": 0, "files": [{"path": "rank0/embed.safetensors", "bytes": 10, "sha256": "cd"}],
+    "pp": 1, "stages": [{"stage": 0, "layers": [0, SMOLLM2.num_layers]}],
+    "ranks": [{"rank": 0, "stage": 0, "tp_rank": 0, "files": [{"path": "rank0/embed.safetensors", "bytes": 10, "sha256": "cd"}],
                "tensors": [{"name": "tok_embeddings.weight", "file": "rank0/embed.safetensors", "dtype": "float32",
                             "shape": [49152, 576], "sha256": "ef", "quant": None,
                             "pieces": [{"source": "model.embed_tokens.weight", "axis": 0,
                                         "src": [0, 49152], "dst": [0, 49152]}]}]}],
 }
 MINIMAL["digest"] = manifest_digest(MINIMAL)
+
+
+def _older(version: int) -> dict:
+    """MINIMAL as a schema ``version`` manifest (before 4: no pipeline keys; before 3: no digest)."""
+    data = json.loads(json.dumps(MINIMAL))
+    del data["pp"], data["stages"], data["ranks"][0]["stage"], data["ranks"][0]["tp_rank"]
+    data["schema_version"] = version
+    if version < 3:
+        del data["digest"]
+    else:
+        data["digest"] = manifest_digest(data)
+    return data
 
 
 def _write(tmp_path, data) -> None:
@@ -33,9 +46,8 @@ def test_round_trip(tmp_path):
 
 
 def test_reads_schema_1_dense_workspaces(tmp_path):
-    data = json.loads(json.dumps(MINIMAL))
-    data["schema_version"] = 1
-    del data["ranks"][0]["tensors"][0]["quant"], data["digest"]
+    data = _older(1)
+    del data["ranks"][0]["tensors"][0]["quant"]
     _write(tmp_path, data)
     assert load_manifest(tmp_path).schema_version == 1
 
@@ -83,7 +95,7 @@ def test_unknown_keys_are_errors(tmp_path, where):
 
 def test_rank_count_must_match_tp(tmp_path):
     _write(tmp_path, {**MINIMAL, "tp": 2})
-    with pytest.raises(FormatError, match="tp is 2 but ranks list"):
+    with pytest.raises(FormatError, match=r"tp 2 x pp 1 needs ranks 0..1"):
         load_manifest(tmp_path)
 
 
@@ -94,8 +106,7 @@ def test_manifest_from_dict_rejects_missing_field():
 
 
 def test_reads_schema_2_without_digest(tmp_path):
-    data = {k: v for k, v in MINIMAL.items() if k != "digest"}
-    _write(tmp_path, {**data, "schema_version": 2})
+    _write(tmp_path, _older(2))
     m, problem = read_manifest(tmp_path)
     assert m.schema_version == 2 and problem is None and load_manifest(tmp_path).schema_version == 2
 
@@ -133,6 +144,35 @@ def test_schema_3_needs_its_digest(tmp_path):
 
 
 def test_digest_is_refused_before_schema_3(tmp_path):
-    _write(tmp_path, {**MINIMAL, "schema_version": 2})
+    _write(tmp_path, {**_older(2), "digest": MINIMAL["digest"]})
     with pytest.raises(FormatError, match=r"unknown key\(s\) \['digest'\]"):
+        load_manifest(tmp_path)
+
+
+def test_schema_3_reads_as_one_stage_and_refuses_pipeline_keys(tmp_path):
+    _write(tmp_path, _older(3))
+    m = load_manifest(tmp_path)
+    assert (m.pp, m.world, m.stages[0].layers, m.ranks[0].stage) == (1, 1, (0, SMOLLM2.num_layers), 0)
+    bad = _older(3)
+    bad["pp"] = 1
+    bad["digest"] = manifest_digest(bad)
+    _write(tmp_path, bad)
+    with pytest.raises(FormatError, match=r"unknown key\(s\) \['pp'\] for schema_version 3"):
+        load_manifest(tmp_path)
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda d: d.pop("stages"), r"missing key\(s\) \['stages'\]"),
+    (lambda d: d["ranks"][0].pop("tp_rank"), r"ranks\[0\]: missing key\(s\) \['tp_rank'\]"),
+    (lambda d: d.update(pp=2), "pp is 2 but stages lists 1"),
+    (lambda d: d["stages"][0].update(layers=[0, 1]), "the stages hold layers 0..1 but the model has"),
+    (lambda d: d["stages"][0].update(layers=[1, 2]), "contiguous, non-empty layer ranges starting at 0"),
+    (lambda d: d["ranks"][0].update(stage=1), r"needs ranks 0..0 as \(rank, stage, tp_rank\)"),
+])
+def test_pipeline_fields_are_checked(tmp_path, edit, message):
+    data = json.loads(json.dumps(MINIMAL))
+    edit(data)
+    data["digest"] = manifest_digest(data)
+    _write(tmp_path, data)
+    with pytest.raises(FormatError, match=message):
         load_manifest(tmp_path)
