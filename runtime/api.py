@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import dataclasses
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +23,7 @@ from runtime.engine.outputs import Delta
 from runtime.engine.sampling import SamplingParams, TokenLogprobs
 from runtime.engine.tokenizer import Tokenizer
 from runtime.kv.blocks import BlockManager
-from runtime.worker.launch import Driver
+from runtime.worker.launch import Driver, torchrun_follower
 from runtime.worker.runner import RunnerSpec
 from runtime.worker.workspace import open_workspace
 
@@ -57,7 +58,10 @@ class RequestOutput:
 
 
 class LLM:
-    """Loads a workspace on ``tp`` ranks (one process each) and generates from rank 0."""
+    """Loads a workspace on ``tp × pp`` ranks (one process each) and generates from rank 0.
+
+    Under torchrun every process creates the LLM: rank 0 gets it, every other rank serves rank 0's steps
+    inside the constructor and then ends its process (``sys.exit``) when rank 0 closes."""
 
     def __init__(self, workspace: str | Path, config: EngineConfig | None = None, *,
                  cache: CacheConfig | None = None, **settings: Any):
@@ -72,7 +76,11 @@ class LLM:
         self.max_model_len = _max_model_len(config.max_model_len, cfg.max_position_embeddings)
         self.tokenizer = Tokenizer.from_workspace(ws)
         spec = RunnerSpec(ws, self.manifest, device, compute_dtype(config.dtype, self.manifest.weights.dtype), config.cache,
-                          max_batch_size=config.max_batch_size, max_prefill_tokens=config.max_prefill_tokens)
+                          max_batch_size=config.max_batch_size, max_prefill_tokens=config.max_prefill_tokens,
+                          dist_timeout=config.dist_timeout)
+        code = torchrun_follower(spec)
+        if code is not None:  # under torchrun, a rank other than 0 serves rank 0's steps, then the process ends
+            sys.exit(code)
         self.driver = Driver(spec)
         kv = self.driver.runner.cache
         self.blocks = BlockManager(kv.num_blocks, kv.shape.block_size, config.enable_prefix_caching)
@@ -140,7 +148,7 @@ class LLM:
             self.driver.close()
             self.driver = None
 
-    def __enter__(self) -> "LLM":
+    def __enter__(self) -> LLM:
         return self
 
     def __exit__(self, *exc) -> None:

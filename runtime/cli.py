@@ -21,10 +21,17 @@ def main() -> None:
 
 # Which engine settings each command takes as flags (their help and defaults: runtime.config).
 LOAD = ("device", "dtype", "max_model_len", "kv_dtype", "quant_policy", "cache_max_entry_count", "kv_cache_tokens",
-        "block_size")
-SERVE = (*LOAD, "gpu_mem", "max_batch_size", "max_prefill_tokens", "enable_prefix_caching", "seed")
+        "block_size", "dist_timeout")
+SERVE = (*LOAD, "gpu_mem", "max_batch_size", "max_prefill_tokens", "enable_prefix_caching", "seed", "pipeline_batches")
 PLAN = ("gpu_mem", "dtype", "kv_dtype", "quant_policy", "cache_max_entry_count", "kv_cache_tokens", "block_size",
         "max_model_len", "max_batch_size", "max_prefill_tokens")
+
+
+def _torchrun_follower() -> bool:
+    from runtime.worker.parallel import env_rank
+
+    env = env_rank()
+    return env is not None and env[0] != 0
 
 
 def open_llm(workspace: Path, config: EngineConfig):
@@ -132,6 +139,8 @@ def serve_cmd(workspace: Path, host: str, port: int, api_key: str | None, served
     from runtime.serve.shutdown import GracefulServer, listen
 
     config = from_options(settings)
+    if _torchrun_follower():
+        open_llm(workspace, config)  # serves rank 0's steps, then ends the process
     sock = listen(host, port)  # before loading: a port in use fails in a second, not after the load
     llm = open_llm(workspace, config)
     click.echo(startup_table(llm), err=True)
@@ -143,7 +152,8 @@ def serve_cmd(workspace: Path, host: str, port: int, api_key: str | None, served
     server = GracefulServer(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5), engine,
                             lifecycle, shutdown_timeout)
     llm.driver.on_rank_death = server.rank_died
-    click.echo(f"tprun: serving {name!r} on http://{host}:{port}/v1 (tp {llm.manifest.tp})", err=True)
+    click.echo(f"tprun: serving {name!r} on http://{host}:{port}/v1 (tp {llm.manifest.tp}, pp {llm.manifest.pp})",
+               err=True)
     try:
         server.run(sockets=[sock])
     finally:

@@ -124,6 +124,10 @@ class EngineConfig:
                                    int)
     enable_prefix_caching: bool = _opt(False, "Share the KV blocks of repeated prompt prefixes.", bool)
     seed: int | None = _opt(None, "Seed of the sampler's shared stream (requests may bring their own).", int)
+    dist_timeout: float = _opt(300.0, "Seconds every rank has to join, and the most any one collective or transfer "
+                                      "between ranks may take before the run ends naming the rank.", float)
+    pipeline_batches: int | None = _opt(None, "Batches in flight through the pipeline stages (default: pp, so no "
+                                              "stage waits; 1: one batch at a time).", int)
 
     def __post_init__(self) -> None:
         if self.quant_policy is not None:
@@ -138,6 +142,10 @@ class EngineConfig:
             raise TpDeployError(f"--device must be cpu or cuda, got {self.device!r}")
         if self.dtype not in DTYPES:
             raise TpDeployError(f"--dtype {self.dtype!r} is not supported; choose one of {', '.join(DTYPES)}")
+        if self.dist_timeout <= 0:
+            raise TpDeployError(f"--dist-timeout must be positive seconds, got {self.dist_timeout}")
+        if self.pipeline_batches is not None and self.pipeline_batches < 1:
+            raise TpDeployError(f"--pipeline-batches must be >= 1, got {self.pipeline_batches}")
         for name in ("max_batch_size", "max_prefill_tokens"):
             if getattr(self, name) < 1:
                 raise TpDeployError(f"{_flag(name)} must be >= 1, got {getattr(self, name)}")
@@ -149,11 +157,11 @@ class EngineConfig:
     def cache(self) -> CacheConfig:
         return CacheConfig(**{name: getattr(self, name) for name in _CACHE_FIELDS})
 
-    def replace(self, **changes: Any) -> "EngineConfig":
+    def replace(self, **changes: Any) -> EngineConfig:
         return dataclasses.replace(self, **changes)
 
     @classmethod
-    def of(cls, cache: CacheConfig | None = None, **fields: Any) -> "EngineConfig":
+    def of(cls, cache: CacheConfig | None = None, **fields: Any) -> EngineConfig:
         """Fields by name (``LLM(ws, max_model_len=512)``), and optionally a whole ``CacheConfig``."""
         unknown = sorted(set(fields) - {f.name for f in dataclasses.fields(cls)})
         if unknown:

@@ -11,6 +11,7 @@ through the stop-string checker, which holds back any tail that could still beco
 from __future__ import annotations
 
 import dataclasses
+from collections import deque
 from dataclasses import dataclass, field
 
 import torch
@@ -72,7 +73,11 @@ class Engine:
                  config: EngineConfig = DEFAULTS):
         self.driver, self.tokenizer, self.blocks, self.vocab_size = driver, tokenizer, blocks, vocab_size
         self.max_model_len = max_model_len
-        self.scheduler = Scheduler(blocks, config.max_batch_size, config.max_prefill_tokens)
+        # Pipeline stages: keep up to pp steps in flight, so each stage works on one while the next
+        # works on another (vLLM's virtual engines); 1 without stages.
+        self.depth = config.pipeline_batches or getattr(getattr(driver, "topo", None), "pp", 1)
+        self.scheduler = Scheduler(blocks, config.max_batch_size, config.max_prefill_tokens, self.depth)
+        self._inflight: deque = deque()  # (work, pending logits) of steps submitted, oldest first
         self.sampler = Sampler(config.seed, tokenizer.eos_token_ids)
         self._next_id = 0
         self._requests: dict[str, list[Sequence]] = {}  # request id -> its samples, until finished
@@ -112,6 +117,7 @@ class Engine:
         try:
             return self._step()
         except BaseException:
+            self._inflight.clear()
             for request_id in list(self._requests):
                 self.abort(request_id)
             raise
@@ -141,15 +147,27 @@ class Engine:
             self.blocks.free(seq_id)
         return torch.cat(parts)
 
+    def _submit(self) -> None:
+        """Fill the pipeline: schedule and start steps until ``depth`` are in flight or nothing is left."""
+        while len(self._inflight) < self.depth:
+            busy = {w.seq for work, _ in self._inflight for w in work}
+            work = self.scheduler.schedule(busy)
+            if not work:
+                return
+            step = Step(tokens=[t for w in work for t in w.seq.tokens[w.start:w.start + w.new]],
+                        batch=StepBatch(tuple(self.scheduler.slice(w) for w in work)))
+            self._inflight.append((work, self.driver.submit(step)))
+
     def _step(self) -> list[Delta]:
-        work = self.scheduler.schedule()
-        if not work:
+        self._submit()
+        if not self._inflight:
             raise RuntimeError("internal: sequences are waiting but none fits the KV cache")
-        step = Step(tokens=[t for w in work for t in w.seq.tokens[w.start:w.start + w.new]],
-                    batch=StepBatch(tuple(self.scheduler.slice(w) for w in work)))
-        logits = self.driver.execute(step)
-        self.scheduler.finished_step(work)
-        rows = [i for i, w in enumerate(work) if w.sample]
+        work, pending = self._inflight.popleft()
+        logits = pending.result()
+        # A sequence aborted while its step was in flight is gone: its blocks are free, its row unread.
+        alive = [(i, w) for i, w in enumerate(work) if w.seq.finish_reason is None]
+        self.scheduler.finished_step([w for _, w in alive])
+        rows = [i for i, w in alive if w.sample]
         if not rows:
             return []
         seqs = [work[i].seq for i in rows]

@@ -10,6 +10,10 @@ Blocks are taken as sequences grow. When a running sequence needs a block and no
 youngest running sequence is preempted: its blocks are freed and it goes back to the front of the
 queue, to be recomputed from its prompt and the tokens it already produced (nothing is lost: its
 sampled tokens and random stream are kept).
+
+With pipeline stages, up to ``depth`` steps are in flight at once: ``schedule(busy)`` leaves out the
+sequences of the steps still in flight (their next token is not known yet) and never preempts them,
+and up to ``depth × max_batch_size`` sequences run, ``max_batch_size`` per step.
 """
 from __future__ import annotations
 
@@ -35,8 +39,9 @@ class Work:
 
 
 class Scheduler:
-    def __init__(self, blocks: BlockManager, max_batch_size: int, max_batch_tokens: int):
+    def __init__(self, blocks: BlockManager, max_batch_size: int, max_batch_tokens: int, depth: int = 1):
         self.blocks, self.max_batch_size, self.max_batch_tokens = blocks, max_batch_size, max_batch_tokens
+        self.depth = depth
         self.waiting: deque = deque()
         self.running: list = []
         self.preemptions = 0
@@ -57,17 +62,21 @@ class Scheduler:
             self.waiting.remove(seq)
         self.blocks.free(seq.seq_id)
 
-    def schedule(self) -> list[Work]:
+    def schedule(self, busy: frozenset | set = frozenset()) -> list[Work]:
+        """The next step's work; ``busy``: sequences of steps still in flight, left alone."""
         work: list[Work] = []
         budget = self.max_batch_tokens
+        # Steps in flight share the sequences evenly (each stage then has equal work to do)
+        size = min(self.max_batch_size, -(-(len(self.running) + len(self.waiting)) // self.depth))
         for seq in sorted(self.running, key=lambda s: s.seq_id):
-            if seq not in self.running or budget == 0:
-                continue  # preempted while making room for an older sequence
+            if seq not in self.running or seq in busy or budget == 0 or len(work) == size:
+                continue  # preempted while making room for an older sequence, or in flight
             new = min(len(seq.tokens) - seq.computed, budget)
-            if self._make_room(seq, seq.computed + new):
+            if self._make_room(seq, seq.computed + new, busy):
                 work.append(Work(seq, seq.computed, new))
                 budget -= new
-        while self.waiting and budget and len(work) < self.max_batch_size and len(self.running) < self.max_batch_size:
+        limit = self.max_batch_size * self.depth
+        while self.waiting and budget and len(work) < size and len(self.running) < limit:
             item = self._admit(self.waiting[0], budget)
             if item is None:
                 break
@@ -101,12 +110,12 @@ class Scheduler:
         self.blocks.grow(seq.seq_id, seq.computed + new)
         return Work(seq, seq.computed, new)
 
-    def _make_room(self, seq, tokens: int) -> bool:
-        """Grow ``seq`` to ``tokens``, preempting younger sequences if needed; False if ``seq`` itself
-        had to go (it was the youngest). Running sequences are scheduled oldest first, so a victim is
-        never one already in this step's work."""
+    def _make_room(self, seq, tokens: int, busy: frozenset | set = frozenset()) -> bool:
+        """Grow ``seq`` to ``tokens``, preempting younger sequences (not in flight) if needed; False if
+        ``seq`` itself had to go (it was the youngest). Running sequences are scheduled oldest first, so a
+        victim is never one already in this step's work."""
         while not self.blocks.can_grow(seq.seq_id, tokens):
-            victim = max(self.running, key=lambda s: s.seq_id)
+            victim = max((s for s in self.running if s not in busy), key=lambda s: s.seq_id)
             self._preempt(victim)
             if victim is seq:
                 return False

@@ -222,7 +222,7 @@ class Tokenizer:
         self.eos_token_ids: frozenset[int] = frozenset(eos)
 
     @classmethod
-    def from_workspace(cls, workspace: Path) -> "Tokenizer":
+    def from_workspace(cls, workspace: Path) -> Tokenizer:
         """The tokenizer of a workspace written by ``tpconv convert``."""
         model = load_manifest(Path(workspace)).model
         return cls(Path(workspace) / layout.TOKENIZER_DIR, tuple(model.eos_token_ids))

@@ -8,8 +8,8 @@ torch references that both are tested against (``reference``: one prompt at a ti
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 

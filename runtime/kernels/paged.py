@@ -47,7 +47,7 @@ class PagedBatch:
     decode_only: bool
     # A step mixing prompt chunks with decodes runs as two kernel calls: (decode token rows, their batch)
     # and (prefill token rows, their batch), so decoding rows keep the batched decode path.
-    split: tuple[torch.Tensor, "PagedBatch", torch.Tensor, "PagedBatch"] | None = None
+    split: tuple[torch.Tensor, PagedBatch, torch.Tensor, PagedBatch] | None = None
 
 
 def quantize(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,7 +1,9 @@
 """The Llama-family forward pass over one rank's fused weights.
 
 Tensor parallelism appears only as ``comm.all_reduce`` after the row-parallel projections (and the
-vocab-parallel embedding) and ``comm.gather_last_dim`` after the vocab-parallel lm_head. Numerics
+vocab-parallel embedding) and ``comm.gather_last_dim`` after the vocab-parallel lm_head. A pipeline
+stage holds layers ``[start, stop)``: the first stage embeds the tokens, the others take the previous
+stage's hidden states, and only the last stage has the final norm and lm_head. Numerics
 follow Hugging Face's reference implementation: RMSNorm in float32, rotary tables in float32.
 """
 from __future__ import annotations
@@ -36,15 +38,18 @@ class Layer:
 
 class Model:
     def __init__(self, cfg: ModelConfig, tp: int, rank: int, weights: dict[str, torch.Tensor], comm: Comm,
-                 kernels: Kernels, int4: Int4Format | None = None):
+                 kernels: Kernels, int4: Int4Format | None = None, layers: tuple[int, int] | None = None):
+        """``rank`` is the tensor rank; ``layers`` this stage's decoder layers (None: all of them)."""
         self.cfg, self.comm, self.kernels, self.int4 = cfg, comm, kernels, int4
         self.hq, self.hkv, self.d = heads_per_rank(cfg, tp), kv_heads_per_rank(cfg, tp), cfg.head_dim
-        self.embed = weights["tok_embeddings.weight"]
-        self.vocab_start = rank * self.embed.shape[0]  # vocab-parallel: this rank's first row
-        self.lm_head = self.embed if cfg.tie_word_embeddings else weights["lm_head.weight"]
-        self.norm = weights["norm.weight"]
-        self.layers = [self._layer(weights, i) for i in range(cfg.num_layers)]
-        self.inv_freq = inv_frequencies(cfg).to(self.embed.device)
+        start, stop = layers or (0, cfg.num_layers)
+        self.first, self.last = "tok_embeddings.weight" in weights, "norm.weight" in weights
+        self.embed = weights.get("tok_embeddings.weight")
+        self.lm_head = weights.get("lm_head.weight", self.embed)  # a tied single stage: the embedding
+        self.vocab_start = rank * self.embed.shape[0] if self.first else 0  # vocab-parallel: this rank's first row
+        self.norm = weights.get("norm.weight")
+        self.layers = [self._layer(weights, i) for i in range(start, stop)]
+        self.inv_freq = inv_frequencies(cfg).to(self.layers[0].ffn_norm.device)
 
     def _layer(self, w: dict[str, torch.Tensor], i: int) -> Layer:
         p = f"layers.{i}."
@@ -60,14 +65,18 @@ class Model:
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, batch: StepBatch, cache: PagedKVCache,
-                all_logits: bool = False) -> torch.Tensor | None:
-        """Logits (rank 0 only) for each sequence's last new token, or for every token if ``all_logits``."""
-        x = self._embed(tokens)  # (T, hidden)
+                all_logits: bool = False, hidden: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Logits (tensor rank 0 of the last stage only) for each sequence's last new token, or for every
+        token if ``all_logits``; a stage before the last returns its (T, hidden) output instead. Stages
+        after the first take the previous stage's ``hidden`` in place of the tokens."""
+        x = self._embed(tokens) if self.first else hidden  # (T, hidden)
         cos, sin = cos_sin(self.inv_freq, batch.positions().to(x.device), x.dtype)
         pb = cache.prepare(batch)
         for i, layer in enumerate(self.layers):
             x = x + self._attention(i, layer, rms_norm(x, layer.attention_norm, self.cfg.rms_norm_eps), cos, sin, pb, cache)
             x = x + self._mlp(layer, rms_norm(x, layer.ffn_norm, self.cfg.rms_norm_eps))
+        if not self.last:
+            return x
         if not all_logits:
             x = x[batch.last_token_index().to(x.device)]  # (B, hidden): only what sampling needs
         logits = self.comm.gather_last_dim(F.linear(rms_norm(x, self.norm, self.cfg.rms_norm_eps), self.lm_head))

@@ -43,6 +43,9 @@ class ModelSummary:
 @dataclass(frozen=True)
 class RankPlan:
     rank: int
+    stage: int  # pipeline stage; its layers set this rank's KV bytes per token
+    layers: int
+    bytes_per_token: int  # K and V of one token, this stage's layers, one rank's KV heads
     total: int  # T: memory of this rank's GPU
     weights: int  # S/P as loaded
     reserve: int
@@ -57,6 +60,7 @@ class RankPlan:
 class MemoryPlan:
     model: ModelSummary
     tp: int
+    pp: int
     gpu_mem: int  # T
     lam: float
     kv_source: str  # "cache_max_entry_count" (λ) or "kv_cache_tokens"
@@ -70,7 +74,7 @@ class MemoryPlan:
     limiting_rank: int
     block_size: int
     kv_dtype: str
-    bytes_per_token: int  # K and V of one token, every layer, one rank's KV heads
+    bytes_per_token: int  # K and V of one token on the limiting rank (its stage's layers, its KV heads)
     kv_tokens: int  # num_blocks × block_size
     max_model_len: int
     max_concurrency: int  # whole max_model_len requests the cache holds at once
@@ -101,18 +105,22 @@ def plan_memory(manifest: Manifest, *, gpu_mem: int, cache: CacheConfig, compute
                         ("--max-batch-size", max_batch_size), ("--max-prefill-tokens", max_prefill_tokens)):
         if value < 1:
             raise TpDeployError(f"{flag} must be a positive number, got {value}")
-    shape = KVShape(cfg.num_layers, kv_heads_per_rank(cfg, tp), cfg.head_dim,
-                    kv_format(cache.kv_dtype, compute_dtype, cfg.head_dim), cache.block_size)
-    budgets = [_rank_budget(manifest, r, gpu_mem, cache, shape, compute_dtype, max_prefill_tokens, max_batch_size)
-               for r in range(tp)]
-    proposals = [kv // shape.bytes_per_block for _, _, kv in budgets]
+    fmt = kv_format(cache.kv_dtype, compute_dtype, cfg.head_dim)
+    shapes = [KVShape(manifest.stages[r.stage].num_layers, kv_heads_per_rank(cfg, tp), cfg.head_dim, fmt,
+                      cache.block_size) for r in manifest.ranks]
+    budgets = [_rank_budget(manifest, r, gpu_mem, cache, shapes[r], compute_dtype, max_prefill_tokens, max_batch_size)
+               for r in range(manifest.world)]
+    proposals = [kv // shapes[r].bytes_per_block for r, (_, _, kv) in enumerate(budgets)]
     num_blocks = min(proposals)
-    allocated = num_blocks * shape.bytes_per_block
-    ranks = tuple(RankPlan(r, gpu_mem, w, res, kv, proposals[r], proposals[r] * shape.block_size, allocated,
-                           gpu_mem - w - res - allocated) for r, (w, res, kv) in enumerate(budgets))
+    ranks = tuple(RankPlan(r, manifest.ranks[r].stage, shapes[r].num_layers, shapes[r].bytes_per_token, gpu_mem, w,
+                           res, kv, proposals[r], proposals[r] * shapes[r].block_size,
+                           num_blocks * shapes[r].bytes_per_block,
+                           gpu_mem - w - res - num_blocks * shapes[r].bytes_per_block)
+                  for r, (w, res, kv) in enumerate(budgets))
+    shape = shapes[proposals.index(num_blocks)]
     kv_tokens = num_blocks * shape.block_size
     return MemoryPlan(
-        model=_summary(cfg), tp=tp, gpu_mem=gpu_mem, lam=cache.cache_max_entry_count,
+        model=_summary(cfg), tp=tp, pp=manifest.pp, gpu_mem=gpu_mem, lam=cache.cache_max_entry_count,
         kv_source="cache_max_entry_count" if cache.kv_cache_tokens is None else "kv_cache_tokens",
         kv_cache_tokens=cache.kv_cache_tokens, compute_dtype=_dtype_name(compute_dtype),
         weight_format=_weight_format(manifest), max_batch_size=max_batch_size,
@@ -127,12 +135,13 @@ def _rank_budget(manifest: Manifest, rank: int, gpu_mem: int, cache: CacheConfig
                  compute_dtype: torch.dtype, max_prefill_tokens: int, max_batch_size: int) -> tuple[int, int, int]:
     """(weights, reserve, KV budget) of one rank; raises when they cannot fit on the GPU."""
     weights = weights_bytes(manifest, rank, compute_dtype)
-    reserve = reserve_bytes(manifest.model, manifest.tp, compute_dtype, max_prefill_tokens, max_batch_size, rank=rank)
+    reserve = reserve_bytes(manifest.model, manifest.tp, compute_dtype, max_prefill_tokens, max_batch_size, rank=rank,
+                            pp=manifest.pp)
     if weights + reserve > gpu_mem:
         raise TpDeployError(
             f"rank {rank} needs {_gib(weights)} GiB of weights + {_gib(reserve)} GiB reserve = "
-            f"{_gib(weights + reserve)} GiB, more than --gpu-mem {_gib(gpu_mem)} GiB (tp {manifest.tp}); "
-            f"use a larger --tp, int4 weights (tpconv convert an AWQ/W4A16 checkpoint) or a smaller "
+            f"{_gib(weights + reserve)} GiB, more than --gpu-mem {_gib(gpu_mem)} GiB (tp {manifest.tp}, pp {manifest.pp}); "
+            f"use a larger --tp or --pp, int4 weights (tpconv convert an AWQ/W4A16 checkpoint) or a smaller "
             f"--max-prefill-tokens (now {max_prefill_tokens})")
     if cache.kv_cache_tokens is None:
         return weights, reserve, kv_bytes(gpu_mem - weights, reserve, cache.cache_max_entry_count)
@@ -174,23 +183,23 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def _gib(n: int | float) -> str:
+def _gib(n: float) -> str:
     return f"{n / GIB:.2f}"
 
 
 def format_table(plan: MemoryPlan) -> str:
     """Per-rank table, then the totals in words: why the process takes the memory it takes."""
     m = plan.model
-    lines = [f"memory plan: {m.architecture}, {m.parameters / 1e6:,.1f}M parameters, tp {plan.tp}, weights "
-             f"{plan.weight_format} (computing in {plan.compute_dtype}), KV {plan.kv_dtype}, "
+    lines = [f"memory plan: {m.architecture}, {m.parameters / 1e6:,.1f}M parameters, tp {plan.tp} x pp {plan.pp}, "
+             f"weights {plan.weight_format} (computing in {plan.compute_dtype}), KV {plan.kv_dtype}, "
              f"{_gib(plan.gpu_mem)} GiB per GPU",
-             f"{'rank':>4} {'weights':>9} {'reserve':>9} {'KV cache':>9} {'KV tokens':>12} {'unused':>9} "
+             f"{'rank':>4} {'stage':>5} {'weights':>9} {'reserve':>9} {'KV cache':>9} {'KV tokens':>12} {'unused':>9} "
              f"{'total':>9} {'B/token':>9}"]
     uneven = len({r.kv_blocks for r in plan.ranks}) > 1  # only then does one rank limit the others
     for r in plan.ranks:
         mark = "  *" if r.rank == plan.limiting_rank and uneven else ""
-        lines.append(f"{r.rank:>4} {_gib(r.weights):>9} {_gib(r.reserve):>9} {_gib(r.kv_allocated):>9} "
-                     f"{r.kv_tokens:>12,} {_gib(r.unused):>9} {_gib(r.total):>9} {plan.bytes_per_token:>9,}{mark}")
+        lines.append(f"{r.rank:>4} {r.stage:>5} {_gib(r.weights):>9} {_gib(r.reserve):>9} {_gib(r.kv_allocated):>9} "
+                     f"{r.kv_tokens:>12,} {_gib(r.unused):>9} {_gib(r.total):>9} {r.bytes_per_token:>9,}{mark}")
     limited = f", * = rank {plan.limiting_rank} limits the cache" if uneven else ""
     lines.append(f"(GiB; KV tokens = what each rank's budget holds; every rank allocates {plan.num_blocks:,} "
                  f"blocks of {plan.block_size} = {plan.kv_tokens:,} tokens{limited})")
@@ -199,9 +208,9 @@ def format_table(plan: MemoryPlan) -> str:
 
 def _explain(plan: MemoryPlan) -> list[str]:
     r, m = plan.ranks[plan.limiting_rank], plan.model
-    per_head = plan.bytes_per_token // (2 * m.layers * max(1, m.kv_heads // plan.tp))
+    per_head = plan.bytes_per_token // (2 * r.layers * max(1, m.kv_heads // plan.tp))
     lines = [f"weights  {_gib(r.weights)} GiB/rank (S/P, rank {r.rank}; "
-             f"{_gib(sum(x.weights for x in plan.ranks))} GiB over all {plan.tp} ranks, as loaded in memory)",
+             f"{_gib(sum(x.weights for x in plan.ranks))} GiB over all {len(plan.ranks)} ranks, as loaded in memory)",
              f"reserve  {_gib(r.reserve)} GiB for the largest step ({plan.max_prefill_tokens} prefill tokens, "
              f"{plan.max_batch_size} sequences of logits; {_gib(ALLOCATOR_SLACK)} GiB of it allocator slack)"]
     if plan.kv_source == "kv_cache_tokens":
@@ -210,7 +219,7 @@ def _explain(plan: MemoryPlan) -> list[str]:
     else:
         lines.append(f"KV cache = λ {plan.lam:.2f} × ({_gib(r.total)} − {_gib(r.weights)} − {_gib(r.reserve)}) "
                      f"GiB = {_gib(r.kv_bytes)} GiB → {plan.kv_tokens:,} tokens")
-    lines += [f"bytes per token {plan.bytes_per_token:,} = {m.layers} layers × K+V × "
+    lines += [f"bytes per token {plan.bytes_per_token:,} = {r.layers} layers{_of_stage(plan, r)} × K+V × "
               f"{max(1, m.kv_heads // plan.tp)} KV heads/rank × {per_head} bytes ({plan.kv_dtype}, head_dim {m.head_dim})",
               f"maximum concurrency for {plan.max_model_len}-token requests: {plan.max_concurrency} "
               f"({plan.concurrency:.2f})"]
@@ -223,13 +232,18 @@ def _explain(plan: MemoryPlan) -> list[str]:
     return lines + [f"warning: {w}" for w in plan.warnings]
 
 
+def _of_stage(plan: MemoryPlan, r: RankPlan) -> str:
+    return f" (stage {r.stage})" if plan.pp > 1 else ""
+
+
 def startup_table(llm) -> str:
     """Per rank: weights, reserve, KV bytes and tokens; and the concurrency that buys."""
     mem, n = llm.driver.runner.memory, llm.max_model_len
     kv = llm.driver.runner.cache.shape.fmt.name
-    lines = [f"{'rank':>4} {'total GiB':>10} {'weights GiB':>12} {'reserve GiB':>12} {'KV GiB':>8} {'KV tokens':>10}"]
+    lines = [f"{'rank':>4} {'stage':>5} {'total GiB':>10} {'weights GiB':>12} {'reserve GiB':>12} {'KV GiB':>8} "
+             f"{'KV tokens':>10}"]
     for m in mem:
-        lines.append(f"{m.rank:>4} {m.total / GIB:>10.2f} {m.weights / GIB:>12.2f} {m.reserve / GIB:>12.2f} "
+        lines.append(f"{m.rank:>4} {m.stage:>5} {m.total / GIB:>10.2f} {m.weights / GIB:>12.2f} {m.reserve / GIB:>12.2f} "
                      f"{m.kv_bytes / GIB:>8.2f} {m.kv_tokens:>10}")
     tokens = mem[0].kv_tokens
     lines.append(f"KV cache: {kv}, {llm.blocks.num_blocks} blocks of {llm.blocks.block_size} tokens = {tokens} tokens "

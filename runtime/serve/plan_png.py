@@ -23,7 +23,7 @@ def draw(plan: MemoryPlan, path: Path | str) -> Path:
     except ImportError as e:
         raise TpDeployError(f"drawing the plan needs matplotlib ({e}); `pip install matplotlib` "
                             "or leave out the PNG option") from e
-    fig = Figure(figsize=(max(4.0, 1.2 * plan.tp + 2.5), 4.5), layout="constrained")
+    fig = Figure(figsize=(max(4.0, 1.2 * len(plan.ranks) + 2.5), 4.5), layout="constrained")
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     xs = [str(r.rank) for r in plan.ranks]
@@ -34,7 +34,7 @@ def draw(plan: MemoryPlan, path: Path | str) -> Path:
         ax.bar(xs, heights, bottom=bottom, label=label, color=color)
         bottom = [b + h for b, h in zip(bottom, heights)]
     lam = f"--kv-cache-tokens {plan.kv_cache_tokens}" if plan.kv_source == "kv_cache_tokens" else f"λ {plan.lam:.2f}"
-    ax.set_title(f"{plan.model.architecture}  tp {plan.tp}  KV {plan.kv_dtype}  {lam}\n"
+    ax.set_title(f"{plan.model.architecture}  tp {plan.tp} x pp {plan.pp}  KV {plan.kv_dtype}  {lam}\n"
                  f"{plan.kv_tokens:,} KV tokens, {plan.concurrency:.2f} × {plan.max_model_len}-token requests",
                  fontsize=10)
     ax.set_xlabel("rank")

@@ -50,7 +50,7 @@ def _lone_surrogate(value: Any, path: str = "") -> str | None:
     if isinstance(value, str):
         for i, ch in enumerate(value):
             if "\ud800" <= ch <= "\udfff":
-                return f"{path or 'the request'} holds a lone UTF-16 surrogate ({ascii(ch)}) at character {i}"
+                return f"{path or 'the request'} holds a lone UTF-16 surrogate ({ch!a}) at character {i}"
     elif isinstance(value, dict):
         for k, v in value.items():
             found = _lone_surrogate(k, path) or _lone_surrogate(v, f"{path}.{k}".lstrip("."))
@@ -209,7 +209,7 @@ class ChatCompletionRequest(_SamplingRequest):
     continue_final_message: StrictBool = False
 
     @model_validator(mode="after")
-    def _turns(self) -> "ChatCompletionRequest":
+    def _turns(self) -> ChatCompletionRequest:
         if self.continue_final_message:
             if self.add_generation_prompt:
                 raise ValueError("continue_final_message continues the last message, so it needs "
@@ -261,7 +261,7 @@ class CompletionRequest(_SamplingRequest):
         return [_one_prompt(value, "")]
 
     @model_validator(mode="after")
-    def _echo(self) -> "CompletionRequest":
+    def _echo(self) -> CompletionRequest:
         if self.echo and self.logprobs is not None:
             # OpenAI would then score the prompt tokens too; this server reports generated tokens only.
             raise ValueError("echo with logprobs is not supported (prompt tokens are not scored); "

@@ -37,7 +37,7 @@ def weights_bytes(manifest: Manifest, rank: int, compute_dtype: torch.dtype) -> 
 
 
 def reserve_bytes(cfg: ModelConfig, tp: int, compute_dtype: torch.dtype, max_prefill_tokens: int,
-                  max_batch_size: int, *, rank: int = 0) -> int:
+                  max_batch_size: int, *, rank: int = 0, pp: int = 1) -> int:
     """Activation workspace of the largest step (the server's dummy forward), analytically, per rank.
 
     Layers run one after another, so one layer's live tensors bound the peak; summing them all is an
@@ -54,8 +54,10 @@ def reserve_bytes(cfg: ModelConfig, tp: int, compute_dtype: torch.dtype, max_pre
                  + inter)  # silu(gate) * up, the input of w_down
     layer = tokens * per_token * c
     vocab = padded_size(cfg.vocab_size, tp)
-    logits = max_batch_size * (vocab // tp) * _LOGIT_BYTES  # this rank's vocabulary slice, one row per sequence
-    if rank == 0:  # rank 0 also holds the gathered full-vocabulary logits that sampling reads
+    stage, tp_rank = divmod(rank, tp)
+    last = stage == pp - 1
+    logits = max_batch_size * (vocab // tp) * _LOGIT_BYTES if last else 0  # this rank's vocabulary slice
+    if rank == 0 or (last and tp_rank == 0):  # the gathered full-vocabulary logits: gathered, sent, sampled
         logits += max_batch_size * vocab * _LOGIT_BYTES
     return layer + logits + ALLOCATOR_SLACK
 

@@ -79,6 +79,12 @@ class StepDecoder:
         return Step(tokens, StepBatch(tuple(seqs)), bool(all_logits))
 
 
+def rows(message: torch.Tensor) -> tuple[int, int]:
+    """(tokens in the step, rows of logits it returns) read from a message's header; (0, 0) for STOP."""
+    _, kind, all_logits, b, t, _ = message[:_HEADER].tolist()
+    return (0, 0) if kind == STOP else (t, t if all_logits else b)
+
+
 def _kept(prev: tuple[int, ...] | None, blocks: tuple[int, ...]) -> int:
     """How many leading blocks of ``prev`` (the table the other ranks hold) ``blocks`` still starts with,
     all or nothing: tables grow by appending, or are replaced whole."""

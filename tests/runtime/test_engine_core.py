@@ -19,6 +19,7 @@ from runtime.engine.sampling import SamplingParams
 from runtime.engine.stops import StopChecker, safe_prefix
 from runtime.engine.tokenizer import Tokenizer
 from runtime.kv.blocks import BlockManager
+from runtime.worker.pipeline import PendingLogits
 
 BLOCK = 16
 WINDOW = 64  # max_model_len of the small engines
@@ -30,6 +31,9 @@ class ReplayDriver:
     def __init__(self, vocab: int, script: list[int], prompt_len: int):
         self.vocab, self.script, self.prompt_len = vocab, script, prompt_len
         self.fail_next = False
+
+    def submit(self, step):
+        return PendingLogits.done(self.execute(step))
 
     def execute(self, step):
         if self.fail_next:

@@ -3,6 +3,8 @@ Step exactly, through growth, preemption, prefix sharing and skipped steps, whil
 takes no new block sends no block at all; and ``Comm.broadcast_ints`` carries short and long messages."""
 from __future__ import annotations
 
+from datetime import timedelta
+
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as tmp
@@ -10,7 +12,7 @@ import torch.multiprocessing as tmp
 from runtime.engine.sampling import SamplingParams
 from runtime.kv.batch import SeqSlice, StepBatch
 from runtime.model.comm import Comm
-from runtime.worker.parallel import free_port, init_process_group
+from runtime.worker.parallel import Rendezvous, Topology, free_port, init_process_group, open_store
 from runtime.worker.runner import Step
 from runtime.worker.wire import StepDecoder, StepEncoder
 from tests.runtime import test_scheduler as sched
@@ -70,7 +72,9 @@ def test_engine_runs_replay_exactly():
 
 
 def _broadcast_rank(rank: int, world: int, port: int, messages: list[torch.Tensor]) -> None:
-    comm = init_process_group(rank, world, port, torch.device("cpu"))
+    timeout = timedelta(seconds=60)
+    store = open_store(Rendezvous("127.0.0.1", port, rank == 0), world, timeout)
+    comm = init_process_group(Topology(rank, world, 1, rank), store, torch.device("cpu"), timeout)
     try:
         for m in messages:
             got = comm.broadcast_ints(m if rank == 0 else None)

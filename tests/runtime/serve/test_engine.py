@@ -15,6 +15,7 @@ from runtime.serve.app import create_app
 from runtime.serve.async_engine import AsyncEngine
 from runtime.serve.contract import ContextTooLong, Overloaded
 from runtime.serve.metrics import Metrics
+from runtime.worker.pipeline import PendingLogits
 
 LONG = SamplingParams(temperature=0, max_tokens=400, ignore_eos=True)
 
@@ -90,7 +91,7 @@ def test_context_beyond_the_window_is_refused_before_any_work(llm):
 
 def test_a_failing_step_fails_its_requests_and_the_engine_keeps_serving(llm, monkeypatch):
     engine = AsyncEngine(llm, Metrics())
-    real_execute = llm.driver.execute
+    real_execute = (lambda step, submit=llm.driver.submit: submit(step).result())
     calls = {"n": 0}
 
     def flaky(step):
@@ -99,7 +100,7 @@ def test_a_failing_step_fails_its_requests_and_the_engine_keeps_serving(llm, mon
             raise RuntimeError("device lost")
         return real_execute(step)
 
-    monkeypatch.setattr(llm.driver, "execute", flaky)
+    monkeypatch.setattr(llm.driver, "submit", lambda step: PendingLogits.done(flaky(step)))
     params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
     try:
         with pytest.raises(Exception, match="generation failed: device lost"):
@@ -126,7 +127,7 @@ def served(llm):
 
 def _fail_once(monkeypatch, llm, at_call: int) -> None:
     """The driver's execute raises on its ``at_call``-th call (1-based) from now on, once."""
-    real_execute, calls = llm.driver.execute, {"n": 0}
+    real_execute, calls = (lambda step, submit=llm.driver.submit: submit(step).result()), {"n": 0}
 
     def flaky(step):
         calls["n"] += 1
@@ -134,7 +135,7 @@ def _fail_once(monkeypatch, llm, at_call: int) -> None:
             raise RuntimeError("device lost")
         return real_execute(step)
 
-    monkeypatch.setattr(llm.driver, "execute", flaky)
+    monkeypatch.setattr(llm.driver, "submit", lambda step: PendingLogits.done(flaky(step)))
 
 
 def _metric(metrics: Metrics, line: str) -> bool:
