@@ -34,7 +34,7 @@ from formats.errors import TpDeployError
 from runtime import __version__
 from runtime.kv.batch import StepBatch
 from runtime.model.comm import Comm
-from runtime.worker.liveness import Liveness
+from runtime.worker.liveness import DEAD_AFTER, Liveness
 from runtime.worker.parallel import (
     Identity,
     Rendezvous,
@@ -82,6 +82,7 @@ class Driver:
             rdzv, on_host = Rendezvous("127.0.0.1", free_port(), is_master=True), world
             self.workers = _spawn(spec, rdzv, self.topo)
         self._closing = False
+        self._broken: str | None = None  # a step failed after the other ranks started it
         self._lock = threading.Lock()  # steps and keepalives, one at a time
         self._last_send = time.monotonic()
         self._encoder = StepEncoder()
@@ -95,7 +96,7 @@ class Driver:
             self.runner = _load_everywhere(spec, self.topo, self.comm, on_host)
         except TpDeployError:
             self._closing = True  # the others exit cleanly after the same all-gather
-            self._stop_liveness()
+            self._stop_liveness()  # announced: every rank stops now, on purpose
             atexit.unregister(self.close)
             raise
         if self.topo.world > 1:
@@ -109,13 +110,19 @@ class Driver:
     def submit(self, step: Step) -> PendingLogits:
         """Run stage 0 of ``step`` here and hand it to the next stage; its logits come later."""
         with self._lock:
-            message = self._send(step) if self.topo.world > 1 else None
-            out = self.runner.execute(step)
-            if self.topo.pp == 1:
-                return PendingLogits.done(out)
-            pending = self.links.recv_logits(message)
-            self.links.send_next(message, out)
-            return pending
+            if self.topo.world == 1:
+                return PendingLogits.done(self.runner.execute(step))
+            try:
+                message = self._send(step)
+                out = self.runner.execute(step)
+                if self.topo.pp == 1:
+                    return PendingLogits.done(out)
+                pending = self.links.recv_logits(message)
+                self.links.send_next(message, out)
+                return _Watched(pending, self)
+            except BaseException as e:
+                self._broken = f"{type(e).__name__}: {e}"
+                raise
 
     def _send(self, step: Step | None) -> torch.Tensor:
         """The step (None: stop) to stage 0's other ranks; the message, for the next stage."""
@@ -142,10 +149,17 @@ class Driver:
     def dead_rank(self, wait: float = 0.0) -> str | None:
         """Why the ranks cannot go on ("rank 3 on host-b stopped responding ..."), or None while all live.
 
-        A collective usually fails on rank 0 a moment before the watchdog names the dead rank, hence ``wait``."""
+        A collective usually fails on rank 0 a moment before the watchdog names the dead rank, hence ``wait``.
+        After a step failed with several ranks the ranks are out of step for good (some may be waiting in a
+        collective rank 0 never joins): that is fatal too, and the watchdog gets the time to name a culprit."""
         if self.topo.world == 1:
             return None
-        return self._dead_child() or self.liveness.dead(wait)
+        if self._broken is None:
+            return self._dead_child() or self.liveness.dead(wait)
+        reason = self._dead_child() or self.liveness.dead(max(wait, DEAD_AFTER + 3))
+        reason = reason or f"a step failed after the other ranks had started it ({self._broken}); the ranks are out of step"
+        self._died(f"{reason}; the other ranks cannot continue, stopping")
+        return reason
 
     def _dead_child(self) -> str | None:
         for rank, w in enumerate(self.workers, start=1):
@@ -158,12 +172,13 @@ class Driver:
             self._closing = True  # close() must not wait on a collective the dead rank never joins
             self.on_rank_death(message)
 
-    def _stop_liveness(self) -> None:
+    def _stop_liveness(self, announce: bool = True) -> None:
         if getattr(self, "liveness", None) is not None:
-            self.liveness.stop()
+            self.liveness.stop(announce)
 
     def close(self) -> None:
-        dead = self.dead_rank() if hasattr(self, "liveness") else None
+        live = getattr(self, "liveness", None)
+        dead = self._dead_child() or (live.dead() if live else None) or self._broken
         self._closing = True
         atexit.unregister(self.close)
         if dead:
@@ -180,8 +195,22 @@ class Driver:
             for w in self.workers:
                 w.join(timeout=30)
             dist.destroy_process_group()
-        self._stop_liveness()
+        self._stop_liveness(announce=not dead)
         self.workers = []
+
+
+class _Watched:
+    """A pipelined step's pending logits; a failure while waiting for them breaks the run as in ``submit``."""
+
+    def __init__(self, pending: PendingLogits, driver: Driver):
+        self.pending, self.driver = pending, driver
+
+    def result(self) -> torch.Tensor | None:
+        try:
+            return self.pending.result()
+        except BaseException as e:
+            self.driver._broken = f"{type(e).__name__}: {e}"
+            raise
 
 
 class _Joined:

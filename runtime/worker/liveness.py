@@ -38,10 +38,13 @@ class Liveness:
         self._thread.start()
         return self
 
-    def stop(self) -> None:
-        """A clean end: the others are told, so ranks that stop beating now are not reported dead."""
+    def stop(self, announce: bool = True) -> None:
+        """End the watch; ``announce`` (a clean end) tells the others, so ranks that stop beating now are
+        not reported dead. A failed run does not announce: the others must notice and exit."""
         if not self._stopped.is_set():
             self._stopped.set()
+            if not announce:
+                return
             try:
                 self._store.set("stopping", str(self.rank))
             except Exception:  # noqa: BLE001 - the store may already be gone; nothing to tell

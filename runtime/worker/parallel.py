@@ -121,16 +121,27 @@ def handshake(store: dist.Store, me: Identity, world: int, timeout: timedelta) -
     if me.rank == 0:
         verdict = _judge(store, me, world, timeout)
         store.set("verdict", json.dumps(verdict))
+        if verdict["error"]:
+            _until_read(store, world)
     else:
         try:
             store.wait(["verdict"], timeout + timedelta(seconds=30))  # rank 0 decides within its own timeout
-        except RuntimeError:
-            raise TpDeployError(f"rank {me.rank} on {me.host}: rank 0 gave no start-up verdict within "
-                                f"{timeout.total_seconds():g} s (--dist-timeout); is rank 0 running?") from None
-        verdict = json.loads(store.get("verdict"))
+            verdict = json.loads(store.get("verdict"))
+            store.add("verdict-read", 1)
+        except RuntimeError as e:  # the store (rank 0's, unless torchrun's agent hosts it) is gone or silent
+            raise TpDeployError(f"rank {me.rank} on {me.host}: no start-up verdict from rank 0 within "
+                                f"{timeout.total_seconds():g} s (--dist-timeout) ({e}); is rank 0 running?") from None
     if verdict["error"]:
         raise TpDeployError(verdict["error"])
     return [Identity(**i) for i in verdict["ranks"]]
+
+
+def _until_read(store: dist.Store, world: int, wait: float = 10.0) -> None:
+    """Keep a refusing rank 0 (and the store it may host) up until the ranks that joined have read why."""
+    joined = sum(store.check([f"join/{r}"]) for r in range(1, world))
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline and store.add("verdict-read", 0) < joined:
+        time.sleep(_POLL)
 
 
 def _judge(store: dist.Store, me: Identity, world: int, timeout: timedelta) -> dict:

@@ -1,5 +1,7 @@
 """tp x pp on tiny random models: each stage runs its layers on its own processes, hidden states go
 stage to stage, logits come back to rank 0; logits and greedy tokens match transformers."""
+import time
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -66,3 +68,14 @@ def _count_submits(driver) -> list[int]:
 
     driver.submit = submit
     return sizes
+
+
+def test_idle_ranks_outlive_the_dist_timeout(tiny, tmp_path):
+    """Keepalive steps: ranks idle for longer than --dist-timeout still answer (gloo ops would time out)."""
+    src = tiny("llama", num_layers=2)
+    convert(ConvertOptions(src, tmp_path / "ws", 2, pp=2))
+    with LLM(tmp_path / "ws", device="cpu", dist_timeout=3.0) as llm:
+        first = llm.generate([5, 6, 7], SamplingParams(temperature=0, max_tokens=4))[0].outputs[0].token_ids
+        time.sleep(8)
+        again = llm.generate([5, 6, 7], SamplingParams(temperature=0, max_tokens=4))[0].outputs[0].token_ids
+    assert first == again and len(first) == 4
