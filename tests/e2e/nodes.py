@@ -8,10 +8,10 @@ import sys
 import time
 from pathlib import Path
 
-import httpx
 import psutil
 
 from runtime.worker.parallel import free_port
+from tests.e2e.server import wait_healthy
 
 ROOT = Path(__file__).resolve().parents[2]
 TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
@@ -77,18 +77,14 @@ class Nodes:
         return "\n".join(f"--- node {i}\n{self.log(i)}" for i in range(len(self.procs)))
 
 
-def wait_healthy(url: str, nodes: Nodes, timeout: float = 240) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
+def wait_nodes_healthy(url: str, nodes: Nodes, timeout: float = 240) -> None:
+    def exited() -> str | None:
         if any(p.poll() is not None for p in nodes.procs):
-            raise RuntimeError(f"a node exited before the server was healthy:\n{nodes.text()}")
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise RuntimeError(f"the server did not become healthy in {timeout} s:\n{nodes.text()}")
+            return f"a node exited before the server was healthy:\n{nodes.text()}"
+        return None
+
+    if not wait_healthy(url, exited, timeout):
+        raise RuntimeError(f"the server did not become healthy in {timeout} s:\n{nodes.text()}")
 
 
 def srun_style(ranks: list[int], world: int, args: list[str], log_dir: Path) -> list[subprocess.Popen]:

@@ -15,6 +15,23 @@ from runtime.worker.parallel import free_port
 ROOT = Path(__file__).resolve().parents[2]
 
 
+def wait_healthy(url: str, exited, timeout: float) -> bool:
+    """Poll ``url``/health until 200 (True) or the deadline (False); ``exited()`` says why the server
+    can never come up (its process ended), and that is raised."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        why = exited()
+        if why:
+            raise RuntimeError(why)
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return True
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    return False
+
+
 class Server:
     def __init__(self, workspace: Path, *args: str, api_key: str | None = None, env: dict | None = None):
         self.port = free_port()
@@ -27,23 +44,19 @@ class Server:
         self._wait_healthy()
 
     def _wait_healthy(self, timeout: float = 180) -> None:
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"tprun serve exited with {self.proc.returncode}:\n{self.proc.stdout.read()}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        self.close()
-        raise RuntimeError(f"tprun serve did not become healthy in {timeout} s")
+        def exited() -> str | None:
+            if self.proc.poll() is None:
+                return None
+            return f"tprun serve exited with {self.proc.returncode}:\n{self.proc.stdout.read()}"
+
+        if not wait_healthy(self.url, exited, timeout):
+            self.close()
+            raise RuntimeError(f"tprun serve did not become healthy in {timeout} s")
 
     def metric(self, name: str) -> float:
         """Sum of a metric's samples (all label sets) from /metrics."""
         text = httpx.get(f"{self.url}/metrics", timeout=10).text
-        values = [float(v) for v in re.findall(rf"^{re.escape(name)}(?:{{[^}}]*}})? (\S+)$", text, re.M)]
+        values = [float(v) for v in re.findall(rf"^{re.escape(name)}(?:{{[^}}]*}})? (\S+)$", text, re.MULTILINE)]
         return sum(values)
 
     def wait_idle(self, timeout: float = 30) -> None:

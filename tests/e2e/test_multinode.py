@@ -14,8 +14,8 @@ import pytest
 from converter.convert import ConvertOptions, convert
 from runtime.engine.sampling import SamplingParams
 from runtime.worker.parallel import free_port
-from tests.e2e.nodes import ROOT, Nodes, srun_style, wait_healthy
-from tests.e2e.test_smollm2_generate import NEW_TOKENS, PROMPTS
+from tests.e2e.nodes import ROOT, Nodes, srun_style, wait_nodes_healthy
+from tests.e2e.test_smollm2_generate import NEW_TOKENS, PROMPTS, reference  # noqa: F401 - a fixture
 
 pytestmark = pytest.mark.slow
 EXIT_WITHIN = 60  # seconds: every process gone after a rank dies
@@ -28,20 +28,6 @@ def ws_tp3_pp2(smollm2, tmp_path_factory):
     return ws
 
 
-@pytest.fixture(scope="module")
-def reference(hf_smollm2):
-    import torch
-
-    model, tok = hf_smollm2
-    out = {}
-    with torch.no_grad():
-        for p in PROMPTS:
-            ids = tok(p, return_tensors="pt").input_ids
-            gen = model.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None, pad_token_id=2)
-            out[p] = gen[0, ids.shape[1]:].tolist()
-    return out
-
-
 def test_generate_cli_tp3_pp2_matches_transformers(ws_tp3_pp2, reference):
     """Six processes on one host (tprun spawns them): greedy tokens identical to transformers."""
     prompt = PROMPTS[0]
@@ -51,7 +37,7 @@ def test_generate_cli_tp3_pp2_matches_transformers(ws_tp3_pp2, reference):
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout)
     ids = result["token_ids"]  # up to and with the EOS, where transformers (EOS ignored) goes on
-    assert ids == reference[prompt][:len(ids)] and (len(ids) == NEW_TOKENS or result["finish_reason"] == "stop")
+    assert ids == reference[prompt][1][:len(ids)] and (len(ids) == NEW_TOKENS or result["finish_reason"] == "stop")
     assert len(ids) >= 20
 
 
@@ -64,13 +50,13 @@ def test_two_torchrun_nodes_serve_and_survive_nothing_silently(ws_tp3_pp2, refer
                                       "--served-model-name", "smollm2"], tmp_path)
     try:
         url = f"http://127.0.0.1:{port}"
-        wait_healthy(url, nodes)
+        wait_nodes_healthy(url, nodes)
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=600)
         for p in PROMPTS:
             c = client.completions.create(model="smollm2", prompt=p, max_tokens=NEW_TOKENS, temperature=0,
                                           extra_body={"ignore_eos": True, "return_token_ids": True})
             expected = llms[1].generate(p, SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True))
-            assert expected[0].outputs[0].token_ids == reference[p]
+            assert expected[0].outputs[0].token_ids == reference[p][1]
             assert c.choices[0].text == expected[0].outputs[0].text, p
         messages = [{"role": "user", "content": "What is the capital of France?"}]
         chat = client.chat.completions.create(model="smollm2", messages=messages, max_tokens=24, temperature=0)
