@@ -27,3 +27,18 @@ def hf_smollm2(smollm2):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     return AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32).eval(), AutoTokenizer.from_pretrained(smollm2)
+
+
+@pytest.fixture(scope="session")
+def reference(hf_smollm2):
+    """prompt -> (prompt ids, transformers' greedy NEW_TOKENS tokens with EOS ignored, last-position logits)."""
+    from tests.e2e.prompts import NEW_TOKENS, PROMPTS
+
+    model, tok = hf_smollm2
+    out = {}
+    with torch.no_grad():
+        for p in PROMPTS:
+            ids = tok(p, return_tensors="pt").input_ids
+            gen = model.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None, pad_token_id=2)
+            out[p] = (ids[0].tolist(), gen[0, ids.shape[1]:].tolist(), model(ids).logits[0, -1])
+    return out

@@ -15,7 +15,7 @@ from converter.convert import ConvertOptions, convert
 from runtime.engine.sampling import SamplingParams
 from runtime.worker.parallel import free_port
 from tests.e2e.nodes import ROOT, Nodes, srun_style, wait_nodes_healthy
-from tests.e2e.test_smollm2_generate import NEW_TOKENS, PROMPTS, reference  # noqa: F401 - a fixture
+from tests.e2e.prompts import NEW_TOKENS, PROMPTS
 
 pytestmark = pytest.mark.slow
 EXIT_WITHIN = 60  # seconds: every process gone after a rank dies
@@ -33,7 +33,7 @@ def test_generate_cli_tp3_pp2_matches_transformers(ws_tp3_pp2, reference):
     prompt = PROMPTS[0]
     out = subprocess.run([sys.executable, "-m", "runtime", "generate", str(ws_tp3_pp2), "--prompt", prompt,
                           "--max-tokens", str(NEW_TOKENS), "--device", "cpu", "--json"],
-                         capture_output=True, text=True, cwd=ROOT, timeout=600)
+                         capture_output=True, text=True, cwd=ROOT, timeout=600, check=False)
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout)
     ids = result["token_ids"]  # up to and with the EOS, where transformers (EOS ignored) goes on

@@ -3,33 +3,9 @@ import pytest
 import torch
 
 from runtime.engine.sampling import SamplingParams
+from tests.e2e.prompts import LOGIT_ATOL, NEW_TOKENS, PROMPTS
 
 pytestmark = pytest.mark.slow
-PROMPTS = [
-    "The capital of France is",
-    "def fibonacci(n):",
-    "Once upon a time, in a small village,",
-    "The three primary colors are",
-    "Water boils at",
-]
-NEW_TOKENS = 32
-# fp32 on both sides; logits of magnitude ~20 differ by summation order only (fused qkv/gate_up,
-# and at tp 3 the all-reduce of three partial sums).
-LOGIT_ATOL = 2e-4
-
-
-@pytest.fixture(scope="module")
-def reference(hf_smollm2):
-    model, tok = hf_smollm2
-    out = {}
-    with torch.no_grad():
-        for p in PROMPTS:
-            ids = tok(p, return_tensors="pt").input_ids
-            gen = model.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None, pad_token_id=2)
-            out[p] = (ids[0].tolist(), gen[0, ids.shape[1]:].tolist(), model(ids).logits[0, -1])
-    return out
-
-
 @pytest.mark.parametrize("tp", [1, 3], ids=["tp1", "tp3"])
 def test_greedy_tokens_identical_to_transformers(llms, reference, tp):
     outs = llms[tp].generate(PROMPTS, SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True))
