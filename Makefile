@@ -8,7 +8,7 @@ MODEL := $(CACHE)/smollm2-135m-instruct
 DEMO_WS ?= workspace
 DEMO_TP ?= 3
 
-.PHONY: setup model demo test test-fast bench bench-convert bench-generate bench-kernels bench-serve gpu-check peer-vllm clean
+.PHONY: setup model demo test test-fast bench bench-convert bench-generate bench-kernels bench-serve bench-pipeline gpu-check peer-vllm clean
 
 setup: $(VENV)/.installed
 
@@ -37,7 +37,7 @@ test: setup
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow"
 
-bench: bench-convert bench-generate bench-kernels bench-serve
+bench: bench-convert bench-generate bench-kernels bench-serve bench-pipeline
 
 bench-convert: model
 	TPDEPLOY_CACHE=$(CACHE) $(PY) -m tests.bench.bench_convert
@@ -51,6 +51,12 @@ bench-generate: model
 # when `make peer-vllm` has installed it, vLLM's CPU build driven the same way, one server at a time.
 bench-serve: model
 	TPDEPLOY_CACHE=$(CACHE) $(PY) -m tests.bench.bench_serve --markdown /tmp/bench_serve.md
+
+# Pipeline stages on CPU processes: pp 2 with 2 batches in flight against one batch at a time (and pp 1),
+# then rank 0's per-step message cost at tp 2 and 4 (the pickled Step of v0.1 against the wire message).
+bench-pipeline: model
+	TPDEPLOY_CACHE=$(CACHE) $(PY) -m tests.bench.bench_pipeline
+	$(PY) -m tests.bench.profile_broadcast --isolated --tp 2 4
 
 # GPU only (each script says so and exits 0 without CUDA): decode attention vs copy bandwidth and
 # SDPA; W4A16 vs fp16 matmul on Llama-8B shapes.

@@ -39,10 +39,10 @@ def _workspace(tp: int) -> Path:
 
 
 def _measure(llm: LLM, prompts: list[list[int]], params: SamplingParams) -> tuple[float, float]:
-    """Mean ms per decode-only step of Driver.execute and of its send part."""
+    """Mean ms per decode-only step of Driver.submit (at pp 1: the whole step) and of its send part."""
     drv = llm.driver
     send_name = "_send" if hasattr(drv, "_send") else None
-    execute = drv.execute
+    execute = drv.submit
     times = {"execute": 0.0, "send": 0.0}
     steps = 0
     original_send = getattr(drv, send_name) if send_name else drv.comm.broadcast_object
@@ -69,11 +69,11 @@ def _measure(llm: LLM, prompts: list[list[int]], params: SamplingParams) -> tupl
         setattr(drv, send_name, send)
     else:
         drv.comm.broadcast_object = send
-    drv.execute = timed
+    drv.submit = timed  # pp 1: submit runs the step everywhere and holds the logits
     try:
         llm.generate(prompts, params)
     finally:
-        drv.execute = execute
+        drv.submit = execute
         if send_name:
             setattr(drv, send_name, original_send)
         else:
@@ -83,12 +83,16 @@ def _measure(llm: LLM, prompts: list[list[int]], params: SamplingParams) -> tupl
 
 def _isolated_rank(rank: int, world: int, port: int, reps: int, batch: int, result) -> None:
     from runtime.kv.batch import SeqSlice, StepBatch
-    from runtime.worker.parallel import init_process_group
+    from datetime import timedelta
+
+    from runtime.worker.parallel import Rendezvous, Topology, init_process_group, open_store
     from runtime.worker.runner import Step
     from runtime.worker.wire import StepDecoder, StepEncoder
 
     torch.set_num_threads(1)
-    comm = init_process_group(rank, world, port, torch.device("cpu"))
+    store = open_store(Rendezvous("127.0.0.1", port, rank == 0), world, timedelta(seconds=60))
+    comm = init_process_group(Topology(rank, world, 1, rank), store, torch.device("cpu"), timedelta(seconds=60))
+
     def seq(i: int, k: int) -> SeqSlice:  # sequence i's k-th decode step: a new 64-token block now and then
         context = 20 + i + k
         return SeqSlice(i, 1, context, tuple(range(100 * i, 100 * i + context // 64 + 1)))

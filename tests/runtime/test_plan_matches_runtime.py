@@ -11,11 +11,15 @@ from runtime.worker.workspace import open_workspace
 MIB = 1 << 20
 
 
-@pytest.mark.parametrize("tp,kv", [(1, "auto"), (2, "int8"), (2, "int4")])
-def test_allocated_cache_equals_the_plan(tiny, tmp_path, tp, kv):
-    src = tiny("llama", heads=4, kv_heads=2, vocab=301, seed=2)
+@pytest.mark.parametrize("tp,kv,pp_layers", [(1, "auto", None), (2, "int8", None), (2, "int4", None),
+                                             (2, "auto", "3,1"), (1, "int8", "1,2,1")])
+def test_allocated_cache_equals_the_plan(tiny, tmp_path, tp, kv, pp_layers):
+    """Every (stage, rank) row: weights, reserve and proposed blocks as the ranks measure them; stages of
+    uneven layer counts take different bytes per block, and the agreed block count is the minimum."""
+    src = tiny("llama", heads=4, kv_heads=2, vocab=301, seed=2, num_layers=4)
     ws = tmp_path / "ws"
-    convert(ConvertOptions(src, ws, tp))
+    pp = 1 if pp_layers is None else len(pp_layers.split(","))
+    convert(ConvertOptions(src, ws, tp, pp=pp, pp_layers=pp_layers))
     cache = CacheConfig(kv, block_size=16, cache_max_entry_count=0.5, gpu_mem=300 * MIB)
     plan = plan_memory(open_workspace(ws), gpu_mem=cache.gpu_mem, cache=cache, compute_dtype=torch.float32,
                        max_model_len=128, max_batch_size=8, max_prefill_tokens=256)
@@ -23,8 +27,10 @@ def test_allocated_cache_equals_the_plan(tiny, tmp_path, tp, kv):
         runner = llm.driver.runner
         assert runner.cache.num_blocks == plan.num_blocks == llm.blocks.num_blocks
         assert runner.cache.nbytes == plan.ranks[0].kv_allocated
+        assert len(runner.memory) == len(plan.ranks) == tp * pp
         for mem, rank in zip(runner.memory, plan.ranks):
             assert (mem.weights, mem.reserve, mem.blocks) == (rank.weights, rank.reserve, rank.kv_blocks)
+            assert mem.stage == rank.stage and mem.bytes_per_block * plan.num_blocks == rank.kv_allocated
 
 
 def test_plan_command_prints_json_and_draws_the_chart(tiny, tmp_path):
@@ -43,5 +49,9 @@ def test_plan_command_prints_json_and_draws_the_chart(tiny, tmp_path):
     assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     text = CliRunner().invoke(main, args[:4]).output
     assert "KV cache = λ 0.80 ×" in text and "maximum concurrency" in text
+    convert(ConvertOptions(tiny("llama", heads=4, kv_heads=2, vocab=301), tmp_path / "pp", 2, pp=2))
+    staged = CliRunner().invoke(main, ["plan", str(tmp_path / "pp"), "--gpu-mem", "1GiB"]).output
+    assert "tp 2 x pp 2" in staged and " stage " in staged.splitlines()[1]
+    assert [line.split()[:2] for line in staged.splitlines()[2:6]] == [["0", "0"], ["1", "0"], ["2", "1"], ["3", "1"]]
     bad = CliRunner().invoke(main, args[:4] + ["--tp", "4"])
     assert bad.exit_code == 2 and "--tp 4 does not match the workspace, converted for tp 2" in bad.output
