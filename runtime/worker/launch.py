@@ -45,6 +45,7 @@ from runtime.worker.parallel import (
     handshake,
     host_address,
     init_process_group,
+    loopback_warning,
     open_store,
 )
 from runtime.worker.pipeline import PendingLogits, StageLinks
@@ -72,6 +73,8 @@ class Driver:
         if env is not None:  # torchrun started every rank; this process must be rank 0
             self.topo, rdzv, self.workers = _torchrun_topology(spec, env), env_rendezvous(), []
             on_host = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+            if (warning := loopback_warning(rdzv)) is not None:
+                sys.stderr.write(f"tprun: warning: {warning}\n")
         else:
             _check_devices(spec.device, world)
             if world > 1 and dist.is_initialized():

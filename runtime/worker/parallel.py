@@ -210,6 +210,15 @@ def env_rank() -> tuple[int, int, int] | None:
     return rank, world, int(os.environ.get("LOCAL_RANK", rank))
 
 
+def loopback_warning(rdzv: Rendezvous) -> str | None:
+    """A loopback rendezvous with several nodes works only when every "node" is this machine."""
+    nodes = int(os.environ.get("GROUP_WORLD_SIZE", "1"))  # torchrun: --nnodes
+    if nodes > 1 and (rdzv.host in ("localhost", "::1") or rdzv.host.startswith("127.")):
+        return (f"the rendezvous {rdzv.host}:{rdzv.port} is a loopback address but torchrun runs {nodes} nodes: "
+                "ranks on other machines cannot reach it; pass --rdzv-endpoint with node 0's network address")
+    return None
+
+
 def env_rendezvous() -> Rendezvous:
     """The store torchrun set up: the agent's own (all ranks are clients), or rank 0 hosts it."""
     host, port = os.environ.get("MASTER_ADDR", "127.0.0.1"), int(os.environ.get("MASTER_PORT", "29500"))

@@ -51,6 +51,7 @@ def test_two_torchrun_nodes_serve_and_survive_nothing_silently(ws_tp3_pp2, refer
     try:
         url = f"http://127.0.0.1:{port}"
         wait_nodes_healthy(url, nodes)
+        assert "is a loopback address but torchrun runs 2 nodes" in nodes.log(0)
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=600)
         for p in PROMPTS:
             c = client.completions.create(model="smollm2", prompt=p, max_tokens=NEW_TOKENS, temperature=0,

@@ -79,3 +79,13 @@ def test_idle_ranks_outlive_the_dist_timeout(tiny, tmp_path):
         time.sleep(8)
         again = llm.generate([5, 6, 7], SamplingParams(temperature=0, max_tokens=4))[0].outputs[0].token_ids
     assert first == again and len(first) == 4
+
+
+def test_loopback_rendezvous_with_several_nodes_is_warned_about(monkeypatch):
+    from runtime.worker.parallel import Rendezvous, loopback_warning
+
+    monkeypatch.setenv("GROUP_WORLD_SIZE", "2")
+    assert "loopback address but torchrun runs 2 nodes" in loopback_warning(Rendezvous("127.0.0.1", 29500, False))
+    assert loopback_warning(Rendezvous("10.0.0.1", 29500, False)) is None
+    monkeypatch.setenv("GROUP_WORLD_SIZE", "1")
+    assert loopback_warning(Rendezvous("127.0.0.1", 29500, False)) is None
