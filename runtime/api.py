@@ -145,7 +145,11 @@ class LLM:
 
     def close(self) -> None:
         if getattr(self, "driver", None) is not None:
-            self.driver.close()
+            try:
+                if self.driver.dead_rank() is None:
+                    self.engine.drain()
+            finally:
+                self.driver.close()
             self.driver = None
 
     def __enter__(self) -> LLM:

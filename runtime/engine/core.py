@@ -122,6 +122,13 @@ class Engine:
                 self.abort(request_id)
             raise
 
+    def drain(self) -> None:
+        """Wait for the steps still in flight (their results are dropped): the last stage has sent their
+        logits, and rank 0 must take them before the ranks stop."""
+        while self._inflight:
+            _, pending = self._inflight.popleft()
+            pending.result()
+
     def stats(self) -> EngineStats:
         sched, blocks = self.scheduler, self.blocks
         return EngineStats(len(sched.running), len(sched.waiting), blocks.num_used, blocks.num_blocks,

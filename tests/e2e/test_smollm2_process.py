@@ -102,5 +102,5 @@ def test_more_ranks_than_gpus(smollm2_ws):
     from runtime.api import LLM
     if torch.cuda.device_count() >= 3:
         pytest.skip("this machine has enough GPUs")
-    with pytest.raises(TpDeployError, match=r"tp=3 ranks but \d CUDA device\(s\) are visible"):
+    with pytest.raises(TpDeployError, match=r"has 3 ranks \(tp x pp\) but \d CUDA device\(s\) are visible"):
         LLM(smollm2_ws[3], device="cuda")

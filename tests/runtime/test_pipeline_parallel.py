@@ -89,3 +89,20 @@ def test_loopback_rendezvous_with_several_nodes_is_warned_about(monkeypatch):
     assert loopback_warning(Rendezvous("10.0.0.1", 29500, False)) is None
     monkeypatch.setenv("GROUP_WORLD_SIZE", "1")
     assert loopback_warning(Rendezvous("127.0.0.1", 29500, False)) is None
+
+
+def test_close_with_steps_in_flight_stops_every_rank(tiny_pp):
+    """A run left with steps in flight (the caller stopped reading): close takes their logits and every
+    rank exits 0."""
+    src, root, prompts, _, _ = tiny_pp
+    ws = root / "pp2-close"
+    convert(ConvertOptions(src, ws, 1, pp=2))
+    llm = LLM(ws, device="cpu")
+    for i, p in enumerate(prompts * 2):
+        llm.engine.add(str(i), p, SamplingParams(temperature=0, max_tokens=50, ignore_eos=True))
+    llm.engine.step()
+    assert len(llm.engine._inflight) >= 1
+    workers = list(llm.driver.workers)
+    llm.close()
+    assert not llm.engine._inflight  # every posted receive was taken (gloo buffers small sends; NCCL would not)
+    assert [w.exitcode for w in workers] == [0]
