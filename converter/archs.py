@@ -33,6 +33,11 @@ _LLAMA_NAMES = {
     "feed_forward.w_up.weight": "model.layers.{i}.mlp.up_proj.weight",
     "feed_forward.w_down.weight": "model.layers.{i}.mlp.down_proj.weight",
 }
+_QWEN3_NAMES = {
+    **_LLAMA_NAMES,
+    "attention.q_norm.weight": "model.layers.{i}.self_attn.q_norm.weight",
+    "attention.k_norm.weight": "model.layers.{i}.self_attn.k_norm.weight",
+}
 # Tensors a checkpoint may carry that the runtime recomputes; ignored without a warning.
 IGNORED = re.compile(r"^model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq$")
 _LAYER = re.compile(r"^layers\.(\d+)\.(.+)$")
@@ -42,6 +47,7 @@ _LAYER = re.compile(r"^layers\.(\d+)\.(.+)$")
 class Architecture:
     qkv_bias: bool  # Qwen2 carries q/k/v biases
     names: dict[str, str]
+    qk_norm: bool = False  # Qwen3 normalises each head of q and k before RoPE
 
     def hf_name(self, canonical: str) -> str:
         m = _LAYER.match(canonical)
@@ -54,6 +60,7 @@ ARCHITECTURES: dict[str, Architecture] = {
     "LlamaForCausalLM": Architecture(qkv_bias=False, names=_LLAMA_NAMES),
     "MistralForCausalLM": Architecture(qkv_bias=False, names=_LLAMA_NAMES),
     "Qwen2ForCausalLM": Architecture(qkv_bias=True, names=_LLAMA_NAMES),
+    "Qwen3ForCausalLM": Architecture(qkv_bias=False, names=_QWEN3_NAMES, qk_norm=True),
 }
 
 
@@ -73,7 +80,7 @@ def model_config(hf: dict[str, Any], where: str) -> ModelConfig:
     for flag in ("attention_bias", "mlp_bias"):
         if hf.get(flag) and not (arch.qkv_bias and flag == "attention_bias"):
             raise FormatError(f"{where}: {flag}=true is not supported (biases on o_proj/MLP); "
-                              "supported: Llama/Mistral without biases, Qwen2 with q/k/v biases")
+                              "supported: Llama/Mistral/Qwen3 without biases, Qwen2 with q/k/v biases")
     heads, hidden = hf["num_attention_heads"], hf["hidden_size"]
     theta, scaling = _rope(hf, where)
     eos = hf.get("eos_token_id")
@@ -92,7 +99,8 @@ def model_config(hf: dict[str, Any], where: str) -> ModelConfig:
         rope_scaling=scaling,
         tie_word_embeddings=hf.get("tie_word_embeddings") is True,
         qkv_bias=arch.qkv_bias,
-        sliding_window=_sliding_window(hf),
+        qk_norm=arch.qk_norm,
+        sliding_window=_sliding_window(hf, where),
         bos_token_id=hf.get("bos_token_id"),
         eos_token_ids=tuple(eos if isinstance(eos, list) else [] if eos is None else [eos]),
     )
@@ -131,10 +139,15 @@ def _rope(hf: dict[str, Any], where: str) -> tuple[float, RopeScaling | None]:
                               scaling["original_max_position_embeddings"])
 
 
-def _sliding_window(hf: dict[str, Any]) -> int | None:
+def _sliding_window(hf: dict[str, Any], where: str) -> int | None:
     if hf.get("use_sliding_window") is False:
-        return None  # Qwen2 declares a window it does not use
-    return hf.get("sliding_window") or None  # 0 and null both mean full attention
+        return None  # Qwen2/Qwen3 declare a window they do not use
+    window = hf.get("sliding_window") or None  # 0 and null both mean full attention
+    types = hf.get("layer_types")
+    if window and isinstance(types, list) and len(set(map(str, types))) > 1:
+        raise FormatError(f"{where}: field 'layer_types' mixes {sorted(set(map(str, types)))}: sliding-window "
+                          "attention on some layers only is not supported; every layer would use the window")
+    return window
 
 
 # config.json values. Every field read above is typed and ranged here, in one table, so a bad value is

@@ -41,6 +41,7 @@ class ModelConfig:
     rope_scaling: RopeScaling | None = None
     tie_word_embeddings: bool = False
     qkv_bias: bool = False
+    qk_norm: bool = False  # Qwen3: an RMSNorm over each head of q and of k, before RoPE
     sliding_window: int | None = None  # recorded for Mistral; None means full attention
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()

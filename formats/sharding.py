@@ -7,6 +7,7 @@ Canonical per-layer tensors (names below are relative to ``layers.{i}.``):
     attention.wo.weight       hidden, q_r * head_dim                 row-parallel (all-reduce after)
     feed_forward.w_gate_up.weight  2 * inter / tp, hidden            column-parallel, [gate_r; up_r]
     feed_forward.w_down.weight     hidden, inter / tp                row-parallel
+    attention.q_norm.weight, attention.k_norm.weight  head_dim      replicated (Qwen3 only)
     attention_norm.weight, ffn_norm.weight                           replicated
 
 plus ``tok_embeddings.weight`` and ``lm_head.weight`` (vocab-parallel: rows split, the vocabulary
@@ -56,6 +57,8 @@ LAYER_RULES: dict[str, Rule] = {
     "attention_norm.weight": Replicate("attention_norm.weight"),
     "attention.wqkv.weight": Split(0, ("attention.wq.weight", "attention.wk.weight", "attention.wv.weight")),
     "attention.wqkv.bias": Split(0, ("attention.wq.bias", "attention.wk.bias", "attention.wv.bias")),
+    "attention.q_norm.weight": Replicate("attention.q_norm.weight"),
+    "attention.k_norm.weight": Replicate("attention.k_norm.weight"),
     "attention.wo.weight": Split(1, ("attention.wo.weight",)),
     "ffn_norm.weight": Replicate("ffn_norm.weight"),
     "feed_forward.w_gate_up.weight": Split(0, ("feed_forward.w_gate.weight", "feed_forward.w_up.weight")),
@@ -91,7 +94,7 @@ def source_shape(source: str, cfg: ModelConfig) -> tuple[int, ...]:
         "wq": cfg.num_heads * d, "wk": cfg.num_kv_heads * d, "wv": cfg.num_kv_heads * d,
         "wo": h, "w_gate": cfg.intermediate_size, "w_up": cfg.intermediate_size, "w_down": h,
         "tok_embeddings": cfg.vocab_size, "lm_head": cfg.vocab_size,
-        "attention_norm": h, "ffn_norm": h, "norm": h,
+        "attention_norm": h, "ffn_norm": h, "norm": h, "q_norm": d, "k_norm": d,
     }[leaf]
     if kind == "bias" or leaf.endswith("norm"):
         return (rows,)

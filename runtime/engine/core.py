@@ -75,7 +75,8 @@ class Engine:
         self.max_model_len = max_model_len
         # Pipeline stages: keep up to pp steps in flight, so each stage works on one while the next
         # works on another (vLLM's virtual engines); 1 without stages.
-        self.depth = config.pipeline_batches or getattr(getattr(driver, "topo", None), "pp", 1)
+        pp = getattr(getattr(driver, "topo", None), "pp", 1)
+        self.depth = min(config.pipeline_batches or pp, pp)  # more than pp would only split batches
         self.scheduler = Scheduler(blocks, config.max_batch_size, config.max_prefill_tokens, self.depth)
         self._inflight: deque = deque()  # (work, pending logits) of steps submitted, oldest first
         self.sampler = Sampler(config.seed, tokenizer.eos_token_ids)

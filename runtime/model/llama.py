@@ -34,6 +34,8 @@ class Layer:
     ffn_norm: torch.Tensor
     w_gate_up: torch.Tensor | Int4Weight
     w_down: torch.Tensor | Int4Weight
+    q_norm: torch.Tensor | None = None  # Qwen3: (head_dim,), over each head of q and of k
+    k_norm: torch.Tensor | None = None
 
 
 class Model:
@@ -61,7 +63,8 @@ class Model:
 
         return Layer(w[p + "attention_norm.weight"], lin("attention.wqkv"), w.get(p + "attention.wqkv.bias"),
                      lin("attention.wo"), w[p + "ffn_norm.weight"], lin("feed_forward.w_gate_up"),
-                     lin("feed_forward.w_down"))
+                     lin("feed_forward.w_down"), w.get(p + "attention.q_norm.weight"),
+                     w.get(p + "attention.k_norm.weight"))
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, batch: StepBatch, cache: PagedKVCache,
@@ -96,8 +99,12 @@ class Model:
         t = x.shape[0]
         qkv = self._linear(x, layer.wqkv, layer.bqkv)  # (T, (hq + 2 hkv) D)
         q, k, v = qkv.split([self.hq * self.d, self.hkv * self.d, self.hkv * self.d], dim=-1)
-        q = apply_rope(q.reshape(t, self.hq, self.d), cos, sin)  # (T, hq, D)
-        k = apply_rope(k.reshape(t, self.hkv, self.d), cos, sin)  # (T, hkv, D)
+        q, k = q.reshape(t, self.hq, self.d), k.reshape(t, self.hkv, self.d)
+        if layer.q_norm is not None:  # Qwen3: per-head RMSNorm before RoPE
+            q = rms_norm(q, layer.q_norm, self.cfg.rms_norm_eps)
+            k = rms_norm(k, layer.k_norm, self.cfg.rms_norm_eps)
+        q = apply_rope(q, cos, sin)  # (T, hq, D)
+        k = apply_rope(k, cos, sin)  # (T, hkv, D)
         o = cache.attend(i, q, k, v.reshape(t, self.hkv, self.d), pb)  # (T, hq, D)
         return self.comm.all_reduce(self._linear(o.reshape(t, self.hq * self.d), layer.wo))
 

@@ -1,0 +1,87 @@
+"""Qwen3: per-head q/k RMSNorm before RoPE, and a head_dim that is not hidden / heads (32 x 4 heads = 128
+against hidden 64 here, as Qwen3-0.6B's 16 x 128 against 1024). Tiny random checkpoints saved by
+transformers: shards reassemble bit for bit, logits and greedy tokens match transformers at every tp."""
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from converter.convert import ConvertOptions, convert
+from converter.verify import verify
+from formats.manifest import load_manifest
+from runtime.api import LLM
+from runtime.engine.sampling import SamplingParams
+from tests.workspace import bits_equal, reassemble, source_state
+
+LOGIT_ATOL = 1e-4  # fp32, as for the other families
+BF16_LOGIT_ATOL = 0.05
+KW = {"heads": 4, "kv_heads": 2, "hidden": 64, "head_dim": 32, "vocab": 301}
+
+
+@pytest.fixture(scope="module")
+def qwen3(tmp_path_factory):
+    from tests.fixtures.tiny import make_tiny
+
+    root = tmp_path_factory.mktemp("qwen3")
+    src = make_tiny(root / "src", "qwen3", num_layers=3, seed=9, **KW)
+    hf = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    prompt = torch.randint(3, 301, (21,), generator=torch.Generator().manual_seed(4)).tolist()
+    with torch.no_grad():
+        logits = hf(torch.tensor([prompt])).logits[0]
+        greedy = hf.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, eos_token_id=None,
+                             pad_token_id=0)[0, len(prompt):].tolist()
+    return root, src, prompt, logits, greedy
+
+
+@pytest.mark.parametrize("style,fmt,tie", [("v5", "safetensors", False), ("v4", "bin", True)])
+def test_qwen3_shards_reassemble_bit_for_bit(tiny, tmp_path, style, fmt, tie):
+    src = tiny("qwen3", style=style, fmt=fmt, tie=tie, shards=2, **KW)
+    expected = source_state(src)
+    for tp in (1, 2, 4):
+        ws = tmp_path / f"tp{tp}"
+        convert(ConvertOptions(src, ws, tp))
+        m = load_manifest(ws)
+        assert m.model.qk_norm and m.model.head_dim == 32 and not m.model.qkv_bias
+        got = reassemble(ws)
+        assert set(got) == set(expected) - ({"lm_head.weight"} if tie else set())
+        assert all(bits_equal(t, expected[n]) for n, t in got.items())
+        assert verify(ws) == []
+        q_norm = [t for t in m.ranks[-1].tensors if t.name == "layers.0.attention.q_norm.weight"]
+        assert q_norm and q_norm[0].shape == (32,)
+
+
+@pytest.mark.parametrize("tp,pp", [(1, 1), (2, 1), (4, 1), (2, 2)])
+def test_qwen3_logits_and_greedy_match_transformers(qwen3, tp, pp):
+    root, src, prompt, ref_logits, ref_greedy = qwen3
+    ws = root / f"tp{tp}pp{pp}"
+    convert(ConvertOptions(src, ws, tp, pp=pp))
+    with LLM(ws, device="cpu") as llm:
+        torch.testing.assert_close(llm.prompt_logits(prompt), ref_logits, atol=LOGIT_ATOL, rtol=0)
+        out = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))[0]
+    assert out.outputs[0].token_ids == ref_greedy
+
+
+def test_qwen3_int8_kv_and_bf16(qwen3, tmp_path):
+    root, src, prompt, ref_logits, ref_greedy = qwen3
+    convert(ConvertOptions(src, tmp_path / "ws", 2))
+    with LLM(tmp_path / "ws", device="cpu", kv_dtype="int8") as llm:
+        logits = llm.prompt_logits(prompt)
+    assert (logits.argmax(-1) == ref_logits.argmax(-1)).float().mean() > 0.9
+    torch.testing.assert_close(logits, ref_logits, atol=0.05, rtol=0)
+    with LLM(tmp_path / "ws", device="cpu", dtype="bfloat16") as llm:
+        bf16 = llm.prompt_logits(prompt)
+    hf = AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16)
+    with torch.no_grad():
+        ref = hf(torch.tensor([prompt])).logits[0].float()
+    torch.testing.assert_close(bf16, ref, atol=BF16_LOGIT_ATOL, rtol=0)
+
+
+def test_sliding_window_on_some_layers_only_is_refused_naming_the_field(tiny, tmp_path):
+    from click.testing import CliRunner
+
+    from converter.cli import main as tpconv
+
+    src = tiny("qwen3", num_layers=3, extra_config={"use_sliding_window": True, "sliding_window": 16,
+                                                    "max_window_layers": 1}, **KW)
+    out = CliRunner().invoke(tpconv, ["convert", str(src), "-o", str(tmp_path / "ws")])
+    assert out.exit_code == 2 and "field 'layer_types' mixes" in out.output, out.output
+    assert not (tmp_path / "ws").exists()
