@@ -6,6 +6,7 @@ value read is checked for type and range against one table, ``CONFIG_FIELDS``, b
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -38,6 +39,26 @@ _QWEN3_NAMES = {
     "attention.q_norm.weight": "model.layers.{i}.self_attn.q_norm.weight",
     "attention.k_norm.weight": "model.layers.{i}.self_attn.k_norm.weight",
 }
+_BAICHUAN_NAMES = {
+    **_LLAMA_NAMES,
+    "attention.wq.weight": "model.layers.{i}.self_attn.W_pack.weight#q",
+    "attention.wk.weight": "model.layers.{i}.self_attn.W_pack.weight#k",
+    "attention.wv.weight": "model.layers.{i}.self_attn.W_pack.weight#v",
+}
+_INTERNLM2_NAMES = {
+    "tok_embeddings.weight": "model.tok_embeddings.weight",
+    "norm.weight": "model.norm.weight",
+    "lm_head.weight": "output.weight",
+    "attention_norm.weight": "model.layers.{i}.attention_norm.weight",
+    "attention.wq.weight": "model.layers.{i}.attention.wqkv.weight#q",
+    "attention.wk.weight": "model.layers.{i}.attention.wqkv.weight#k",
+    "attention.wv.weight": "model.layers.{i}.attention.wqkv.weight#v",
+    "attention.wo.weight": "model.layers.{i}.attention.wo.weight",
+    "ffn_norm.weight": "model.layers.{i}.ffn_norm.weight",
+    "feed_forward.w_gate.weight": "model.layers.{i}.feed_forward.w1.weight",
+    "feed_forward.w_up.weight": "model.layers.{i}.feed_forward.w3.weight",
+    "feed_forward.w_down.weight": "model.layers.{i}.feed_forward.w2.weight",
+}
 # Tensors a checkpoint may carry that the runtime recomputes; ignored without a warning.
 IGNORED = re.compile(r"^model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq$")
 _LAYER = re.compile(r"^layers\.(\d+)\.(.+)$")
@@ -48,8 +69,12 @@ class Architecture:
     qkv_bias: bool  # Qwen2 carries q/k/v biases
     names: dict[str, str]
     qk_norm: bool = False  # Qwen3 normalises each head of q and k before RoPE
+    # How a fused q/k/v tensor ("...#q" names above) holds the canonical q, k, v rows (``fused``)
+    qkv_layout: str | None = None  # "stacked": [q; k; v] (Baichuan), "grouped": per KV head [q.., k, v] (InternLM2)
+    normalize_lm_head: bool = False  # Baichuan2's NormHead: lm_head rows are L2-normalised at inference
 
     def hf_name(self, canonical: str) -> str:
+        """The checkpoint's name for a canonical tensor; rows of a fused tensor are ``NAME#q`` / ``#k`` / ``#v``."""
         m = _LAYER.match(canonical)
         if m:
             return self.names[m.group(2)].format(i=m.group(1))
@@ -61,7 +86,43 @@ ARCHITECTURES: dict[str, Architecture] = {
     "MistralForCausalLM": Architecture(qkv_bias=False, names=_LLAMA_NAMES),
     "Qwen2ForCausalLM": Architecture(qkv_bias=True, names=_LLAMA_NAMES),
     "Qwen3ForCausalLM": Architecture(qkv_bias=False, names=_QWEN3_NAMES, qk_norm=True),
+    # Remote-code families (no transformers class): Baichuan-7B / Baichuan2-7B (RoPE) and InternLM2 / 2.5.
+    "BaiChuanForCausalLM": Architecture(qkv_bias=False, names=_BAICHUAN_NAMES, qkv_layout="stacked"),
+    "BaichuanForCausalLM": Architecture(qkv_bias=False, names=_BAICHUAN_NAMES, qkv_layout="stacked"),
+    "InternLM2ForCausalLM": Architecture(qkv_bias=False, names=_INTERNLM2_NAMES, qkv_layout="grouped"),
 }
+BAICHUAN2_VOCAB = 125696  # Baichuan2's vocabulary: its checkpoints use NormHead (as vLLM tells them apart)
+
+
+def fused_rows(layout: str, part: str, cfg: ModelConfig, start: int, stop: int) -> list[tuple[int, int]]:
+    """Row ranges of a fused q/k/v tensor holding rows [start, stop) of canonical ``part`` (q, k or v)."""
+    d, h, kv = cfg.head_dim, cfg.num_heads, cfg.num_kv_heads
+    if layout == "stacked":
+        base = {"q": 0, "k": h * d, "v": (h + kv) * d}[part]
+        return [(base + start, base + stop)]
+    group = h // kv  # InternLM2: for each KV head g, [its group of q heads; k_g; v_g]
+    per = (group + 2) * d
+    out = []
+    for row in range(start, stop, d):  # one head at a time (splits fall on whole heads)
+        head = row // d
+        g, j = (head // group, head % group) if part == "q" else (head, group + (part == "v"))
+        a = g * per + j * d + row % d
+        out.append((a, a + min(d - row % d, stop - row)))
+    return _merge(out)
+
+
+def fused_shape(cfg: ModelConfig) -> tuple[int, int]:
+    return ((cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim, cfg.hidden_size)
+
+
+def _merge(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    out: list[tuple[int, int]] = []
+    for a, b in ranges:
+        if out and out[-1][1] == a:
+            out[-1] = (out[-1][0], b)
+        else:
+            out.append((a, b))
+    return out
 
 
 def architecture_of(hf: dict[str, Any], where: str) -> tuple[str, Architecture]:
@@ -70,7 +131,16 @@ def architecture_of(hf: dict[str, Any], where: str) -> tuple[str, Architecture]:
     one_name = isinstance(archs, list) and len(archs) == 1 and isinstance(archs[0], str)
     if not one_name or archs[0] not in ARCHITECTURES:
         raise FormatError(f"{where}: architectures {archs} is not supported; supported: {supported}")
-    return archs[0], ARCHITECTURES[archs[0]]
+    arch = ARCHITECTURES[archs[0]]
+    if arch.qkv_layout == "stacked":
+        if hf.get("max_position_embeddings") is None:  # Baichuan-13B's config: ALiBi, no positions declared
+            raise FormatError(f"{where}: {archs[0]} without max_position_embeddings is Baichuan-13B, which uses ALiBi "
+                              "position biases; ALiBi is not supported (Baichuan-7B and Baichuan2-7B, with RoPE, are)")
+        if hf.get("vocab_size") == BAICHUAN2_VOCAB:
+            arch = dataclasses.replace(arch, normalize_lm_head=True)
+    if archs[0] == "InternLM2ForCausalLM" and hf.get("bias"):
+        raise FormatError(f"{where}: field 'bias' is true; InternLM2 with biases on its linears is not supported")
+    return archs[0], arch
 
 
 def model_config(hf: dict[str, Any], where: str) -> ModelConfig:
@@ -130,8 +200,8 @@ def _rope(hf: dict[str, Any], where: str) -> tuple[float, RopeScaling | None]:
     theta = float(theta if theta is not None else 10000.0)
     if rope_type == "default":
         return theta, None
-    if rope_type == "linear":
-        return theta, RopeScaling("linear", float(scaling["factor"]))
+    if rope_type in ("linear", "dynamic"):
+        return theta, RopeScaling(rope_type, float(scaling["factor"]))
     low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
     if high <= low:  # the llama3 formula divides by high - low
         raise FormatError(f"{where}: field {key!r}: high_freq_factor {high} must exceed low_freq_factor {low}")
@@ -216,6 +286,7 @@ ROPE_FIELDS: dict[str, Expect] = {
 ROPE_REQUIRED: dict[str, tuple[str, ...]] = {
     "default": (),
     "linear": ("factor",),
+    "dynamic": ("factor",),
     "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
 }
 

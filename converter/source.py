@@ -8,7 +8,15 @@ from typing import Any
 
 import torch
 
-from converter.archs import IGNORED, Architecture, architecture_of, declared_dtype, model_config
+from converter.archs import (
+    IGNORED,
+    Architecture,
+    architecture_of,
+    declared_dtype,
+    fused_rows,
+    fused_shape,
+    model_config,
+)
 from converter.checkpoint import Checkpoint
 from converter.quant import QuantizedReader, detect
 from converter.tokenizer import check_tokenizer
@@ -45,12 +53,27 @@ class Source:
         return self.arch.hf_name(f"{canonical_base}.weight").removesuffix(".weight")
 
     def read(self, source: str, axis: int, start: int, stop: int) -> torch.Tensor:
-        """Elements [start, stop) along ``axis`` of a canonical source tensor (int4 parts repacked)."""
+        """Elements [start, stop) along ``axis`` of a canonical source tensor (int4 parts repacked; rows of a
+        fused q/k/v tensor gathered; Baichuan2's lm_head rows L2-normalised, as its NormHead does)."""
         if not int4.is_part(source):
-            return self.checkpoint.read(self.hf_name(source), axis, start, stop)
+            name = self.hf_name(source)
+            if "#" in name:
+                return self._read_fused(name, axis, start, stop)
+            t = self.checkpoint.read(name, axis, start, stop)
+            if source == "lm_head.weight" and self.arch.normalize_lm_head:
+                t = torch.nn.functional.normalize(t.float(), dim=1).to(t.dtype)
+            return t
         base, _, part = source.rpartition(".")
         full = self._reader.part(self._hf_base(base), part)
         return full.narrow(axis, start, stop - start).contiguous()
+
+    def _read_fused(self, name: str, axis: int, start: int, stop: int) -> torch.Tensor:
+        fused, part = name.split("#")
+        if axis != 0:
+            rows = self.config.num_heads if part == "q" else self.config.num_kv_heads
+            return self._read_fused(name, 0, 0, rows * self.config.head_dim).narrow(axis, start, stop - start)
+        ranges = fused_rows(self.arch.qkv_layout, part, self.config, start, stop)
+        return torch.cat([self.checkpoint.read(fused, 0, a, b) for a, b in ranges])
 
     def out_dtype(self, tensor: str) -> torch.dtype:
         part = tensor.rpartition(".")[2]
@@ -78,7 +101,10 @@ def open_source(src: Path, model_format: str = "auto", dtype: str = "auto") -> S
     check_tokenizer(src)
     where = str(src / "config.json")
     quant = detect(hf, model_format, where)
-    arch = architecture_of(hf, where)[1]
+    arch_name, arch = architecture_of(hf, where)
+    if quant is not None and arch.qkv_layout is not None:
+        raise FormatError(f"{where}: int4 {arch_name} checkpoints are not supported (their fused q/k/v linears); "
+                          "convert the unquantized checkpoint")
     config = model_config(hf, where)
     ckpt = Checkpoint(src)
     dense, quantized = _check_tensors(ckpt, config, arch, src, quant)
@@ -115,19 +141,29 @@ def _check_tensors(ckpt: Checkpoint, cfg: ModelConfig, arch: Architecture, src: 
         if canonical.endswith((".scales", ".zeros")):
             continue  # checked with their qweight
         name = arch.hf_name(canonical)
+        if "#" in name:  # rows of a fused q/k/v tensor: check the fused tensor itself
+            name, want = name.split("#")[0], fused_shape(cfg)
+            _check_dense(ckpt, name, want, src)
+            needed.add(name)
+            continue
         if name not in ckpt.names():
             hint = " (or set tie_word_embeddings: true in config.json)" if canonical == "lm_head.weight" else ""
             raise FormatError(f"{src}: tensor {name!r} is missing from the weight files{hint}")
-        want = source_shape(canonical, cfg)
-        if ckpt.shape(name) != want:
-            raise FormatError(f"{ckpt.file_of(name)}: tensor {name!r} has shape {list(ckpt.shape(name))} but "
-                              f"config.json implies {list(want)}")
-        if ckpt.dtype(name) not in FLOAT_DTYPES.values():
-            raise FormatError(f"{ckpt.file_of(name)}: tensor {name!r} has dtype {ckpt.dtype(name)}; "
-                              "expected float32, float16 or bfloat16 (int4 checkpoints are recognized by the "
-                              "quantization_config in config.json)")
+        _check_dense(ckpt, name, source_shape(canonical, cfg), src)
         needed.add(name)
     return needed, quantized
+
+
+def _check_dense(ckpt: Checkpoint, name: str, want: tuple[int, ...], src: Path) -> None:
+    if name not in ckpt.names():
+        raise FormatError(f"{src}: tensor {name!r} is missing from the weight files")
+    if ckpt.shape(name) != want:
+        raise FormatError(f"{ckpt.file_of(name)}: tensor {name!r} has shape {list(ckpt.shape(name))} but "
+                          f"config.json implies {list(want)}")
+    if ckpt.dtype(name) not in FLOAT_DTYPES.values():
+        raise FormatError(f"{ckpt.file_of(name)}: tensor {name!r} has dtype {ckpt.dtype(name)}; "
+                          "expected float32, float16 or bfloat16 (int4 checkpoints are recognized by the "
+                          "quantization_config in config.json)")
 
 
 def _check_quantized(ckpt: Checkpoint, cfg: ModelConfig, arch: Architecture, canonical: str, quant) -> set[str]:

@@ -1,4 +1,5 @@
-"""Rotary position embeddings in Hugging Face's layout (rotate-half), with Llama-3 and linear scaling.
+"""Rotary position embeddings in Hugging Face's layout (rotate-half), with Llama-3, linear and dynamic-NTK
+scaling.
 
 The frequency formulas follow the published Llama-3 recipe: long wavelengths are divided by
 ``factor``, short ones kept, and the band between is interpolated smoothly.
@@ -21,6 +22,8 @@ def inv_frequencies(cfg: ModelConfig) -> torch.Tensor:
         return inv
     if s.rope_type == "linear":
         return inv / s.factor
+    if s.rope_type == "dynamic":  # dynamic NTK changes nothing up to max_position_embeddings, which bounds
+        return inv  # every context here (--max-model-len cannot exceed it)
     low_wavelen = s.original_max_position_embeddings / s.low_freq_factor
     high_wavelen = s.original_max_position_embeddings / s.high_freq_factor
     wavelen = 2 * math.pi / inv
