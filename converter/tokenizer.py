@@ -2,7 +2,8 @@
 
 The runtime reads ``tokenizer.json`` with the ``tokenizers`` library and the chat template from
 ``tokenizer_config.json``; checkpoints written by transformers 5 keep the template in
-``chat_template.jinja`` instead, so it is folded back inline here.
+``chat_template.jinja`` instead, so it is folded back inline here. A checkpoint with only a
+sentencepiece ``tokenizer.model`` gets a tokenizer.json built from it (``converter.sentencepiece``).
 """
 from __future__ import annotations
 
@@ -19,10 +20,15 @@ OPTIONAL_COPIES = ("special_tokens_map.json",)
 def check_tokenizer(src: Path) -> None:
     """Everything ``write_tokenizer`` reads exists and parses; called before anything is written."""
     if not (src / "tokenizer.json").is_file():
-        raise FormatError(
-            f"{src} has no tokenizer.json; tprun tokenizes with the `tokenizers` library and needs it. "
-            "Write one with transformers: AutoTokenizer.from_pretrained(SRC).save_pretrained(SRC)")
-    _read_json(src / "tokenizer.json")
+        if (src / "tokenizer.model").is_file():  # sentencepiece only: it must convert, now
+            _tokenizer_json(src)
+        else:
+            raise FormatError(
+                f"{src} has neither tokenizer.json nor tokenizer.model; tprun tokenizes with the `tokenizers` "
+                "library and needs one. Write it with transformers: AutoTokenizer.from_pretrained(SRC)"
+                ".save_pretrained(SRC)")
+    else:
+        _read_json(src / "tokenizer.json")
     for name in ("tokenizer_config.json", "generation_config.json", *OPTIONAL_COPIES):
         if (src / name).is_file():
             _read_json(src / name)
@@ -40,7 +46,10 @@ def write_tokenizer(src: Path, dst: Path, hf_config: dict[str, Any]) -> list[Pat
     The source was validated by ``check_tokenizer`` when it was opened.
     """
     dst.mkdir(parents=True)
-    shutil.copyfile(src / "tokenizer.json", dst / "tokenizer.json")
+    if (src / "tokenizer.json").is_file():
+        shutil.copyfile(src / "tokenizer.json", dst / "tokenizer.json")
+    else:
+        (dst / "tokenizer.json").write_text(_tokenizer_json(src), encoding="utf-8")
     written = [dst / "tokenizer.json"]
     tok_cfg = _read_json(src / "tokenizer_config.json") if (src / "tokenizer_config.json").is_file() else {}
     template = src / "chat_template.jinja"
@@ -56,6 +65,14 @@ def write_tokenizer(src: Path, dst: Path, hf_config: dict[str, Any]) -> list[Pat
             shutil.copyfile(src / name, dst / name)
             written.append(dst / name)
     return written
+
+
+def _tokenizer_json(src: Path) -> str:
+    """tokenizer.json built from a sentencepiece-only checkpoint's tokenizer.model."""
+    from converter.sentencepiece import sentencepiece_to_json
+
+    cfg = _read_json(src / "tokenizer_config.json") if (src / "tokenizer_config.json").is_file() else {}
+    return sentencepiece_to_json(src / "tokenizer.model", cfg)
 
 
 def _read_json(path: Path) -> dict[str, Any]:

@@ -266,6 +266,9 @@ def read_manifest(workspace: Path) -> tuple[Manifest, str | None]:
     if not Path(workspace).is_dir():
         raise FormatError(f"{workspace} is not a directory; pass a workspace written by `tpconv convert`")
     if not path.is_file():
+        if (Path(workspace) / "config.json").is_file():  # a Hugging Face model directory
+            raise FormatError(f"{workspace} is a checkpoint, not a workspace: convert it first with "
+                              f"`tpconv convert {workspace} -o WS --tp N` and pass WS")
         raise FormatError(
             f"{workspace} is not a workspace: {layout.MANIFEST_NAME} is missing (an interrupted "
             "conversion never writes it); run `tpconv convert` again")

@@ -99,7 +99,7 @@ def test_missing_tokenizer_is_found_before_writing(tiny, tmp_path, monkeypatch):
     monkeypatch.setattr(converter.convert, "building", must_not_run)
     src = tiny()
     (src / "tokenizer.json").unlink()
-    _refused(["convert", src, "-o", tmp_path / "ws"], "has no tokenizer.json")
+    _refused(["convert", src, "-o", tmp_path / "ws"], "has neither tokenizer.json nor tokenizer.model")
     assert os.listdir(tmp_path) == []
 
 

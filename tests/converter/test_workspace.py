@@ -87,7 +87,7 @@ def test_missing_tokenizer_is_an_error(tiny, tmp_path):
     src = tiny()
     (src / "tokenizer.json").unlink()
     result = CliRunner().invoke(main, ["convert", str(src), "-o", str(tmp_path / "ws")])
-    assert result.exit_code == 2 and "has no tokenizer.json" in result.output
+    assert result.exit_code == 2 and "has neither tokenizer.json nor tokenizer.model" in result.output
     assert list(tmp_path.iterdir()) == []
 
 
