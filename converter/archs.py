@@ -59,6 +59,12 @@ _INTERNLM2_NAMES = {
     "feed_forward.w_up.weight": "model.layers.{i}.feed_forward.w3.weight",
     "feed_forward.w_down.weight": "model.layers.{i}.feed_forward.w2.weight",
 }
+_GEMMA3_NAMES = {
+    **_QWEN3_NAMES,
+    "post_attention_norm.weight": "model.layers.{i}.post_attention_layernorm.weight",
+    "ffn_norm.weight": "model.layers.{i}.pre_feedforward_layernorm.weight",
+    "post_ffn_norm.weight": "model.layers.{i}.post_feedforward_layernorm.weight",
+}
 # Tensors a checkpoint may carry that the runtime recomputes; ignored without a warning.
 IGNORED = re.compile(r"^model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq$")
 _LAYER = re.compile(r"^layers\.(\d+)\.(.+)$")
@@ -72,6 +78,7 @@ class Architecture:
     # How a fused q/k/v tensor ("...#q" names above) holds the canonical q, k, v rows (``fused``)
     qkv_layout: str | None = None  # "stacked": [q; k; v] (Baichuan), "grouped": per KV head [q.., k, v] (InternLM2)
     normalize_lm_head: bool = False  # Baichuan2's NormHead: lm_head rows are L2-normalised at inference
+    gemma: bool = False  # Gemma 3: (1 + w) norms, sandwich norms, GeGLU, scaled embeddings, local/global layers
 
     def hf_name(self, canonical: str) -> str:
         """The checkpoint's name for a canonical tensor; rows of a fused tensor are ``NAME#q`` / ``#k`` / ``#v``."""
@@ -90,6 +97,7 @@ ARCHITECTURES: dict[str, Architecture] = {
     "BaiChuanForCausalLM": Architecture(qkv_bias=False, names=_BAICHUAN_NAMES, qkv_layout="stacked"),
     "BaichuanForCausalLM": Architecture(qkv_bias=False, names=_BAICHUAN_NAMES, qkv_layout="stacked"),
     "InternLM2ForCausalLM": Architecture(qkv_bias=False, names=_INTERNLM2_NAMES, qkv_layout="grouped"),
+    "Gemma3ForCausalLM": Architecture(qkv_bias=False, names=_GEMMA3_NAMES, qk_norm=True, gemma=True),
 }
 BAICHUAN2_VOCAB = 125696  # Baichuan2's vocabulary: its checkpoints use NormHead (as vLLM tells them apart)
 
@@ -152,9 +160,11 @@ def model_config(hf: dict[str, Any], where: str) -> ModelConfig:
             raise FormatError(f"{where}: {flag}=true is not supported (biases on o_proj/MLP); "
                               "supported: Llama/Mistral/Qwen3 without biases, Qwen2 with q/k/v biases")
     heads, hidden = hf["num_attention_heads"], hf["hidden_size"]
-    theta, scaling = _rope(hf, where)
+    theta, scaling = _rope(_global_rope(hf) if arch.gemma else hf, where)
     eos = hf.get("eos_token_id")
-    return ModelConfig(
+    tied = hf.get("tie_word_embeddings", True if arch.gemma else False) is True
+    extra = _gemma3(hf, where) if arch.gemma else _layer_types(hf, where)
+    return ModelConfig(**extra,
         architecture=name,
         num_layers=hf["num_hidden_layers"],
         hidden_size=hidden,
@@ -167,13 +177,54 @@ def model_config(hf: dict[str, Any], where: str) -> ModelConfig:
         rms_norm_eps=float(hf["rms_norm_eps"]),
         rope_theta=theta,
         rope_scaling=scaling,
-        tie_word_embeddings=hf.get("tie_word_embeddings") is True,
+        tie_word_embeddings=tied,
         qkv_bias=arch.qkv_bias,
         qk_norm=arch.qk_norm,
-        sliding_window=_sliding_window(hf, where),
+        sliding_window=_sliding_window(hf),
         bos_token_id=hf.get("bos_token_id"),
         eos_token_ids=tuple(eos if isinstance(eos, list) else [] if eos is None else [eos]),
     )
+
+
+def _global_rope(hf: dict[str, Any]) -> dict[str, Any]:
+    """Gemma 3's full-attention RoPE as a plain config: transformers 5 keys rope_parameters by layer type."""
+    params = hf.get("rope_parameters") or {}
+    if isinstance(params.get("full_attention"), dict):
+        return {"rope_parameters": params["full_attention"]}
+    return hf
+
+
+def _gemma3(hf: dict[str, Any], where: str) -> dict[str, Any]:
+    """The Gemma 3 switches of ModelConfig; variants the runtime cannot run are refused by field."""
+    for key in ("final_logit_softcapping", "attn_logit_softcapping"):
+        if hf.get(key) is not None:
+            raise FormatError(f"{where}: field {key!r} is {_show(hf[key])}: logit soft-capping is not supported "
+                              "(Gemma 3 checkpoints leave it null)")
+    if hf.get("use_bidirectional_attention"):
+        raise FormatError(f"{where}: field 'use_bidirectional_attention' is true; only causal Gemma 3 is supported")
+    act = hf.get("hidden_activation") or hf.get("hidden_act") or "gelu_pytorch_tanh"
+    if act not in ("gelu_pytorch_tanh", "gelu_tanh"):
+        raise FormatError(f"{where}: field 'hidden_activation' is {_show(act)}; Gemma 3 support covers "
+                          "'gelu_pytorch_tanh' (GeGLU with the tanh approximation)")
+    n = hf["num_hidden_layers"]
+    types = hf.get("layer_types")
+    if types is None:  # transformers 4: every sliding_window_pattern-th layer is global
+        pattern = hf.get("sliding_window_pattern") or 6
+        types = ["full_attention" if (i + 1) % pattern == 0 else "sliding_attention" for i in range(n)]
+    if len(types) != n or not set(types) <= {"sliding_attention", "full_attention"}:
+        raise FormatError(f"{where}: field 'layer_types' must list 'sliding_attention' or 'full_attention' for each "
+                          f"of the {n} layers; got {_show(types)}")
+    local = (hf.get("rope_parameters") or {}).get("sliding_attention")
+    if isinstance(local, dict):
+        if (local.get("rope_type") or "default") != "default":
+            raise FormatError(f"{where}: field 'rope_parameters.sliding_attention' has rope_type "
+                              f"{local.get('rope_type')!r}; sliding layers support plain RoPE only")
+        local_theta = local.get("rope_theta", 10000.0)
+    else:
+        local_theta = hf.get("rope_local_base_freq", 10000.0)
+    scalar = hf.get("query_pre_attn_scalar") or hf["head_dim"]
+    return {"norm_offset": True, "sandwich_norms": True, "hidden_act": "gelu_tanh", "embed_scale": True,
+            "query_scale": float(scalar) ** -0.5, "layer_types": tuple(types), "local_rope_theta": float(local_theta)}
 
 
 def declared_dtype(hf: dict[str, Any]) -> str | None:
@@ -209,15 +260,21 @@ def _rope(hf: dict[str, Any], where: str) -> tuple[float, RopeScaling | None]:
                               scaling["original_max_position_embeddings"])
 
 
-def _sliding_window(hf: dict[str, Any], where: str) -> int | None:
+def _sliding_window(hf: dict[str, Any]) -> int | None:
     if hf.get("use_sliding_window") is False:
         return None  # Qwen2/Qwen3 declare a window they do not use
-    window = hf.get("sliding_window") or None  # 0 and null both mean full attention
+    return hf.get("sliding_window") or None  # 0 and null both mean full attention
+
+
+def _layer_types(hf: dict[str, Any], where: str) -> dict[str, Any]:
+    """Which layers slide, when only some do (Qwen2/Qwen3 with max_window_layers, as transformers lists them)."""
     types = hf.get("layer_types")
-    if window and isinstance(types, list) and len(set(map(str, types))) > 1:
-        raise FormatError(f"{where}: field 'layer_types' mixes {sorted(set(map(str, types)))}: sliding-window "
-                          "attention on some layers only is not supported; every layer would use the window")
-    return window
+    if not _sliding_window(hf) or not isinstance(types, list) or len(set(map(str, types))) < 2:
+        return {}
+    if len(types) != hf["num_hidden_layers"] or not set(types) <= {"sliding_attention", "full_attention"}:
+        raise FormatError(f"{where}: field 'layer_types' must list 'sliding_attention' or 'full_attention' for each "
+                          f"of the {hf['num_hidden_layers']} layers; got {_show(types)}")
+    return {"layer_types": tuple(types)}
 
 
 # config.json values. Every field read above is typed and ranged here, in one table, so a bad value is
@@ -274,6 +331,10 @@ CONFIG_FIELDS: dict[str, tuple[Expect, bool]] = {
     "mlp_bias": (BOOL, False),
     "sliding_window": (WINDOW, False),
     "use_sliding_window": (BOOL, False),
+    "query_pre_attn_scalar": (POSITIVE_NUMBER, False),  # Gemma 3
+    "rope_local_base_freq": (POSITIVE_NUMBER, False),
+    "sliding_window_pattern": (POSITIVE_INT, False),
+    "hidden_activation": (STRING, False),
     "bos_token_id": (TOKEN_ID, False),
     "eos_token_id": (TOKEN_IDS, False),
 }

@@ -42,14 +42,35 @@ class ModelConfig:
     tie_word_embeddings: bool = False
     qkv_bias: bool = False
     qk_norm: bool = False  # Qwen3: an RMSNorm over each head of q and of k, before RoPE
-    sliding_window: int | None = None  # recorded for Mistral; None means full attention
+    sliding_window: int | None = None  # Mistral: every layer; with layer_types: the sliding layers only
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
+    # Gemma 3 (defaults: the Llama family)
+    norm_offset: bool = False  # RMSNorm scales by (1 + weight), in float32
+    sandwich_norms: bool = False  # norms on the attention output and the MLP output too
+    hidden_act: str = "silu"  # or "gelu_tanh" (GeGLU)
+    embed_scale: bool = False  # embeddings multiplied by sqrt(hidden_size)
+    query_scale: float | None = None  # softmax scale; None: head_dim ** -0.5
+    layer_types: tuple[str, ...] = ()  # per layer "sliding_attention" | "full_attention"; (): all alike
+    local_rope_theta: float | None = None  # RoPE base of the sliding layers (unscaled), when it differs
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["eos_token_ids"] = list(self.eos_token_ids)
+        d["layer_types"] = list(self.layer_types)
         return d
+
+    def is_sliding(self, layer: int) -> bool:
+        return self.sliding_window is not None and (not self.layer_types
+                                                    or self.layer_types[layer] == "sliding_attention")
+
+    def window(self, layer: int) -> int | None:
+        """The attention window of ``layer`` (None: full attention)."""
+        return self.sliding_window if self.is_sliding(layer) else None
+
+    @property
+    def attention_scale(self) -> float:
+        return self.head_dim ** -0.5 if self.query_scale is None else self.query_scale
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], where: str = "manifest.json: model") -> ModelConfig:
@@ -57,6 +78,7 @@ class ModelConfig:
         if d.get("rope_scaling") is not None:
             d["rope_scaling"] = RopeScaling(**_strict_keys(d["rope_scaling"], RopeScaling, f"{where}.rope_scaling"))
         d["eos_token_ids"] = tuple(d.get("eos_token_ids", ()))
+        d["layer_types"] = tuple(d.get("layer_types", ()))
         return cls(**d)
 
 

@@ -28,6 +28,7 @@ QUANTIZED_LINEARS = ("attention.wqkv.weight", "attention.wo.weight",
                      "feed_forward.w_gate_up.weight", "feed_forward.w_down.weight")
 
 QK_NORMS = ("attention.q_norm.weight", "attention.k_norm.weight")
+SANDWICH_NORMS = ("post_attention_norm.weight", "post_ffn_norm.weight")
 _LAYER = re.compile(r"^layers\.(\d+)\.(.+)$")
 
 
@@ -64,7 +65,8 @@ def file_groups(cfg: ModelConfig, quantized: bool = False, stage: StageEntry | N
     first, last = stage.stage == 0, stage.stage == pp - 1
     per_layer = []
     for n in LAYER_RULES:
-        if (n == "attention.wqkv.bias" and not cfg.qkv_bias) or (n in QK_NORMS and not cfg.qk_norm):
+        if ((n == "attention.wqkv.bias" and not cfg.qkv_bias) or (n in QK_NORMS and not cfg.qk_norm)
+                or (n in SANDWICH_NORMS and not cfg.sandwich_norms)):
             continue
         per_layer += _int4_names(n) if quantized and n in QUANTIZED_LINEARS else [n]
     groups = [FileGroup(layout.EMBED_FILE, ("tok_embeddings.weight",))] if first else []

@@ -9,6 +9,7 @@ Canonical per-layer tensors (names below are relative to ``layers.{i}.``):
     feed_forward.w_down.weight     hidden, inter / tp                row-parallel
     attention.q_norm.weight, attention.k_norm.weight  head_dim      replicated (Qwen3 only)
     attention_norm.weight, ffn_norm.weight                           replicated
+    post_attention_norm.weight, post_ffn_norm.weight                 replicated (Gemma 3 only)
 
 plus ``tok_embeddings.weight`` and ``lm_head.weight`` (vocab-parallel: rows split, the vocabulary
 padded with zero rows to a multiple of tp, so no rank holds a full copy) and ``norm.weight``
@@ -61,6 +62,8 @@ LAYER_RULES: dict[str, Rule] = {
     "attention.k_norm.weight": Replicate("attention.k_norm.weight"),
     "attention.wo.weight": Split(1, ("attention.wo.weight",)),
     "ffn_norm.weight": Replicate("ffn_norm.weight"),
+    "post_attention_norm.weight": Replicate("post_attention_norm.weight"),
+    "post_ffn_norm.weight": Replicate("post_ffn_norm.weight"),
     "feed_forward.w_gate_up.weight": Split(0, ("feed_forward.w_gate.weight", "feed_forward.w_up.weight")),
     "feed_forward.w_down.weight": Split(1, ("feed_forward.w_down.weight",)),
 }
@@ -95,6 +98,7 @@ def source_shape(source: str, cfg: ModelConfig) -> tuple[int, ...]:
         "wo": h, "w_gate": cfg.intermediate_size, "w_up": cfg.intermediate_size, "w_down": h,
         "tok_embeddings": cfg.vocab_size, "lm_head": cfg.vocab_size,
         "attention_norm": h, "ffn_norm": h, "norm": h, "q_norm": d, "k_norm": d,
+        "post_attention_norm": h, "post_ffn_norm": h,
     }[leaf]
     if kind == "bias" or leaf.endswith("norm"):
         return (rows,)

@@ -17,9 +17,13 @@ from runtime.kv.format import KVShape, key_rotation
 
 class PagedKVCache:
     def __init__(self, shape: KVShape, num_blocks: int, device: torch.device, kernels: Kernels,
-                 sliding_window: int | None = None, compute_dtype: torch.dtype = torch.float32):
-        self.shape, self.num_blocks, self.kernels, self.window = shape, num_blocks, kernels, sliding_window
-        self.scale = shape.head_dim ** -0.5
+                 sliding_window: int | None | list[int | None] = None, compute_dtype: torch.dtype = torch.float32,
+                 scale: float | None = None):
+        """``sliding_window``: one window for every layer, or one per layer (None: full attention);
+        ``scale``: the softmax scale (default head_dim ** -0.5)."""
+        self.shape, self.num_blocks, self.kernels = shape, num_blocks, kernels
+        self.windows = sliding_window if isinstance(sliding_window, list) else [sliding_window] * shape.num_layers
+        self.scale = shape.head_dim ** -0.5 if scale is None else scale
         fmt = shape.fmt
         data = (shape.num_layers, num_blocks, shape.kv_heads, shape.block_size, fmt.packed_dim(shape.head_dim))
         # torch.empty: pages are committed only when written; never-written slots are masked out by length.
@@ -44,17 +48,17 @@ class PagedKVCache:
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pb: PagedBatch) -> torch.Tensor:
         """Store k, v (T, Hkv, D) and attend: q (T, Hq, D) -> (T, Hq, D)."""
-        kv = self.layer(layer)
+        kv, window = self.layer(layer), self.windows[layer]
         if self.rotation is not None:  # int8/int4 keys are stored rotated (format.py); scores are unchanged
             q, k = q @ self.rotation, k @ self.rotation
         self.kernels.write_kv(kv, k, v, pb.slots)
         if pb.decode_only:
-            return self.kernels.decode_attention(q, kv, pb.block_tables, pb.seq_lens, self.scale, self.window)
+            return self.kernels.decode_attention(q, kv, pb.block_tables, pb.seq_lens, self.scale, window)
         if pb.split is None:
-            return self.kernels.prefill_attention(q, kv, pb, self.scale, self.window)
+            return self.kernels.prefill_attention(q, kv, pb, self.scale, window)
         dec_rows, dec, pre_rows, pre = pb.split
         out = torch.empty_like(q)
         out[dec_rows] = self.kernels.decode_attention(q[dec_rows], kv, dec.block_tables, dec.seq_lens, self.scale,
-                                                      self.window)
-        out[pre_rows] = self.kernels.prefill_attention(q[pre_rows], kv, pre, self.scale, self.window)
+                                                      window)
+        out[pre_rows] = self.kernels.prefill_attention(q[pre_rows], kv, pre, self.scale, window)
         return out

@@ -8,7 +8,9 @@ follow Hugging Face's reference implementation: RMSNorm in float32, rotary table
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -34,8 +36,11 @@ class Layer:
     ffn_norm: torch.Tensor
     w_gate_up: torch.Tensor | Int4Weight
     w_down: torch.Tensor | Int4Weight
-    q_norm: torch.Tensor | None = None  # Qwen3: (head_dim,), over each head of q and of k
+    q_norm: torch.Tensor | None = None  # Qwen3, Gemma 3: (head_dim,), over each head of q and of k
     k_norm: torch.Tensor | None = None
+    post_attention_norm: torch.Tensor | None = None  # Gemma 3's sandwich norms
+    post_ffn_norm: torch.Tensor | None = None
+    sliding: bool = False  # a sliding-window layer (Gemma 3: its own RoPE base)
 
 
 class Model:
@@ -51,7 +56,13 @@ class Model:
         self.vocab_start = rank * self.embed.shape[0] if self.first else 0  # vocab-parallel: this rank's first row
         self.norm = weights.get("norm.weight")
         self.layers = [self._layer(weights, i) for i in range(start, stop)]
-        self.inv_freq = inv_frequencies(cfg).to(self.layers[0].ffn_norm.device)
+        device = self.layers[0].ffn_norm.device
+        self.inv_freq = inv_frequencies(cfg).to(device)
+        # Gemma 3: sliding layers rotate with their own, unscaled base
+        self.local_inv_freq = None if cfg.local_rope_theta is None else inv_frequencies(
+            dataclasses.replace(cfg, rope_theta=cfg.local_rope_theta, rope_scaling=None)).to(device)
+        self.act = F.silu if cfg.hidden_act == "silu" else partial(F.gelu, approximate="tanh")
+        self.embed_scale = cfg.hidden_size ** 0.5 if cfg.embed_scale else None
 
     def _layer(self, w: dict[str, torch.Tensor], i: int) -> Layer:
         p = f"layers.{i}."
@@ -64,7 +75,8 @@ class Model:
         return Layer(w[p + "attention_norm.weight"], lin("attention.wqkv"), w.get(p + "attention.wqkv.bias"),
                      lin("attention.wo"), w[p + "ffn_norm.weight"], lin("feed_forward.w_gate_up"),
                      lin("feed_forward.w_down"), w.get(p + "attention.q_norm.weight"),
-                     w.get(p + "attention.k_norm.weight"))
+                     w.get(p + "attention.k_norm.weight"), w.get(p + "post_attention_norm.weight"),
+                     w.get(p + "post_ffn_norm.weight"), self.cfg.is_sliding(i))
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, batch: StepBatch, cache: PagedKVCache,
@@ -73,26 +85,38 @@ class Model:
         token if ``all_logits``; a stage before the last returns its (T, hidden) output instead. Stages
         after the first take the previous stage's ``hidden`` in place of the tokens."""
         x = self._embed(tokens) if self.first else hidden  # (T, hidden)
-        cos, sin = cos_sin(self.inv_freq, batch.positions().to(x.device), x.dtype)
+        positions = batch.positions().to(x.device)
+        rope = cos_sin(self.inv_freq, positions, x.dtype)
+        local = rope if self.local_inv_freq is None else cos_sin(self.local_inv_freq, positions, x.dtype)
         pb = cache.prepare(batch)
         for i, layer in enumerate(self.layers):
-            x = x + self._attention(i, layer, rms_norm(x, layer.attention_norm, self.cfg.rms_norm_eps), cos, sin, pb, cache)
-            x = x + self._mlp(layer, rms_norm(x, layer.ffn_norm, self.cfg.rms_norm_eps))
+            cos, sin = local if layer.sliding else rope
+            a = self._attention(i, layer, self._norm(x, layer.attention_norm), cos, sin, pb, cache)
+            x = x + (a if layer.post_attention_norm is None else self._norm(a, layer.post_attention_norm))
+            m = self._mlp(layer, self._norm(x, layer.ffn_norm))
+            x = x + (m if layer.post_ffn_norm is None else self._norm(m, layer.post_ffn_norm))
         if not self.last:
             return x
         if not all_logits:
             x = x[batch.last_token_index().to(x.device)]  # (B, hidden): only what sampling needs
-        logits = self.comm.gather_last_dim(F.linear(rms_norm(x, self.norm, self.cfg.rms_norm_eps), self.lm_head))
+        logits = self.comm.gather_last_dim(F.linear(self._norm(x, self.norm), self.lm_head))
         return None if logits is None else logits[:, :self.cfg.vocab_size]  # drop vocab padding
+
+    def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, weight, self.cfg.rms_norm_eps, self.cfg.norm_offset)
 
     def _embed(self, tokens: torch.Tensor) -> torch.Tensor:
         if self.comm.world == 1:
-            return F.embedding(tokens, self.embed)
-        local = tokens - self.vocab_start
-        outside = (local < 0) | (local >= self.embed.shape[0])
-        x = F.embedding(local.masked_fill(outside, 0), self.embed)
-        x[outside] = 0  # another rank owns these rows; the all-reduce brings them in
-        return self.comm.all_reduce(x)
+            x = F.embedding(tokens, self.embed)
+        else:
+            local = tokens - self.vocab_start
+            outside = (local < 0) | (local >= self.embed.shape[0])
+            x = F.embedding(local.masked_fill(outside, 0), self.embed)
+            x[outside] = 0  # another rank owns these rows; the all-reduce brings them in
+            x = self.comm.all_reduce(x)
+        if self.embed_scale is not None:  # Gemma: the scale rounded to the weights' dtype, as the reference does
+            x = x * torch.tensor(self.embed_scale, dtype=x.dtype)
+        return x
 
     def _attention(self, i: int, layer: Layer, x: torch.Tensor, cos, sin, pb: PagedBatch,
                    cache: PagedKVCache) -> torch.Tensor:
@@ -100,9 +124,8 @@ class Model:
         qkv = self._linear(x, layer.wqkv, layer.bqkv)  # (T, (hq + 2 hkv) D)
         q, k, v = qkv.split([self.hq * self.d, self.hkv * self.d, self.hkv * self.d], dim=-1)
         q, k = q.reshape(t, self.hq, self.d), k.reshape(t, self.hkv, self.d)
-        if layer.q_norm is not None:  # Qwen3: per-head RMSNorm before RoPE
-            q = rms_norm(q, layer.q_norm, self.cfg.rms_norm_eps)
-            k = rms_norm(k, layer.k_norm, self.cfg.rms_norm_eps)
+        if layer.q_norm is not None:  # Qwen3, Gemma 3: per-head RMSNorm before RoPE
+            q, k = self._norm(q, layer.q_norm), self._norm(k, layer.k_norm)
         q = apply_rope(q, cos, sin)  # (T, hq, D)
         k = apply_rope(k, cos, sin)  # (T, hkv, D)
         o = cache.attend(i, q, k, v.reshape(t, self.hkv, self.d), pb)  # (T, hq, D)
@@ -110,7 +133,7 @@ class Model:
 
     def _mlp(self, layer: Layer, x: torch.Tensor) -> torch.Tensor:
         gate, up = self._linear(x, layer.w_gate_up).chunk(2, dim=-1)  # (T, I/tp) each
-        return self.comm.all_reduce(self._linear(F.silu(gate) * up, layer.w_down))
+        return self.comm.all_reduce(self._linear(self.act(gate) * up, layer.w_down))
 
     def _linear(self, x: torch.Tensor, w: torch.Tensor | Int4Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
         """The one place the model multiplies by a weight, dense (N, K) or int4."""
@@ -119,8 +142,11 @@ class Model:
         return F.linear(x, w, bias)
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm computed in float32 and cast back before the weight, as the reference does."""
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: bool = False) -> torch.Tensor:
+    """RMSNorm computed in float32 and cast back before the weight, as the Llama reference does; with
+    ``offset`` (Gemma) the scale is (1 + weight), applied in float32 before the cast."""
     x32 = x.float()
     x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    if offset:
+        return (x32 * (1.0 + weight.float())).to(x.dtype)
     return weight * x32.to(x.dtype)

@@ -122,8 +122,10 @@ class ModelRunner:
             limit = [m.blocks for m in everyone].index(num_blocks)
             sys.stderr.write(f"tprun: rank {limit} limits the KV cache to {num_blocks} blocks "
                              f"(proposed per rank: {[m.blocks for m in everyone]})\n")
-        self.cache = PagedKVCache(self.shape, num_blocks, self.device, self.kernels,
-                                  self.spec.manifest.model.sliding_window, self.spec.dtype)
+        cfg = self.spec.manifest.model
+        windows = [cfg.window(i) for i in range(*self.spec.manifest.stages[self.topo.stage].layers)]
+        self.cache = PagedKVCache(self.shape, num_blocks, self.device, self.kernels, windows, self.spec.dtype,
+                                  cfg.attention_scale)
 
     def _memory(self) -> RankMemory:
         spec, shape = self.spec, self.shape

@@ -75,13 +75,21 @@ def test_qwen3_int8_kv_and_bf16(qwen3, tmp_path):
     torch.testing.assert_close(bf16, ref, atol=BF16_LOGIT_ATOL, rtol=0)
 
 
-def test_sliding_window_on_some_layers_only_is_refused_naming_the_field(tiny, tmp_path):
-    from click.testing import CliRunner
-
-    from converter.cli import main as tpconv
-
-    src = tiny("qwen3", num_layers=3, extra_config={"use_sliding_window": True, "sliding_window": 16,
-                                                    "max_window_layers": 1}, **KW)
-    out = CliRunner().invoke(tpconv, ["convert", str(src), "-o", str(tmp_path / "ws")])
-    assert out.exit_code == 2 and "field 'layer_types' mixes" in out.output, out.output
-    assert not (tmp_path / "ws").exists()
+def test_sliding_window_on_some_layers_matches_transformers(tiny, tmp_path):
+    """max_window_layers: layers from it on slide (window 6 here), the others see everything."""
+    src = tiny("qwen3", num_layers=3, seed=5, extra_config={"use_sliding_window": True, "sliding_window": 6,
+                                                            "max_window_layers": 1}, **KW)
+    hf = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    assert hf.config.layer_types == ["full_attention", "sliding_attention", "sliding_attention"]
+    prompt = list(range(3, 30))
+    with torch.no_grad():
+        ref = hf(torch.tensor([prompt])).logits[0]
+        greedy = hf.generate(torch.tensor([prompt]), max_new_tokens=10, do_sample=False, eos_token_id=None,
+                             pad_token_id=0)[0, len(prompt):].tolist()
+    convert(ConvertOptions(src, tmp_path / "ws", 2))
+    assert load_manifest(tmp_path / "ws").model.layer_types == tuple(hf.config.layer_types)
+    with LLM(tmp_path / "ws", device="cpu") as llm:
+        torch.testing.assert_close(llm.prompt_logits(prompt), ref, atol=LOGIT_ATOL, rtol=0)
+        torch.testing.assert_close(llm.prompt_logits(prompt, chunk=5), ref, atol=LOGIT_ATOL, rtol=0)
+        out = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=10, ignore_eos=True))[0]
+    assert out.outputs[0].token_ids == greedy
