@@ -5,17 +5,15 @@ transformers; logits and greedy tokens match transformers at every tp and across
 import pytest
 import torch
 from click.testing import CliRunner
-from transformers import AutoModelForCausalLM
 
 from converter.cli import main as tpconv
 from converter.convert import ConvertOptions, convert
 from converter.verify import verify
 from formats.manifest import load_manifest
 from runtime.api import LLM
-from runtime.engine.sampling import SamplingParams
+from tests.runtime.parity import check_parity, random_prompt, reference
 from tests.workspace import bits_equal, reassemble, source_state
 
-LOGIT_ATOL = 1e-4
 BF16_STEPS = 4  # bf16 keeps 8 significant bits
 TYPES = ["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"]
 KW = {"num_layers": 4, "heads": 4, "kv_heads": 2, "hidden": 64, "head_dim": 32, "vocab": 301, "tie": True,
@@ -28,14 +26,7 @@ def gemma(tmp_path_factory):
     from tests.fixtures.tiny import make_tiny
 
     root = tmp_path_factory.mktemp("gemma3")
-    src = make_tiny(root / "src", "gemma3", seed=6, **KW)
-    hf = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
-    prompt = torch.randint(3, 301, (27,), generator=torch.Generator().manual_seed(8)).tolist()
-    with torch.no_grad():
-        logits = hf(torch.tensor([prompt])).logits[0]
-        greedy = hf.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, eos_token_id=None,
-                             pad_token_id=0)[0, len(prompt):].tolist()
-    return root, src, prompt, logits, greedy
+    return root, reference(make_tiny(root / "src", "gemma3", seed=6, **KW), random_prompt(27, 8))
 
 
 @pytest.mark.parametrize("style", ["v5", "v4"])
@@ -56,25 +47,18 @@ def test_gemma3_config_and_shards(tiny, tmp_path, style):
 
 @pytest.mark.parametrize("tp,pp", [(1, 1), (2, 1), (4, 1), (2, 2)])
 def test_gemma3_logits_and_greedy_match_transformers(gemma, tp, pp):
-    root, src, prompt, ref_logits, ref_greedy = gemma
-    ws = root / f"tp{tp}pp{pp}"
-    convert(ConvertOptions(src, ws, tp, pp=pp))
-    with LLM(ws, device="cpu") as llm:
-        torch.testing.assert_close(llm.prompt_logits(prompt), ref_logits, atol=LOGIT_ATOL, rtol=0)
-        torch.testing.assert_close(llm.prompt_logits(prompt, chunk=5), ref_logits, atol=LOGIT_ATOL, rtol=0)
-        out = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))[0]
-    assert out.outputs[0].token_ids == ref_greedy
+    root, ref = gemma
+    check_parity(ref, root / f"tp{tp}pp{pp}", tp, pp, chunk=5)
 
 
 def test_gemma3_bf16_and_int8_kv(gemma, tmp_path):
-    root, src, prompt, ref_logits, _ = gemma
+    _, r = gemma
+    src, prompt, ref_logits = r.src, r.prompt, r.logits
     convert(ConvertOptions(src, tmp_path / "ws", 2))
     with LLM(tmp_path / "ws", device="cpu", kv_dtype="int8") as llm:
         logits = llm.prompt_logits(prompt)
     assert (logits.argmax(-1) == ref_logits.argmax(-1)).float().mean() > 0.9
-    hf = AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16)
-    with torch.no_grad():
-        ref = hf(torch.tensor([prompt])).logits[0].float()
+    ref = reference(src, prompt, 1, torch.bfloat16).logits
     with LLM(tmp_path / "ws", device="cpu", dtype="bfloat16") as llm:
         ours = llm.prompt_logits(prompt)
     # Logits reach ~125 here (tied embeddings scaled by sqrt(hidden)), where one bf16 step is 0.5: allow a

@@ -3,16 +3,14 @@ against hidden 64 here, as Qwen3-0.6B's 16 x 128 against 1024). Tiny random chec
 transformers: shards reassemble bit for bit, logits and greedy tokens match transformers at every tp."""
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 
 from converter.convert import ConvertOptions, convert
 from converter.verify import verify
 from formats.manifest import load_manifest
 from runtime.api import LLM
-from runtime.engine.sampling import SamplingParams
+from tests.runtime.parity import check_parity, random_prompt, reference
 from tests.workspace import bits_equal, reassemble, source_state
 
-LOGIT_ATOL = 1e-4  # fp32, as for the other families
 BF16_LOGIT_ATOL = 0.05
 KW = {"heads": 4, "kv_heads": 2, "hidden": 64, "head_dim": 32, "vocab": 301}
 
@@ -22,14 +20,7 @@ def qwen3(tmp_path_factory):
     from tests.fixtures.tiny import make_tiny
 
     root = tmp_path_factory.mktemp("qwen3")
-    src = make_tiny(root / "src", "qwen3", num_layers=3, seed=9, **KW)
-    hf = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
-    prompt = torch.randint(3, 301, (21,), generator=torch.Generator().manual_seed(4)).tolist()
-    with torch.no_grad():
-        logits = hf(torch.tensor([prompt])).logits[0]
-        greedy = hf.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, eos_token_id=None,
-                             pad_token_id=0)[0, len(prompt):].tolist()
-    return root, src, prompt, logits, greedy
+    return root, reference(make_tiny(root / "src", "qwen3", num_layers=3, seed=9, **KW), random_prompt(21, 4))
 
 
 @pytest.mark.parametrize("style,fmt,tie", [("v5", "safetensors", False), ("v4", "bin", True)])
@@ -51,17 +42,13 @@ def test_qwen3_shards_reassemble_bit_for_bit(tiny, tmp_path, style, fmt, tie):
 
 @pytest.mark.parametrize("tp,pp", [(1, 1), (2, 1), (4, 1), (2, 2)])
 def test_qwen3_logits_and_greedy_match_transformers(qwen3, tp, pp):
-    root, src, prompt, ref_logits, ref_greedy = qwen3
-    ws = root / f"tp{tp}pp{pp}"
-    convert(ConvertOptions(src, ws, tp, pp=pp))
-    with LLM(ws, device="cpu") as llm:
-        torch.testing.assert_close(llm.prompt_logits(prompt), ref_logits, atol=LOGIT_ATOL, rtol=0)
-        out = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))[0]
-    assert out.outputs[0].token_ids == ref_greedy
+    root, ref = qwen3
+    check_parity(ref, root / f"tp{tp}pp{pp}", tp, pp)
 
 
 def test_qwen3_int8_kv_and_bf16(qwen3, tmp_path):
-    root, src, prompt, ref_logits, ref_greedy = qwen3
+    _, ref = qwen3
+    src, prompt, ref_logits = ref.src, ref.prompt, ref.logits
     convert(ConvertOptions(src, tmp_path / "ws", 2))
     with LLM(tmp_path / "ws", device="cpu", kv_dtype="int8") as llm:
         logits = llm.prompt_logits(prompt)
@@ -69,27 +56,13 @@ def test_qwen3_int8_kv_and_bf16(qwen3, tmp_path):
     torch.testing.assert_close(logits, ref_logits, atol=0.05, rtol=0)
     with LLM(tmp_path / "ws", device="cpu", dtype="bfloat16") as llm:
         bf16 = llm.prompt_logits(prompt)
-    hf = AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16)
-    with torch.no_grad():
-        ref = hf(torch.tensor([prompt])).logits[0].float()
-    torch.testing.assert_close(bf16, ref, atol=BF16_LOGIT_ATOL, rtol=0)
+    torch.testing.assert_close(bf16, reference(src, prompt, 1, torch.bfloat16).logits, atol=BF16_LOGIT_ATOL, rtol=0)
 
 
 def test_sliding_window_on_some_layers_matches_transformers(tiny, tmp_path):
     """max_window_layers: layers from it on slide (window 6 here), the others see everything."""
     src = tiny("qwen3", num_layers=3, seed=5, extra_config={"use_sliding_window": True, "sliding_window": 6,
                                                             "max_window_layers": 1}, **KW)
-    hf = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
-    assert hf.config.layer_types == ["full_attention", "sliding_attention", "sliding_attention"]
-    prompt = list(range(3, 30))
-    with torch.no_grad():
-        ref = hf(torch.tensor([prompt])).logits[0]
-        greedy = hf.generate(torch.tensor([prompt]), max_new_tokens=10, do_sample=False, eos_token_id=None,
-                             pad_token_id=0)[0, len(prompt):].tolist()
-    convert(ConvertOptions(src, tmp_path / "ws", 2))
-    assert load_manifest(tmp_path / "ws").model.layer_types == tuple(hf.config.layer_types)
-    with LLM(tmp_path / "ws", device="cpu") as llm:
-        torch.testing.assert_close(llm.prompt_logits(prompt), ref, atol=LOGIT_ATOL, rtol=0)
-        torch.testing.assert_close(llm.prompt_logits(prompt, chunk=5), ref, atol=LOGIT_ATOL, rtol=0)
-        out = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=10, ignore_eos=True))[0]
-    assert out.outputs[0].token_ids == greedy
+    check_parity(reference(src, list(range(3, 30))), tmp_path / "ws", 2, chunk=5)
+    assert load_manifest(tmp_path / "ws").model.layer_types == ("full_attention", "sliding_attention",
+                                                                 "sliding_attention")
