@@ -133,6 +133,37 @@ def _merge(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
     return out
 
 
+MULTIMODAL = {"Gemma3ForConditionalGeneration": "Gemma3ForCausalLM"}  # image-text checkpoints: their text model
+# Where their text model's tensors live: "model." of the text-only names becomes one of these prefixes
+# (transformers 4 wrote language_model.model.*, transformers 5 keeps model.language_model.* in memory).
+TEXT_PREFIXES = {"language_model.model.": "language_model.", "model.language_model.": ""}
+SKIPPED_TOWERS = re.compile(r"^(model\.)?(vision_tower|multi_modal_projector)\.")
+
+
+def text_model(hf: dict[str, Any]) -> dict[str, Any]:
+    """An image-text config's text model as a text-only config (the vision tower is not served)."""
+    archs = hf.get("architectures")
+    if not (isinstance(archs, list) and len(archs) == 1 and archs[0] in MULTIMODAL):
+        return hf
+    text = dict(hf.get("text_config") or {})
+    for key in ("bos_token_id", "eos_token_id"):
+        if key not in text and key in hf:
+            text[key] = hf[key]
+    if "tie_word_embeddings" in hf:  # the outer model ties lm_head to its language model's embedding
+        text["tie_word_embeddings"] = hf["tie_word_embeddings"]
+    return {**text, "architectures": [MULTIMODAL[archs[0]]], "multimodal": archs[0]}
+
+
+def with_prefix(arch: Architecture, names: set[str]) -> Architecture:
+    """The architecture with its tensor names moved under the text model's prefix found in ``names``."""
+    for body, head in TEXT_PREFIXES.items():
+        if f"{body}embed_tokens.weight" in names:
+            moved = {k: (body + v.removeprefix("model.")) if v.startswith("model.") else head + v
+                     for k, v in arch.names.items()}
+            return dataclasses.replace(arch, names=moved)
+    return arch
+
+
 def architecture_of(hf: dict[str, Any], where: str) -> tuple[str, Architecture]:
     archs = hf.get("architectures") or []
     supported = ", ".join(ARCHITECTURES)
@@ -165,7 +196,7 @@ def model_config(hf: dict[str, Any], where: str) -> ModelConfig:
     tied = hf.get("tie_word_embeddings", True if arch.gemma else False) is True
     extra = _gemma3(hf, where) if arch.gemma else _layer_types(hf, where)
     return ModelConfig(**extra,
-        architecture=name,
+        architecture=hf.get("multimodal") or name,  # an image-text checkpoint keeps its name (text model only)
         num_layers=hf["num_hidden_layers"],
         hidden_size=hidden,
         num_heads=heads,

@@ -60,6 +60,8 @@ def convert_cmd(src: Path, dst_path: Path, tp: int, pp: int, pp_layers: str | No
     finally:
         if bar is not None:
             bar.close()
+    for note in summary.notes:
+        click.echo(f"tpconv: note: {note}", err=True)
     for name in summary.unused_source_tensors:
         click.echo(f"tpconv: warning: source tensor {name!r} is not used by {tp=} conversion", err=True)
     if as_json:

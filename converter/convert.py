@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import errno
 import math
 import os
@@ -52,6 +53,7 @@ class ConvertSummary:
     seconds: float
     peak_rss_bytes: int
     unused_source_tensors: list[str]
+    notes: list[str] = dataclasses.field(default_factory=list)
 
     @property
     def total_bytes(self) -> int:
@@ -96,7 +98,7 @@ def convert(opts: ConvertOptions, on_start: Callable[[int], Progress] | None = N
         files=sum(len(r.files) for r in ranks) + len(tokenizer) + 1,
         bytes_per_rank=[r.bytes for r in ranks], seconds=round(time.perf_counter() - t0, 3),
         peak_rss_bytes=peak_rss_bytes(),
-        unused_source_tensors=src.unused,
+        unused_source_tensors=src.unused, notes=src.notes,
     )
 
 

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -10,12 +10,15 @@ import torch
 
 from converter.archs import (
     IGNORED,
+    SKIPPED_TOWERS,
     Architecture,
     architecture_of,
     declared_dtype,
     fused_rows,
     fused_shape,
     model_config,
+    text_model,
+    with_prefix,
 )
 from converter.checkpoint import Checkpoint
 from converter.quant import QuantizedReader, detect
@@ -38,6 +41,7 @@ class Source:
     checkpoint: Checkpoint
     dtype: torch.dtype  # the dtype every dense output tensor is written in
     unused: list[str]  # source tensors no rule consumes (reported, not fatal)
+    notes: list[str] = field(default_factory=list)  # said once on stderr (e.g. a vision tower left out)
     quant: Any = None  # a converter.quant format, or None for dense checkpoints
     int4: Int4Format | None = None
     _reader: QuantizedReader | None = None
@@ -97,19 +101,25 @@ def open_source(src: Path, model_format: str = "auto", dtype: str = "auto") -> S
     src = Path(src)
     if not src.is_dir():
         raise FormatError(f"source {src} is not a directory; pass a local Hugging Face checkpoint directory")
-    hf = _read_config(src)
+    hf = text_model(_read_config(src))
     check_tokenizer(src)
     where = str(src / "config.json")
     quant = detect(hf, model_format, where)
     arch_name, arch = architecture_of(hf, where)
+    ckpt = Checkpoint(src)
+    if hf.get("multimodal"):
+        arch = with_prefix(arch, ckpt.names())
     if quant is not None and arch.qkv_layout is not None:
         raise FormatError(f"{where}: int4 {arch_name} checkpoints are not supported (their fused q/k/v linears); "
                           "convert the unquantized checkpoint")
     config = model_config(hf, where)
-    ckpt = Checkpoint(src)
     dense, quantized = _check_tensors(ckpt, config, arch, src, quant)
     unused = sorted(n for n in ckpt.names() - dense - quantized if not IGNORED.match(n))
-    source = Source(src, hf, config, arch, ckpt, _pick_dtype(dtype, ckpt, dense, hf, src), unused, quant)
+    towers = [n for n in unused if SKIPPED_TOWERS.match(n)]
+    notes = [f"{hf['multimodal']}: converting its text model; the vision tower and projector ({len(towers)} "
+             "tensors) are left out (tprun serves text)"] if towers else []
+    unused = [n for n in unused if n not in towers]
+    source = Source(src, hf, config, arch, ckpt, _pick_dtype(dtype, ckpt, dense, hf, src), unused, notes, quant)
     if quant is not None:
         scale = ckpt.dtype(next(n for n in sorted(quantized) if n.endswith("." + quant.scale_suffix)))
         source.int4 = Int4Format(quant.group_size, quant.zero_point, quant.name, str(scale).removeprefix("torch."))

@@ -11,6 +11,7 @@ from converter.convert import ConvertOptions, convert
 from converter.verify import verify
 from formats.manifest import load_manifest
 from runtime.api import LLM
+from runtime.engine.sampling import SamplingParams
 from tests.runtime.parity import check_parity, random_prompt, reference
 from tests.workspace import bits_equal, reassemble, source_state
 
@@ -76,3 +77,41 @@ def test_gemma3_variants_are_refused_naming_the_field(tiny, tmp_path, field, val
     src = tiny("gemma3", **{**KW, "extra_config": {**KW["extra_config"], field: value}})
     out = CliRunner().invoke(tpconv, ["convert", str(src), "-o", str(tmp_path / "ws")])
     assert out.exit_code == 2 and message in out.output, out.output
+
+
+def test_gemma3_image_text_checkpoint_converts_its_text_model(tmp_path):
+    """Gemma3ForConditionalGeneration (4B-27B): the language model is converted, the vision tower left out and
+    said so; text-only logits and greedy tokens equal transformers' image-text model fed text."""
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, SiglipVisionConfig
+
+    from tests.fixtures.tiny import tiny_config, tiny_model, tiny_tokenizer
+
+    text = tiny_config("gemma3", **{k: v for k, v in KW.items() if k != "tie"})
+    vision = SiglipVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                image_size=32, patch_size=8)
+    cfg = Gemma3Config(text_config=text.to_dict(), vision_config=vision.to_dict(), mm_tokens_per_image=4,
+                       image_token_index=299, boi_token_index=297, eoi_token_index=298)
+    torch.manual_seed(0)
+    model = Gemma3ForConditionalGeneration(cfg).eval()
+    with torch.no_grad():  # the text model's weights as the tiny text-only model would have them
+        own = tiny_model(text, seed=4).state_dict()
+        for name, param in model.model.language_model.named_parameters():
+            param.copy_(own["model." + name])
+    src = tmp_path / "src"
+    model.save_pretrained(src)
+    tiny_tokenizer(301).save_pretrained(src)
+    out = CliRunner().invoke(tpconv, ["convert", str(src), "-o", str(tmp_path / "ws"), "--tp", "2"],
+                             catch_exceptions=False)
+    assert out.exit_code == 0, out.output
+    assert "Gemma3ForConditionalGeneration: converting its text model; the vision tower and projector" in out.output
+    assert "is not used" not in out.output
+    assert load_manifest(tmp_path / "ws").model.architecture == "Gemma3ForConditionalGeneration"
+    prompt = random_prompt(20, 3, vocab=296)
+    with torch.no_grad():
+        ref_logits = model(input_ids=torch.tensor([prompt])).logits[0]
+        greedy = model.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False, eos_token_id=None,
+                                pad_token_id=0)[0, len(prompt):].tolist()
+    with LLM(tmp_path / "ws", device="cpu") as llm:
+        torch.testing.assert_close(llm.prompt_logits(prompt), ref_logits, atol=1e-4, rtol=0)
+        got = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))[0].outputs[0]
+    assert got.token_ids == greedy
