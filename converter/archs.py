@@ -143,7 +143,7 @@ SKIPPED_TOWERS = re.compile(r"^(model\.)?(vision_tower|multi_modal_projector)\."
 def text_model(hf: dict[str, Any]) -> dict[str, Any]:
     """An image-text config's text model as a text-only config (the vision tower is not served)."""
     archs = hf.get("architectures")
-    if not (isinstance(archs, list) and len(archs) == 1 and archs[0] in MULTIMODAL):
+    if not (isinstance(archs, list) and len(archs) == 1 and isinstance(archs[0], str) and archs[0] in MULTIMODAL):
         return hf
     text = dict(hf.get("text_config") or {})
     for key in ("bos_token_id", "eos_token_id"):
