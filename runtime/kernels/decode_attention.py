@@ -32,6 +32,7 @@ import triton.language as tl
 
 from formats.errors import TpDeployError
 from runtime.kernels.paged import LayerKV
+from runtime.kernels.tiles import load_tile
 
 BLOCK_N = 64  # keys per tile: a whole number of 16-token cache blocks, or a slice of a larger one
 _MIN_DOT_ROWS = 16  # tl.dot's smallest M on tensor cores: GQA groups are padded up to it
@@ -40,29 +41,6 @@ _SMS = 132  # streaming multiprocessors of an H100 SXM, the GPU the heuristic is
 _WAVES = 2  # two programs per SM, so one's loads overlap the other's math
 _MIN_TILES_PER_SPLIT = 4  # below 256 keys a split's partial write and reduce cost more than it saves
 _MAX_SPLITS = 64  # beyond this the reduce's reads outweigh the extra parallelism at any length
-
-
-@triton.jit
-def _load_tile(data_ptr, params_ptr, blk, off, valid, head, s_b, s_h, s_t, s_d, p_b, p_h, p_t, p_x,
-               BITS: tl.constexpr, D: tl.constexpr, D_P: tl.constexpr, BLOCK_N: tl.constexpr,
-               OUT_DTYPE: tl.constexpr):
-    """K or V of the tokens at (blk, off) as (BLOCK_N, D_P) in OUT_DTYPE; invalid tokens read as 0."""
-    row = blk * s_b + head * s_h + off * s_t  # (BLOCK_N,) int64 element offsets of each token's head
-    if BITS == 4:
-        j = tl.arange(0, D_P // 2)
-        byte = tl.load(data_ptr + row[:, None] + j[None, :] * s_d, mask=valid[:, None] & (j[None, :] < D // 2),
-                       other=0)
-        # (BLOCK_N, D_P/2, 2) -> (BLOCK_N, D_P): low nibble is element 2j, high nibble 2j + 1
-        codes = tl.reshape(tl.join(byte & 0xF, byte >> 4), (BLOCK_N, D_P))
-    else:
-        d = tl.arange(0, D_P)
-        codes = tl.load(data_ptr + row[:, None] + d[None, :] * s_d, mask=valid[:, None] & (d[None, :] < D), other=0)
-    if BITS <= 8:
-        prow = blk * p_b + head * p_h + off * p_t
-        scale = tl.load(params_ptr + prow, mask=valid, other=0).to(tl.float32)
-        zero = tl.load(params_ptr + prow + p_x, mask=valid, other=0).to(tl.float32)
-        return (codes.to(tl.float32) * scale[:, None] + zero[:, None]).to(OUT_DTYPE)
-    return codes.to(OUT_DTYPE)
 
 
 @triton.jit
@@ -105,7 +83,7 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, kp_ptr, vp_ptr, table_ptr, lens_ptr, out_
         valid = (tok >= start) & (tok < n)
         blk = tl.load(table_ptr + b * s_tb + tok // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
         off = tok % BLOCK_SIZE
-        k = _load_tile(k_ptr, kp_ptr, blk, off, valid, hk, s_b, s_h, s_t, s_d, p_b, p_h, p_t, p_x,
+        k = load_tile(k_ptr, kp_ptr, blk, off, valid, hk, s_b, s_h, s_t, s_d, p_b, p_h, p_t, p_x,
                        BITS, D, D_P, BLOCK_N, q.dtype)
         qk = _dot(q, tl.trans(k), DOT_F32) * qk_scale  # (GROUP_P, BLOCK_N) log2 units
         qk = tl.where(valid[None, :], qk, float("-inf"))
@@ -114,7 +92,7 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, kp_ptr, vp_ptr, table_ptr, lens_ptr, out_
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(qk - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = _load_tile(v_ptr, vp_ptr, blk, off, valid, hk, s_b, s_h, s_t, s_d, p_b, p_h, p_t, p_x,
+        v = load_tile(v_ptr, vp_ptr, blk, off, valid, hk, s_b, s_h, s_t, s_d, p_b, p_h, p_t, p_x,
                        BITS, D, D_P, BLOCK_N, q.dtype)
         acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_F32)
         m_i = m_new

@@ -31,19 +31,20 @@ import triton.language as tl
 
 from formats.errors import TpDeployError
 from runtime.kernels.paged import LayerKV, PagedBatch
+from runtime.kernels.tiles import load_tile
 
 _LOG2E = 1.4426950408889634  # 1/ln 2: softmax runs on exp2, so scores are pre-scaled by it
 _MASKED = tl.constexpr(-1.0e30)  # finite: a row's all-masked first tile adds exp2(0) junk, not NaN; alpha=0 clears it
 _BLOCK_N = 64  # keys per step: a whole number of MMA tiles, and K+V tiles of D=128 fp16 fit shared memory
 _BLOCK_N_FP32_D128 = 32  # fp32 K+V tiles of 64 x 128 need 115 KB of shared memory; sm_86/89 have 100 KB
-_HEAD_DIMS = (16, 32, 64, 128)  # powers of two for tl.arange, >= 16 for tl.dot; 16 is the tiny test models'
+_HEAD_DIMS = (16, 32, 64, 80, 96, 128, 256)  # others padded to a power of two in registers; 16: the tiny test models'
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
 
 @triton.jit
-def _load_clamped(ptr):
-    """fp32 values clamped to fp16's range first, so scale and zero stay finite in fp16."""
-    return tl.minimum(tl.maximum(tl.load(ptr).to(tl.float32), -65504.0), 65504.0)
+def _load_clamped(ptr, mask):
+    """fp32 values clamped to fp16's range first, so scale and zero stay finite in fp16 (masked: 0)."""
+    return tl.minimum(tl.maximum(tl.load(ptr, mask=mask, other=0.0).to(tl.float32), -65504.0), 65504.0)
 
 
 @triton.jit
@@ -64,53 +65,34 @@ def _codes(x, scale, zero, QMAX: tl.constexpr):
 @triton.jit
 def _write_kv_kernel(x_ptr, slot_ptr, data_ptr, params_ptr,
                      sx_t, sx_h, sd_b, sd_h, sd_o, sp_b, sp_h, sp_o,
-                     BLOCK_SIZE: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr):
+                     BLOCK_SIZE: tl.constexpr, D: tl.constexpr, D_P: tl.constexpr, BITS: tl.constexpr):
     t, h = tl.program_id(0), tl.program_id(1)
     slot = tl.load(slot_ptr + t)
     blk, off = slot // BLOCK_SIZE, slot % BLOCK_SIZE
     src = x_ptr + t * sx_t + h * sx_h  # last dim contiguous (checked by the wrapper)
     dst = data_ptr + blk * sd_b + h * sd_h + off * sd_o
     if BITS > 8:
-        d = tl.arange(0, D)
-        tl.store(dst + d, tl.load(src + d).to(data_ptr.dtype.element_ty))
+        d = tl.arange(0, D_P)
+        tl.store(dst + d, tl.load(src + d, mask=d < D).to(data_ptr.dtype.element_ty), mask=d < D)
     else:
         QMAX: tl.constexpr = (1 << BITS) - 1
         if BITS == 8:
-            d = tl.arange(0, D)
-            x = _load_clamped(src + d)
-            scale, zero = _quant_params(tl.min(x, 0), tl.max(x, 0), QMAX)
-            tl.store(dst + d, _codes(x, scale, zero, QMAX))
-        else:  # int4: even elements -> low nibble, odd -> high nibble of the same byte
-            j = tl.arange(0, D // 2)
-            even, odd = _load_clamped(src + 2 * j), _load_clamped(src + 2 * j + 1)
-            lo = tl.minimum(tl.min(even, 0), tl.min(odd, 0))
-            hi = tl.maximum(tl.max(even, 0), tl.max(odd, 0))
+            d = tl.arange(0, D_P)
+            x = _load_clamped(src + d, d < D)
+            lo, hi = tl.min(tl.where(d < D, x, 65504.0), 0), tl.max(tl.where(d < D, x, -65504.0), 0)
             scale, zero = _quant_params(lo, hi, QMAX)
-            tl.store(dst + j, _codes(even, scale, zero, QMAX) | (_codes(odd, scale, zero, QMAX) << 4))
+            tl.store(dst + d, _codes(x, scale, zero, QMAX), mask=d < D)
+        else:  # int4: even elements -> low nibble, odd -> high nibble of the same byte
+            j = tl.arange(0, D_P // 2)
+            ok = j < D // 2
+            even, odd = _load_clamped(src + 2 * j, ok), _load_clamped(src + 2 * j + 1, ok)
+            lo = tl.minimum(tl.min(tl.where(ok, even, 65504.0), 0), tl.min(tl.where(ok, odd, 65504.0), 0))
+            hi = tl.maximum(tl.max(tl.where(ok, even, -65504.0), 0), tl.max(tl.where(ok, odd, -65504.0), 0))
+            scale, zero = _quant_params(lo, hi, QMAX)
+            tl.store(dst + j, _codes(even, scale, zero, QMAX) | (_codes(odd, scale, zero, QMAX) << 4), mask=ok)
         pdst = params_ptr + blk * sp_b + h * sp_h + off * sp_o
         tl.store(pdst, scale.to(tl.float16))
         tl.store(pdst + 1, zero.to(tl.float16))
-
-
-@triton.jit
-def _load_kv_tile(data_ptr, params_ptr, blk, kvh, off, ok, sd_b, sd_h, sd_o, sp_b, sp_h, sp_o,
-                  D: tl.constexpr, BITS: tl.constexpr):
-    """(BLOCK_N, D) fp32 values of the keys at (blk, off) of head kvh; masked keys read as 0."""
-    d = tl.arange(0, D)
-    row = blk * sd_b + kvh * sd_h + off * sd_o  # (BLOCK_N,)
-    if BITS > 8:
-        vals = tl.load(data_ptr + row[:, None] + d[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
-    else:
-        if BITS == 8:
-            code = tl.load(data_ptr + row[:, None] + d[None, :], mask=ok[:, None], other=0)
-        else:  # each byte is read for both of its nibbles; the second read hits L1
-            byte = tl.load(data_ptr + row[:, None] + (d // 2)[None, :], mask=ok[:, None], other=0)
-            code = (byte >> ((d % 2) * 4)[None, :]) & 0xF
-        prow = params_ptr + blk * sp_b + kvh * sp_h + off * sp_o
-        scale = tl.load(prow, mask=ok, other=0.0).to(tl.float32)
-        zero = tl.load(prow + 1, mask=ok, other=0.0).to(tl.float32)
-        vals = code.to(tl.float32) * scale[:, None] + zero[:, None]
-    return vals
 
 
 @triton.jit
@@ -127,8 +109,8 @@ def _prefill_kernel(q_ptr, o_ptr, k_ptr, v_ptr, kp_ptr, vp_ptr,
                     tables_ptr, seq_lens_ptr, query_start_ptr, tile_seq_ptr, tile_row_ptr,
                     sq_t, sq_h, so_t, so_h, sd_b, sd_h, sd_o, sp_b, sp_h, sp_o, st_b,
                     qk_scale, window,
-                    GROUP: tl.constexpr, BLOCK_SIZE: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
-                    WINDOWED: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_F32: tl.constexpr,
+                    GROUP: tl.constexpr, BLOCK_SIZE: tl.constexpr, D: tl.constexpr, D_P: tl.constexpr,
+                    BITS: tl.constexpr, WINDOWED: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_F32: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     tile, h = tl.program_id(0), tl.program_id(1)
     kvh = h // GROUP
@@ -138,12 +120,13 @@ def _prefill_kernel(q_ptr, o_ptr, k_ptr, v_ptr, kp_ptr, vp_ptr,
     q_end = tl.load(query_start_ptr + b + 1)
     n_rows = tl.minimum(q_end - row0, BLOCK_M)  # <= 0 for the spare tiles past the last one
     m = tl.arange(0, BLOCK_M)
-    d = tl.arange(0, D)
+    d = tl.arange(0, D_P)  # head_dim padded to a power of two: masked on load and store
     row_ok = m < n_rows
+    io_mask = row_ok[:, None] & (d[None, :] < D)
     rows = row0 + m
     first_pos = ctx - (q_end - row0)  # new tokens are the last q_end - query_start[b] of the context
     qpos = first_pos + m  # (BLOCK_M,)
-    q = tl.load(q_ptr + rows[:, None] * sq_t + h * sq_h + d[None, :], mask=row_ok[:, None], other=0.0)
+    q = tl.load(q_ptr + rows[:, None] * sq_t + h * sq_h + d[None, :], mask=io_mask, other=0.0)
 
     hi = tl.where(n_rows > 0, first_pos + n_rows, 0)  # causal: nothing past the tile's last query
     lo = 0
@@ -151,15 +134,16 @@ def _prefill_kernel(q_ptr, o_ptr, k_ptr, v_ptr, kp_ptr, vp_ptr,
         lo = tl.maximum(first_pos - window + 1, 0) // BLOCK_N * BLOCK_N
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
-    acc = tl.zeros((BLOCK_M, D), tl.float32)
+    acc = tl.zeros((BLOCK_M, D_P), tl.float32)
     table = tables_ptr + b * st_b
     for start in range(lo, hi, BLOCK_N):
         kpos = start + tl.arange(0, BLOCK_N)
         k_ok = kpos < hi
         blk = tl.load(table + kpos // BLOCK_SIZE, mask=k_ok, other=0).to(tl.int64)
         off = kpos % BLOCK_SIZE
-        k = _load_kv_tile(k_ptr, kp_ptr, blk, kvh, off, k_ok, sd_b, sd_h, sd_o, sp_b, sp_h, sp_o, D, BITS)
-        s = _dot(q, tl.trans(k.to(q.dtype)), DOT_PRECISION, DOT_F32) * qk_scale  # (BLOCK_M, BLOCK_N)
+        k = load_tile(k_ptr, kp_ptr, blk, off, k_ok, kvh, sd_b, sd_h, sd_o, 1, sp_b, sp_h, sp_o, 1,
+                      BITS, D, D_P, BLOCK_N, q.dtype)
+        s = _dot(q, tl.trans(k), DOT_PRECISION, DOT_F32) * qk_scale  # (BLOCK_M, BLOCK_N)
         visible = kpos[None, :] <= qpos[:, None]
         if WINDOWED:
             visible &= kpos[None, :] > qpos[:, None] - window
@@ -168,12 +152,12 @@ def _prefill_kernel(q_ptr, o_ptr, k_ptr, v_ptr, kp_ptr, vp_ptr,
         alpha = tl.math.exp2(m_i - m_new)
         p = tl.math.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = _load_kv_tile(v_ptr, vp_ptr, blk, kvh, off, k_ok, sd_b, sd_h, sd_o, sp_b, sp_h, sp_o, D, BITS)
-        acc = acc * alpha[:, None] + _dot(p.to(q.dtype), v.to(q.dtype), DOT_PRECISION, DOT_F32)
+        v = load_tile(v_ptr, vp_ptr, blk, off, k_ok, kvh, sd_b, sd_h, sd_o, 1, sp_b, sp_h, sp_o, 1,
+                      BITS, D, D_P, BLOCK_N, q.dtype)
+        acc = acc * alpha[:, None] + _dot(p.to(q.dtype), v, DOT_PRECISION, DOT_F32)
         m_i = m_new
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # l_i == 0 only in spare tiles, whose rows are not stored
-    tl.store(o_ptr + rows[:, None] * so_t + h * so_h + d[None, :], out.to(o_ptr.dtype.element_ty),
-             mask=row_ok[:, None])
+    tl.store(o_ptr + rows[:, None] * so_t + h * so_h + d[None, :], out.to(o_ptr.dtype.element_ty), mask=io_mask)
 
 
 def write_kv(kv: LayerKV, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
@@ -188,7 +172,7 @@ def write_kv(kv: LayerKV, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor)
         _write_kv_kernel[(t, hkv)](x, slots, data, p, x.stride(0), x.stride(1),
                                    data.stride(0), data.stride(1), data.stride(2),
                                    p.stride(0), p.stride(1), p.stride(2),
-                                   BLOCK_SIZE=kv.block_size, D=dim, BITS=kv.bits)
+                                   BLOCK_SIZE=kv.block_size, D=dim, D_P=triton.next_power_of_2(dim), BITS=kv.bits)
 
 
 def prefill_attention(q: torch.Tensor, kv: LayerKV, pb: PagedBatch, scale: float,
@@ -199,8 +183,10 @@ def prefill_attention(q: torch.Tensor, kv: LayerKV, pb: PagedBatch, scale: float
     t, hq, dim = q.shape
     if t == 0:
         return out
-    block_m = max(16, min(64, triton.next_power_of_2(pb.max_query_len)))  # >= 16 for tl.dot on GPU
-    block_n = _BLOCK_N_FP32_D128 if q.dtype == torch.float32 and dim == 128 else _BLOCK_N
+    d_p = triton.next_power_of_2(dim)
+    # >= 16 rows for tl.dot on GPU; D=256 halves the tiles so K, V and the accumulator fit (not yet timed)
+    block_m = max(16, min(64 if d_p < 256 else 32, triton.next_power_of_2(pb.max_query_len)))
+    block_n = _BLOCK_N_FP32_D128 if (q.dtype == torch.float32 and d_p >= 128) or d_p >= 256 else _BLOCK_N
     tile_seq, tile_row = _tile_map(pb.query_start, block_m, t)
     k_params, v_params = (kv.k_params, kv.v_params) if kv.quantized else (kv.k, kv.v)
     tables = pb.block_tables
@@ -209,7 +195,8 @@ def prefill_attention(q: torch.Tensor, kv: LayerKV, pb: PagedBatch, scale: float
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         kv.k.stride(0), kv.k.stride(1), kv.k.stride(2), k_params.stride(0), k_params.stride(1), k_params.stride(2),
         tables.stride(0), scale * _LOG2E, window or 0,
-        GROUP=hq // kv.k.shape[1], BLOCK_SIZE=kv.block_size, D=dim, BITS=kv.bits, WINDOWED=window is not None,
+        GROUP=hq // kv.k.shape[1], BLOCK_SIZE=kv.block_size, D=dim, D_P=d_p, BITS=kv.bits,
+        WINDOWED=window is not None,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # fp32 models get fp32 dots, not TF32
         DOT_F32=q.dtype == torch.bfloat16 and q.device.type == "cpu",  # on CPU = interpreted: see _dot
         BLOCK_M=block_m, BLOCK_N=block_n)

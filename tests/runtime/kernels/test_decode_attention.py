@@ -76,10 +76,14 @@ def test_long_and_short_in_one_batch(bits, dtype, head_dim, block_size, device):
     assert_matches_reference(q, kv, pb)
 
 
-@pytest.mark.parametrize("bits,dtype", [pytest.param(16, F16, id="fp16"), pytest.param(4, F32, id="int4")])
-def test_head_dim_not_a_power_of_two(bits, dtype, device):
-    # D=80 is padded to 128 in registers; int4's 40 bytes a row are not a power of two either
-    q, kv, pb = make(bits, [65, 3], 2, 2, 80, 16, device, dtype, dtype)
+@pytest.mark.parametrize("bits,dtype,head_dim", [pytest.param(16, F16, 80, id="fp16-D80"),
+                                                pytest.param(4, F32, 80, id="int4-D80"),
+                                                pytest.param(8, F16, 96, id="int8-D96"),
+                                                pytest.param(16, BF16, 256, id="bf16-D256")])
+def test_head_dims_of_the_model_families(bits, dtype, head_dim, device):
+    # D=80/96 are padded to 128 in registers (int4's 40/48 bytes a row are not powers of two either);
+    # 256 is Gemma 3's
+    q, kv, pb = make(bits, [65, 3], 2, 2, head_dim, 16, device, dtype, dtype)
     assert_matches_reference(q, kv, pb, num_splits=2)
 
 

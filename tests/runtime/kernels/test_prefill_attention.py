@@ -59,6 +59,10 @@ FULL = [  # whole prompts: every key is new this step
     Case((1025, 3), (1025, 3), hq=1, block_size=64),
     Case((65, 1, 17), (65, 1, 17), hq=8, block_size=64, bits=8),
     Case((17, 3), (17, 3), hq=4, hkv=2, head_dim=16, bits=4),  # the tiny test models' head_dim
+    # the model families' other head dims: 80 and 96 padded to 128 in registers, 256 (Gemma 3)
+    Case((17, 3), (17, 3), hq=2, head_dim=80, bits=8),
+    Case((9,), (9,), hq=2, head_dim=96, bits=4, dtype=F16),
+    Case((9, 2), (9, 2), hq=2, head_dim=256, bits=16, dtype=BF16),
 ]
 CHUNKED = [  # new tokens attend to tokens cached by earlier steps, in every cache precision
     Case((65, 17, 3), (17, 1, 2), hq=3, bits=bits, dtype=dtype, head_dim=d)
@@ -67,11 +71,14 @@ CHUNKED = [  # new tokens attend to tokens cached by earlier steps, in every cac
 ] + [
     Case((1025,), (17,), hq=2, hkv=2, block_size=64, bits=4),
     Case((65, 1025, 3), (1, 1, 1), hq=8, head_dim=128, bits=8),  # decode: one new token each
+    Case((33, 5), (9, 1), hq=4, hkv=2, head_dim=80, bits=4),
+    Case((33,), (5,), hq=2, head_dim=256, bits=8, dtype=F16),
 ]
 WINDOWED = [
     Case((65, 17, 3), (65, 9, 3), hq=3, window=5),
     Case((1025,), (70,), hq=1, block_size=64, bits=8, window=100),  # most key tiles skipped
     Case((65, 33), (17, 33), hq=8, head_dim=128, bits=4, dtype=F16, window=16),
+    Case((40,), (40,), hq=2, head_dim=96, bits=16, dtype=F16, window=6),
 ]
 
 
@@ -188,3 +195,10 @@ def test_bad_shapes_name_the_problem(device):
         kernels.prefill_attention(torch.zeros(17, 2, 96, device=device), kv, pb, 0.125)
     with pytest.raises(TpDeployError, match="slots"):
         kernels.write_kv(kv, k, v, pb.slots.int())
+
+
+def test_an_unsupported_head_dim_is_named(device):
+    case = Case((5,), (5,), head_dim=48)
+    q, kv, pb, k, v = _qkv(case, device)
+    with pytest.raises(TpDeployError, match=r"head_dim 48 is not supported; the kernels are built for \(16, 32, 64, 80"):
+        kernels.prefill_attention(q, kv, pb, 48 ** -0.5)
