@@ -80,6 +80,8 @@ class MemoryPlan:
     max_concurrency: int  # whole max_model_len requests the cache holds at once
     concurrency: float  # the same, as a fraction
     warnings: tuple[str, ...] = ()
+    sliding_layers: int = 0  # layers attending to a window only, which still hold full-context blocks
+    window: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -128,7 +130,8 @@ def plan_memory(manifest: Manifest, *, gpu_mem: int, cache: CacheConfig, compute
         limiting_rank=proposals.index(num_blocks), block_size=shape.block_size, kv_dtype=shape.fmt.name,
         bytes_per_token=shape.bytes_per_token, kv_tokens=kv_tokens, max_model_len=max_model_len,
         max_concurrency=kv_tokens // max_model_len, concurrency=kv_tokens / max_model_len,
-        warnings=_warnings(kv_tokens, max_model_len))
+        warnings=_warnings(kv_tokens, max_model_len),
+        sliding_layers=sum(cfg.is_sliding(i) for i in range(cfg.num_layers)), window=cfg.sliding_window)
 
 
 def _rank_budget(manifest: Manifest, rank: int, gpu_mem: int, cache: CacheConfig, shape: KVShape,
@@ -223,6 +226,12 @@ def _explain(plan: MemoryPlan) -> list[str]:
               f"{max(1, m.kv_heads // plan.tp)} KV heads/rank × {per_head} bytes ({plan.kv_dtype}, head_dim {m.head_dim})",
               f"maximum concurrency for {plan.max_model_len}-token requests: {plan.max_concurrency} "
               f"({plan.concurrency:.2f})"]
+    if plan.sliding_layers:
+        full = m.layers - plan.sliding_layers
+        lines.append(f"sliding  {plan.sliding_layers} of {m.layers} layers attend to the last {plan.window:,} tokens only, "
+                     f"yet every layer holds blocks for the whole context here: a pool recycling blocks older than "
+                     f"the window would leave {full} layers' worth per token past the window, "
+                     f"{m.layers / max(1, full):.1f}x the tokens (not built)")
     if plan.kv_source == "cache_max_entry_count":
         lines.append(f"note: the KV cache takes λ = {plan.lam:.2f} of all memory left after weights and reserve, by "
                      "design, so memory use grows with --gpu-mem, not with the model; lower "

@@ -7,6 +7,7 @@ import torch
 from click.testing import CliRunner
 
 from converter.cli import main as tpconv
+from runtime.cli import main as runtime_cli
 from converter.convert import ConvertOptions, convert
 from converter.verify import verify
 from formats.manifest import load_manifest
@@ -115,3 +116,11 @@ def test_gemma3_image_text_checkpoint_converts_its_text_model(tmp_path):
         torch.testing.assert_close(llm.prompt_logits(prompt), ref_logits, atol=1e-4, rtol=0)
         got = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))[0].outputs[0]
     assert got.token_ids == greedy
+
+
+def test_plan_says_what_sliding_layers_cost(gemma):
+    root, ref = gemma
+    convert(ConvertOptions(ref.src, root / "plan-ws", 1))
+    out = CliRunner().invoke(runtime_cli, ["plan", str(root / "plan-ws"), "--gpu-mem", "1GiB"])
+    assert out.exit_code == 0, out.output
+    assert "sliding  3 of 4 layers attend to the last 6 tokens only" in out.output and "4.0x the tokens" in out.output
