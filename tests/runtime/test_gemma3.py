@@ -7,11 +7,11 @@ import torch
 from click.testing import CliRunner
 
 from converter.cli import main as tpconv
-from runtime.cli import main as runtime_cli
 from converter.convert import ConvertOptions, convert
 from converter.verify import verify
 from formats.manifest import load_manifest
 from runtime.api import LLM
+from runtime.cli import main as runtime_cli
 from runtime.engine.sampling import SamplingParams
 from tests.runtime.parity import check_parity, random_prompt, reference
 from tests.workspace import bits_equal, reassemble, source_state
