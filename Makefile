@@ -45,6 +45,7 @@ bench-convert: model
 
 bench-generate: model
 	TPDEPLOY_CACHE=$(CACHE) $(PY) -m tests.bench.bench_generate
+	TPDEPLOY_CACHE=$(CACHE) $(PY) -m tests.bench.bench_cpu_int4
 
 # A loopback load generator against `tprun serve` at concurrency 1, 8, 32, beside transformers
 # generate run sequentially on the same prompts (before the server starts, so they never compete), and,

@@ -77,7 +77,7 @@ class LLM:
         self.tokenizer = Tokenizer.from_workspace(ws)
         spec = RunnerSpec(ws, self.manifest, device, compute_dtype(config.dtype, self.manifest.weights.dtype), config.cache,
                           max_batch_size=config.max_batch_size, max_prefill_tokens=config.max_prefill_tokens,
-                          dist_timeout=config.dist_timeout)
+                          dist_timeout=config.dist_timeout, cpu_int4=config.cpu_int4)
         code = torchrun_follower(spec)
         if code is not None:  # under torchrun, a rank other than 0 serves rank 0's steps, then the process ends
             sys.exit(code)

@@ -21,7 +21,7 @@ def main() -> None:
 
 # Which engine settings each command takes as flags (their help and defaults: runtime.config).
 LOAD = ("device", "dtype", "max_model_len", "kv_dtype", "quant_policy", "cache_max_entry_count", "kv_cache_tokens",
-        "block_size", "dist_timeout")
+        "block_size", "dist_timeout", "cpu_int4")
 SERVE = (*LOAD, "gpu_mem", "max_batch_size", "max_prefill_tokens", "enable_prefix_caching", "seed", "pipeline_batches")
 PLAN = ("gpu_mem", "dtype", "kv_dtype", "quant_policy", "cache_max_entry_count", "kv_cache_tokens", "block_size",
         "max_model_len", "max_batch_size", "max_prefill_tokens")

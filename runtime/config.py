@@ -21,6 +21,7 @@ import torch
 
 from formats.errors import TpDeployError
 from formats.manifest import FLOAT_DTYPES
+from runtime.kernels.cpu_int4 import MODES as CPU_INT4_MODES
 from runtime.kv.format import BLOCK_SIZE, KV_DTYPES, QUANT_POLICY, from_quant_policy
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
@@ -126,6 +127,9 @@ class EngineConfig:
     seed: int | None = _opt(None, "Seed of the sampler's shared stream (requests may bring their own).", int)
     dist_timeout: float = _opt(300.0, "Seconds every rank has to join, and the most any one collective or transfer "
                                       "between ranks may take before the run ends naming the rank.", float)
+    cpu_int4: str = _opt("auto", "int4 weights on CPU: packed (torch's int4 kernel, bf16 activations), dequant-once "
+                                 "(dense at load), reference (dequantize per call); auto: packed for 16-bit models, "
+                                 "else dequant-once.", click.Choice(CPU_INT4_MODES))
     pipeline_batches: int | None = _opt(None, "Batches in flight through the pipeline stages (default: pp, so no "
                                               "stage waits; 1: one batch at a time).", int)
 

@@ -23,14 +23,18 @@ class Kernels:
     prefill_attention: Callable
     decode_attention: Callable
     w4a16_linear: Callable
+    prepare_int4: Callable = lambda w: w  # what an int4 linear becomes at load (CPU: ``cpu_int4.choose``)
 
 
-def select(device: torch.device) -> Kernels:
+def select(device: torch.device, int4_mode: str = "auto", dtype: torch.dtype = torch.float32) -> Kernels:
+    """``int4_mode``/``dtype``: how int4 linears run on CPU (``kernels.cpu_int4``) for this compute dtype."""
     choice = os.environ.get("TPDEPLOY_KERNELS", "triton" if device.type == "cuda" else "torch")
     if choice == "torch":
+        from runtime.kernels import cpu_int4
         from runtime.kernels import reference as r
         from runtime.kernels import torch_attention as t
-        return Kernels("torch", r.write_kv, t.prefill_attention, t.decode_attention, r.w4a16_linear)
+        return Kernels("torch", r.write_kv, t.prefill_attention, t.decode_attention, cpu_int4.linear,
+                       cpu_int4.choose(cpu_int4_mode(int4_mode), dtype))
     if choice == "reference":
         from runtime.kernels import reference as r
         return Kernels("reference", r.write_kv, r.prefill_attention, r.decode_attention, r.w4a16_linear)
@@ -43,3 +47,8 @@ def select(device: torch.device) -> Kernels:
         return Kernels("triton", prefill_attention.write_kv, prefill_attention.prefill_attention,
                        decode_attention.decode_attention, w4a16.w4a16_linear)
     raise TpDeployError(f"TPDEPLOY_KERNELS={choice!r} is not known; use triton, torch or reference")
+
+
+def cpu_int4_mode(mode: str) -> str:
+    """``TPDEPLOY_CPU_INT4`` overrides ``--cpu-int4`` (the tests run every mode through one fixture)."""
+    return os.environ.get("TPDEPLOY_CPU_INT4", mode)

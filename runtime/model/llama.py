@@ -70,7 +70,8 @@ class Model:
         def lin(name: str) -> torch.Tensor | Int4Weight:
             if self.int4 is None:
                 return w[f"{p}{name}.weight"]
-            return Int4Weight(w[f"{p}{name}.qweight"], w[f"{p}{name}.scales"], w[f"{p}{name}.zeros"], self.int4.group_size)
+            return self.kernels.prepare_int4(Int4Weight(w[f"{p}{name}.qweight"], w[f"{p}{name}.scales"],
+                                                        w[f"{p}{name}.zeros"], self.int4.group_size))
 
         return Layer(w[p + "attention_norm.weight"], lin("attention.wqkv"), w.get(p + "attention.wqkv.bias"),
                      lin("attention.wo"), w[p + "ffn_norm.weight"], lin("feed_forward.w_gate_up"),
@@ -135,11 +136,12 @@ class Model:
         gate, up = self._linear(x, layer.w_gate_up).chunk(2, dim=-1)  # (T, I/tp) each
         return self.comm.all_reduce(self._linear(self.act(gate) * up, layer.w_down))
 
-    def _linear(self, x: torch.Tensor, w: torch.Tensor | Int4Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
-        """The one place the model multiplies by a weight, dense (N, K) or int4."""
-        if isinstance(w, Int4Weight):
-            return self.kernels.w4a16_linear(x, w, bias)
-        return F.linear(x, w, bias)
+    def _linear(self, x: torch.Tensor, w, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """The one place the model multiplies by a weight: dense (N, K), or an int4 linear in the form
+        the kernels prepared at load (dequantized once, it is dense too)."""
+        if isinstance(w, torch.Tensor):
+            return F.linear(x, w, bias)
+        return self.kernels.w4a16_linear(x, w, bias)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: bool = False) -> torch.Tensor:

@@ -82,6 +82,7 @@ class MemoryPlan:
     warnings: tuple[str, ...] = ()
     sliding_layers: int = 0  # layers attending to a window only, which still hold full-context blocks
     window: int | None = None
+    cpu_dense_weights: int | None = None  # int4 workspaces: the limiting rank's weights dequantized (CPU)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -131,7 +132,9 @@ def plan_memory(manifest: Manifest, *, gpu_mem: int, cache: CacheConfig, compute
         bytes_per_token=shape.bytes_per_token, kv_tokens=kv_tokens, max_model_len=max_model_len,
         max_concurrency=kv_tokens // max_model_len, concurrency=kv_tokens / max_model_len,
         warnings=_warnings(kv_tokens, max_model_len),
-        sliding_layers=sum(cfg.is_sliding(i) for i in range(cfg.num_layers)), window=cfg.sliding_window)
+        sliding_layers=sum(cfg.is_sliding(i) for i in range(cfg.num_layers)), window=cfg.sliding_window,
+        cpu_dense_weights=None if manifest.weights.quantization is None else weights_bytes(
+            manifest, proposals.index(num_blocks), compute_dtype, int4_dense=True))
 
 
 def _rank_budget(manifest: Manifest, rank: int, gpu_mem: int, cache: CacheConfig, shape: KVShape,
@@ -226,6 +229,10 @@ def _explain(plan: MemoryPlan) -> list[str]:
               f"{max(1, m.kv_heads // plan.tp)} KV heads/rank × {per_head} bytes ({plan.kv_dtype}, head_dim {m.head_dim})",
               f"maximum concurrency for {plan.max_model_len}-token requests: {plan.max_concurrency} "
               f"({plan.concurrency:.2f})"]
+    if plan.cpu_dense_weights is not None:
+        lines.append(f"cpu      with --device cpu, --cpu-int4 dequant-once (auto's choice unless the model computes "
+                     f"in bf16) holds the int4 linears dense: {_gib(plan.cpu_dense_weights)} GiB/rank instead of "
+                     f"{_gib(r.weights)}; --cpu-int4 packed keeps them int4")
     if plan.sliding_layers:
         full = m.layers - plan.sliding_layers
         lines.append(f"sliding  {plan.sliding_layers} of {m.layers} layers attend to the last {plan.window:,} tokens only, "

@@ -25,11 +25,16 @@ ALLOCATOR_SLACK = 256 << 20
 GIB = 1 << 30
 _LOGIT_BYTES = 4  # the runner hands logits to sampling as float32, whatever the compute dtype
 
-def weights_bytes(manifest: Manifest, rank: int, compute_dtype: torch.dtype) -> int:
+def weights_bytes(manifest: Manifest, rank: int, compute_dtype: torch.dtype, int4_dense: bool = False) -> int:
     """Bytes of ``rank``'s weights once loaded: dense float tensors in the compute dtype, int4 parts as
-    stored (the runner converts the former and keeps the latter, see ``runtime/runner.py``)."""
+    stored (the runner converts the former and keeps the latter, see ``runtime/runner.py``), or, with
+    ``int4_dense`` (CPU ``--cpu-int4 dequant-once``), each int4 linear as a dense weight."""
     total = 0
     for t in manifest.ranks[rank].tensors:
+        if int4_dense and int4.is_part(t.name):
+            if t.name.endswith(".qweight"):  # (K/8, N) -> K x N dense values
+                total += t.shape[0] * int4.PACK * t.shape[1] * compute_dtype.itemsize
+            continue
         keeps_dtype = int4.is_part(t.name) or t.dtype not in FLOAT_DTYPES
         itemsize = STORED_DTYPES[t.dtype].itemsize if keeps_dtype else compute_dtype.itemsize
         total += math.prod(t.shape) * itemsize

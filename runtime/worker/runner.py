@@ -16,6 +16,7 @@ from formats.manifest import Manifest
 from formats.sharding import kv_heads_per_rank
 from runtime import kernels
 from runtime.config import DEFAULTS, CacheConfig
+from runtime.kernels.cpu_int4 import loads_dense
 from runtime.kv.batch import StepBatch
 from runtime.kv.cache import PagedKVCache
 from runtime.kv.format import KVShape, kv_format
@@ -46,6 +47,7 @@ class RunnerSpec:
     max_prefill_tokens: int = DEFAULTS.max_prefill_tokens
     threads: int = 0  # CPU threads per rank (0: cores // ranks on this host)
     dist_timeout: float = DEFAULTS.dist_timeout  # seconds: joining, and any one collective or transfer
+    cpu_int4: str = DEFAULTS.cpu_int4  # how int4 linears run on CPU (kernels.cpu_int4)
 
     def settings(self) -> str:
         """What every rank must agree on (the start-up handshake compares it)."""
@@ -98,7 +100,7 @@ class ModelRunner:
         else:
             torch.set_num_threads(spec.threads or max(1, (os.cpu_count() or 1) // ranks_on_host))
         shape = kv_shape(spec, topo.stage)  # before loading: a bad --kv-dtype fails fast
-        self.kernels = kernels.select(self.device)
+        self.kernels = kernels.select(self.device, spec.cpu_int4, spec.dtype)
         weights = load_rank(spec.workspace, spec.manifest, topo.rank, self.device)
         # Dense tensors take the compute dtype; int4 parts keep theirs (scales dequantize exactly as stored).
         weights = {k: w if int4.is_part(k) or w.dtype == spec.dtype else w.to(spec.dtype) for k, w in weights.items()}
@@ -129,7 +131,8 @@ class ModelRunner:
 
     def _memory(self) -> RankMemory:
         spec, shape = self.spec, self.shape
-        weights = weights_bytes(spec.manifest, self.rank, spec.dtype)
+        dense = self.kernels.name == "torch" and loads_dense(kernels.cpu_int4_mode(spec.cpu_int4), spec.dtype)
+        weights = weights_bytes(spec.manifest, self.rank, spec.dtype, int4_dense=dense)
         reserve = reserve_bytes(spec.manifest.model, spec.manifest.tp, spec.dtype, spec.max_prefill_tokens,
                                 spec.max_batch_size, rank=self.rank, pp=spec.manifest.pp)
         if spec.cache.gpu_mem is not None:

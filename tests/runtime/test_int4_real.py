@@ -53,3 +53,23 @@ def test_int4_logits_and_tokens_match_dequantized_model(smollm2, tmp_path, kind,
     torch.testing.assert_close(logits, ref, atol=LOGIT_ATOL, rtol=0)
     assert out.token_ids == ref_tokens
     assert "Paris" in out.text
+
+
+@pytest.mark.parametrize("kind,tp", [("awq", 1), ("ct-asym", 3)], ids=["awq-tp1", "ct-tp3"])
+def test_bf16_runs_the_packed_cpu_kernel_within_bf16_of_the_reference(tmp_path, kind, tp, capfd, monkeypatch):
+    """A bf16 model on CPU takes torch's packed int4 kernel (said on stderr); its logits stay within bf16
+    W4A16 error of the per-call reference path and it still answers."""
+    convert(ConvertOptions(_checkpoint(kind), tmp_path / "ws", tp))
+    runs = {}
+    for mode in ("auto", "reference"):
+        monkeypatch.setenv("TPDEPLOY_CPU_INT4", mode)
+        with LLM(tmp_path / "ws", device="cpu", dtype="bfloat16") as llm:
+            ids = llm.tokenizer.encode(PROMPT)
+            logits = llm.prompt_logits(ids)
+            text = llm.generate(ids, SamplingParams(temperature=0, max_tokens=12))[0].outputs[0].text
+        runs[mode] = (logits, text, capfd.readouterr().err)
+    (packed, text, said), (ref, _, ref_said) = runs["auto"], runs["reference"]
+    assert "int4 linears on CPU: torch's packed int4 kernel, bf16 activations" in said
+    assert "dequantized on every call" in ref_said
+    assert ((packed - ref).abs().max() / ref.abs().max()).item() < 0.05
+    assert (packed.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.8 and "Paris" in text
