@@ -10,6 +10,7 @@ import click
 
 from converter import __version__
 from converter.convert import ConvertOptions, convert
+from converter.multi import convert_many, parse_tps
 from converter.verify import inspect as inspect_ws
 from converter.verify import verify as verify_ws
 from formats.errors import TpDeployError
@@ -29,7 +30,9 @@ def main() -> None:
 @main.command("convert")
 @click.argument("src", type=click.Path(path_type=Path))
 @click.option("-o", "--dst-path", type=click.Path(path_type=Path), default=Path("./workspace"), show_default=True)
-@click.option("--tp", type=int, default=1, show_default=True, help="Tensor-parallel degree (ranks per stage).")
+@click.option("--tp", default="1", show_default=True,
+              help="Tensor-parallel degree (ranks per stage); several, e.g. 1,2,4, write DST/tp1, DST/tp2, ... "
+                   "reading the source once.")
 @click.option("--pp", type=int, default=1, show_default=True,
               help="Pipeline-parallel stages; the workspace holds tp x pp ranks, stages balanced by bytes.")
 @click.option("--pp-layers", default=None, metavar="N,N,...",
@@ -39,7 +42,7 @@ def main() -> None:
               show_default=True, help="Output dtype; auto keeps the checkpoint's.")
 @click.option("--force", is_flag=True, help="Replace an existing workspace at --dst-path.")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary.")
-def convert_cmd(src: Path, dst_path: Path, tp: int, pp: int, pp_layers: str | None, model_format: str, dtype: str,
+def convert_cmd(src: Path, dst_path: Path, tp: str, pp: int, pp_layers: str | None, model_format: str, dtype: str,
                 force: bool, as_json: bool) -> None:
     """Convert SRC (a local HF checkpoint directory) into a workspace with one shard per rank."""
     bar = None
@@ -52,26 +55,40 @@ def convert_cmd(src: Path, dst_path: Path, tp: int, pp: int, pp_layers: str | No
         return bar.update
 
     try:
+        tps = parse_tps(tp)
         if pp_layers is not None and pp == 1:
             pp = len(pp_layers.split(","))  # the list says how many stages
-        summary = convert(ConvertOptions(src, dst_path, tp, model_format, dtype, force, pp, pp_layers), on_start)
+        opts = ConvertOptions(src, dst_path, tps[0], model_format, dtype, force, pp, pp_layers)
+        summaries = convert_many(opts, tps, on_start) if len(tps) > 1 else [convert(opts, on_start)]
     except TpDeployError as e:
         _fail(e)
     finally:
         if bar is not None:
             bar.close()
+    if as_json and len(summaries) > 1:
+        click.echo(json.dumps([_summary_dict(s) for s in summaries], indent=1))
+        return
+    for summary in summaries:
+        _report(summary, as_json)
+
+
+def _summary_dict(summary) -> dict:
+    d = dataclasses.asdict(summary)
+    d["total_bytes"] = summary.total_bytes
+    d["mb_per_s"] = round(summary.total_bytes / 1e6 / max(summary.seconds, 1e-9), 1)
+    return d
+
+
+def _report(summary, as_json: bool) -> None:
     for note in summary.notes:
         click.echo(f"tpconv: note: {note}", err=True)
     for name in summary.unused_source_tensors:
-        click.echo(f"tpconv: warning: source tensor {name!r} is not used by {tp=} conversion", err=True)
+        click.echo(f"tpconv: warning: source tensor {name!r} is not used by tp={summary.tp} conversion", err=True)
     if as_json:
-        d = dataclasses.asdict(summary)
-        d["total_bytes"] = summary.total_bytes
-        d["mb_per_s"] = round(summary.total_bytes / 1e6 / max(summary.seconds, 1e-9), 1)
-        click.echo(json.dumps(d, indent=1))
+        click.echo(json.dumps(_summary_dict(summary), indent=1))
     else:
         per_rank = ", ".join(f"{b / 1e6:.1f} MB" for b in summary.bytes_per_rank)
-        click.echo(f"wrote {summary.workspace}: tp={tp}, pp={summary.pp}, {summary.dtype}, {summary.files} files, "
+        click.echo(f"wrote {summary.workspace}: tp={summary.tp}, pp={summary.pp}, {summary.dtype}, {summary.files} files, "
                    f"per rank [{per_rank}] in {summary.seconds:.1f}s, peak RSS {summary.peak_rss_bytes / 1e6:.0f} MB")
 
 
