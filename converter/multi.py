@@ -26,6 +26,7 @@ from converter.convert import (
     _os_error,
     _write_manifest,
     _write_tokenizer,
+    one_thread,
     plan_stages,
     planned_bytes,
 )
@@ -62,8 +63,7 @@ def convert_many(opts: ConvertOptions, tps: list[int], on_start=None) -> list[Co
         check_target(t, opts.force, src_dir)
     check_writable(root)
     src = open_source(src_dir, opts.model_format, opts.dtype)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    threads = one_thread()
     try:
         for tp in tps:
             check_tp(src.config, tp, src.int4.group_size if src.int4 else 0)
