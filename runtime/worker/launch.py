@@ -72,7 +72,9 @@ class Driver:
         env = env_rank()
         if env is not None:  # torchrun started every rank; this process must be rank 0
             self.topo, rdzv, self.workers = _torchrun_topology(spec, env), env_rendezvous(), []
-            on_host = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+            on_host = _ranks_on_host()
+            if self.topo.rank != 0:
+                raise TpDeployError(f"internal: rank {self.topo.rank} must follow, not drive")
             if (warning := loopback_warning(rdzv)) is not None:
                 sys.stderr.write(f"tprun: warning: {warning}\n")
         else:
@@ -134,6 +136,12 @@ class Driver:
         self._last_send = time.monotonic()
         return message
 
+    def _send_without_work(self, step: Step | None) -> None:
+        """A step no stage computes (empty: keepalive; None: stop) to every rank of every stage."""
+        message = self._send(step)
+        if self.topo.pp > 1:
+            self.links.send_next(message, None)
+
     def _keepalive(self) -> None:
         """An empty step now and then: a rank waiting for work must not take the silence for a failure."""
         interval = min(KEEPALIVE, self.runner.spec.dist_timeout / 4)
@@ -143,9 +151,7 @@ class Driver:
                 continue
             with self._lock:
                 if not self._closing and self.liveness.dead() is None:
-                    message = self._send(Step([], StepBatch(())))
-                    if self.topo.pp > 1:
-                        self.links.send_next(message, None)
+                    self._send_without_work(Step([], StepBatch(())))
 
     # -- failures ------------------------------------------------------------------------------------
 
@@ -191,9 +197,8 @@ class Driver:
         if getattr(self, "comm", None) is not None and self.topo.world > 1 and dist.is_initialized() and not dead:
             self._stop_liveness()
             with self._lock:
-                message = self._send(None)
-                if self.topo.pp > 1:
-                    self.links.send_next(message, None)
+                self._send_without_work(None)
+                if self.links is not None:
                     self.links.flush()
             for w in self.workers:
                 w.join(timeout=30)
@@ -339,14 +344,17 @@ def _follow_rank0(die_with_parent: bool) -> None:
 
 
 def _torchrun_topology(spec: RunnerSpec, env: tuple[int, int, int]) -> Topology:
+    """This process's place from torchrun's (rank, world, local rank), once the world fits the workspace."""
     rank, world, local_rank = env
     m = spec.manifest
     if world != m.world:
         raise TpDeployError(f"torchrun started {world} processes (WORLD_SIZE) but this workspace has tp {m.tp} x pp "
                             f"{m.pp} = {m.world} ranks; launch nnodes x nproc-per-node = {m.world} processes")
-    if rank != 0:
-        raise TpDeployError(f"internal: rank {rank} must follow, not drive")
     return Topology(rank, m.tp, m.pp, local_rank)
+
+
+def _ranks_on_host() -> int:
+    return int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # torchrun's --nproc-per-node
 
 
 def torchrun_follower(spec: RunnerSpec) -> int | None:
@@ -355,14 +363,9 @@ def torchrun_follower(spec: RunnerSpec) -> int | None:
     env = env_rank()
     if env is None or env[0] == 0:
         return None
-    rank, world, local_rank = env
-    m = spec.manifest
-    if world != m.world:
-        _torchrun_topology(spec, (0, world, local_rank))  # raises the same error as rank 0
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # rank 0 decides when to stop (see _follow_rank0)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    on_host = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    return follow(spec, Topology(rank, m.tp, m.pp, local_rank), env_rendezvous(), on_host)
+    topo = _torchrun_topology(spec, env)
+    _follow_rank0(die_with_parent=False)  # torchrun's agent, not rank 0, is this process's parent
+    return follow(spec, topo, env_rendezvous(), _ranks_on_host())
 
 
 def _check_devices(device: str, world: int) -> None:
