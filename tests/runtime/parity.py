@@ -45,3 +45,13 @@ def check_parity(ref: Reference, ws: Path, tp: int, pp: int = 1, chunk: int | No
         out = llm.generate(ref.prompt, SamplingParams(temperature=0, max_tokens=len(ref.greedy), ignore_eos=True))
     assert out[0].outputs[0].token_ids == ref.greedy, f"tp={tp} pp={pp}"
     return llm
+
+
+def int8_kv_and_bf16(ref: Reference, ws: Path, tp: int = 2) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Convert at ``tp``; tprun's prompt logits with int8 KV, its bf16 logits, and transformers' bf16 logits."""
+    convert(ConvertOptions(ref.src, ws, tp))
+    with LLM(ws, device="cpu", kv_dtype="int8") as llm:
+        int8 = llm.prompt_logits(ref.prompt)
+    with LLM(ws, device="cpu", dtype="bfloat16") as llm:
+        bf16 = llm.prompt_logits(ref.prompt)
+    return int8, bf16, reference(ref.src, ref.prompt, 1, torch.bfloat16).logits

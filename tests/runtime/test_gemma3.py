@@ -13,7 +13,7 @@ from formats.manifest import load_manifest
 from runtime.api import LLM
 from runtime.cli import main as runtime_cli
 from runtime.engine.sampling import SamplingParams
-from tests.runtime.parity import check_parity, random_prompt, reference
+from tests.runtime.parity import check_parity, int8_kv_and_bf16, random_prompt, reference
 from tests.workspace import bits_equal, reassemble, source_state
 
 BF16_STEPS = 4  # bf16 keeps 8 significant bits
@@ -55,14 +55,8 @@ def test_gemma3_logits_and_greedy_match_transformers(gemma, tp, pp):
 
 def test_gemma3_bf16_and_int8_kv(gemma, tmp_path):
     _, r = gemma
-    src, prompt, ref_logits = r.src, r.prompt, r.logits
-    convert(ConvertOptions(src, tmp_path / "ws", 2))
-    with LLM(tmp_path / "ws", device="cpu", kv_dtype="int8") as llm:
-        logits = llm.prompt_logits(prompt)
-    assert (logits.argmax(-1) == ref_logits.argmax(-1)).float().mean() > 0.9
-    ref = reference(src, prompt, 1, torch.bfloat16).logits
-    with LLM(tmp_path / "ws", device="cpu", dtype="bfloat16") as llm:
-        ours = llm.prompt_logits(prompt)
+    int8, ours, ref = int8_kv_and_bf16(r, tmp_path / "ws")
+    assert (int8.argmax(-1) == r.logits.argmax(-1)).float().mean() > 0.9
     # Logits reach ~125 here (tied embeddings scaled by sqrt(hidden)), where one bf16 step is 0.5: allow a
     # few steps at the largest magnitude, as transformers' own bf16 run differs from its fp32 one by 0.67.
     assert (ours - ref).abs().max() <= BF16_STEPS * 2 ** -8 * ref.abs().max()

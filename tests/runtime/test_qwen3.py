@@ -7,8 +7,7 @@ import torch
 from converter.convert import ConvertOptions, convert
 from converter.verify import verify
 from formats.manifest import load_manifest
-from runtime.api import LLM
-from tests.runtime.parity import check_parity, random_prompt, reference
+from tests.runtime.parity import check_parity, int8_kv_and_bf16, random_prompt, reference
 from tests.workspace import bits_equal, reassemble, source_state
 
 BF16_LOGIT_ATOL = 0.05
@@ -48,15 +47,10 @@ def test_qwen3_logits_and_greedy_match_transformers(qwen3, tp, pp):
 
 def test_qwen3_int8_kv_and_bf16(qwen3, tmp_path):
     _, ref = qwen3
-    src, prompt, ref_logits = ref.src, ref.prompt, ref.logits
-    convert(ConvertOptions(src, tmp_path / "ws", 2))
-    with LLM(tmp_path / "ws", device="cpu", kv_dtype="int8") as llm:
-        logits = llm.prompt_logits(prompt)
-    assert (logits.argmax(-1) == ref_logits.argmax(-1)).float().mean() > 0.9
-    torch.testing.assert_close(logits, ref_logits, atol=0.05, rtol=0)
-    with LLM(tmp_path / "ws", device="cpu", dtype="bfloat16") as llm:
-        bf16 = llm.prompt_logits(prompt)
-    torch.testing.assert_close(bf16, reference(src, prompt, 1, torch.bfloat16).logits, atol=BF16_LOGIT_ATOL, rtol=0)
+    int8, bf16, ref_bf16 = int8_kv_and_bf16(ref, tmp_path / "ws")
+    assert (int8.argmax(-1) == ref.logits.argmax(-1)).float().mean() > 0.9
+    torch.testing.assert_close(int8, ref.logits, atol=0.05, rtol=0)
+    torch.testing.assert_close(bf16, ref_bf16, atol=BF16_LOGIT_ATOL, rtol=0)
 
 
 def test_sliding_window_on_some_layers_matches_transformers(tiny, tmp_path):
