@@ -102,15 +102,23 @@ def _not_a_workspace(path: Path) -> str | None:
 
 
 @contextlib.contextmanager
-def building(target: Path, force: bool, src: Path | None = None) -> Iterator[Path]:
-    """Yield an empty temporary directory; on success it replaces ``target`` in one rename."""
+def building(target: Path, force: bool, src: Path | None = None, resume: bool = False) -> Iterator[Path]:
+    """Yield a temporary directory; on success it replaces ``target`` in one rename.
+
+    It is empty, or with ``resume`` the newest one a killed conversion of ``target`` left (the caller
+    decides what in it to keep, ``converter.resume``).
+    """
     target = Path(target).absolute()
     check_target(target, force, src)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        _remove_stale(target)
         tmp = tmp_name(target, os.getpid())
-        tmp.mkdir()
+        adopted = _stale(target, "tmp")[-1:] if resume else []
+        if adopted:
+            os.rename(adopted[0], tmp)
+        _remove_stale(target)
+        if not adopted:
+            tmp.mkdir()
     except OSError as e:
         raise TpDeployError(f"{target.parent} is not writable ({e.strerror}); choose a writable --dst-path") from e
     previous = signal.signal(signal.SIGTERM, _raise_on_sigterm)
@@ -141,11 +149,15 @@ def _replace(tmp: Path, target: Path, force: bool, src: Path | None) -> None:
 
 def _remove_stale(target: Path) -> None:
     """Delete temporary directories of conversions whose process no longer exists."""
-    pattern = re.compile(re.escape(f".{target.name}.tpconv-") + r"(tmp|old)-(\d+)$")
-    for entry in target.parent.iterdir():
-        m = pattern.match(entry.name)
-        if m and not _alive(int(m.group(2))):
-            shutil.rmtree(entry, ignore_errors=True)
+    for entry in _stale(target, "tmp|old"):
+        shutil.rmtree(entry, ignore_errors=True)
+
+
+def _stale(target: Path, kinds: str) -> list[Path]:
+    """Leftover directories of ``target``'s conversions whose process is gone, oldest first."""
+    pattern = re.compile(re.escape(f".{target.name}.tpconv-") + f"({kinds})" + r"-(\d+)$")
+    found = [e for e in target.parent.iterdir() if (m := pattern.match(e.name)) and not _alive(int(m.group(2)))]
+    return sorted(found, key=lambda e: e.stat().st_mtime)
 
 
 def _alive(pid: int) -> bool:

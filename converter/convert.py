@@ -4,6 +4,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import errno
+import hashlib
 import math
 import os
 import shutil
@@ -16,13 +17,15 @@ import torch
 
 from converter import __version__
 from converter.atomic import building, check_target, check_writable
+from converter.cachekey import KeyOptions, cache_key, hash_source, key_when_hashed
+from converter.resume import Journal
 from converter.shards import write_group
 from converter.source import Source, open_source
 from converter.tokenizer import write_tokenizer
 from converter.writer import peak_rss_bytes, sha256_file
 from formats import layout
-from formats.errors import TpDeployError
-from formats.manifest import FileEntry, Manifest, RankEntry, SourceInfo, WeightFormat
+from formats.errors import FormatError, OutOfSpaceError, TpDeployError
+from formats.manifest import FileEntry, Manifest, RankEntry, SourceInfo, WeightFormat, read_manifest
 from formats.pipeline import StageEntry, balance, check_pp, global_rank, parse_pp_layers, stages_from_counts
 from formats.shard_plan import file_groups, rank_tensor
 from formats.sharding import check_tp, padded_size
@@ -40,6 +43,12 @@ class ConvertOptions:
     force: bool = False
     pp: int = 1
     pp_layers: str | None = None  # "10,10,8,2": layers per stage instead of the balance by bytes
+    pad_heads: bool = False  # zero heads added so that tp divides them (formats.sharding.HeadPadding)
+    resume: bool = False  # keep what a killed conversion of the same key wrote and verified
+
+    def key_options(self, tp: int | None = None) -> KeyOptions:
+        layers = ",".join(x.strip() for x in self.pp_layers.split(",")) if self.pp_layers else None
+        return KeyOptions(tp or self.tp, self.pp, layers, self.model_format, self.dtype, self.pad_heads)
 
 
 @dataclass(frozen=True)
@@ -54,19 +63,44 @@ class ConvertSummary:
     peak_rss_bytes: int
     unused_source_tensors: list[str]
     notes: list[str] = dataclasses.field(default_factory=list)
+    key: str = ""
+    rank_sha256: list[str] = dataclasses.field(default_factory=list)  # see rank_digest
+    status: str = "converted"  # or "up to date": the target already held this key's workspace
+    resumed_files: int = 0  # rank files kept from a killed conversion (--resume)
 
     @property
     def total_bytes(self) -> int:
         return sum(self.bytes_per_rank)
 
 
-Progress = Callable[[int], None]  # called with the bytes just written
+class Progress:
+    """What a conversion reports as it goes; the CLI draws it (a bar on a terminal, lines otherwise)."""
+
+    def wrote(self, nbytes: int) -> None:
+        """``nbytes`` more bytes of rank files are on disk."""
+
+    def group_done(self, label: str) -> None:
+        """One file group (a decoder layer, the embedding, the head) is written for every rank."""
 
 
-def convert(opts: ConvertOptions, on_start: Callable[[int], Progress] | None = None) -> ConvertSummary:
-    """Validate everything, then write the workspace; nothing appears at dst_path unless complete."""
+OnStart = Callable[[int, int], Progress]  # (total bytes, file groups) -> the conversion's Progress
+
+
+def convert(opts: ConvertOptions, on_start: OnStart | None = None) -> ConvertSummary:
+    """Validate everything, then write the workspace; nothing appears at dst_path unless complete.
+
+    A target that already holds this conversion's workspace (same key, still verifies) is kept as it
+    is unless ``force``: the summary says "up to date" and no tensor is read.
+    """
     t0 = time.perf_counter()
     dst, src_dir = Path(opts.dst_path), Path(opts.src)
+    if dst.exists() and not opts.force:
+        check_target(dst, True, src_dir)  # every refusal except "exists" first
+        current = up_to_date(dst, src_dir, opts.key_options(), t0)
+        if isinstance(current, ConvertSummary):
+            return current
+        raise TpDeployError(f"--dst-path {dst} already exists and is not up to date ({current}); "
+                            "pass --force to replace it")
     # Target first, then the whole source: every refusal comes before the first byte is written.
     check_target(dst, opts.force, src_dir)
     check_writable(dst)
@@ -75,15 +109,21 @@ def convert(opts: ConvertOptions, on_start: Callable[[int], Progress] | None = N
     try:
         check_tp(src.config, opts.tp, src.int4.group_size if src.int4 else 0)
         stages = plan_stages(src, opts.tp, opts.pp, opts.pp_layers)
+        groups = [g for s in stages for g in _groups(src, s, len(stages))]
         total = planned_bytes(src, opts.tp, stages)
         _check_space(dst, total)
-        progress = on_start(total) if on_start else (lambda n: None)
-        with concurrent.futures.ThreadPoolExecutor(1) as pool, building(dst, opts.force, src_dir) as tmp:
+        progress = on_start(total, len(groups)) if on_start else Progress()
+        with concurrent.futures.ThreadPoolExecutor(1) as pool, \
+                building(dst, opts.force, src_dir, opts.resume) as tmp:
             # Hashing the source overlaps with conversion: hashlib releases the GIL.
-            source_hashes = pool.submit(_hash_files, src.path, src.checkpoint.files)
-            ranks = _write_ranks(src, opts.tp, stages, tmp, progress)
+            source_hashes = pool.submit(hash_source, src.path)
+            key = key_when_hashed(source_hashes, opts.key_options())
+            journal = Journal.open(tmp, key, opts.resume)
+            ranks = _write_ranks(src, opts.tp, stages, tmp, progress, journal)
             tokenizer = _write_tokenizer(src, tmp)
-            manifest = _manifest(src, opts.tp, stages, ranks, tokenizer, source_hashes.result())
+            manifest = _manifest(src, opts.tp, stages, ranks, tokenizer,
+                                 checkpoint_hashes(src, source_hashes.result()), key.result())
+            journal.close()
             _write_manifest(tmp, manifest)
     except OSError as e:
         raise _os_error(e, dst) from e
@@ -95,8 +135,50 @@ def convert(opts: ConvertOptions, on_start: Callable[[int], Progress] | None = N
         files=sum(len(r.files) for r in ranks) + len(tokenizer) + 1,
         bytes_per_rank=[r.bytes for r in ranks], seconds=round(time.perf_counter() - t0, 3),
         peak_rss_bytes=peak_rss_bytes(),
-        unused_source_tensors=src.unused, notes=src.notes,
+        unused_source_tensors=src.unused, notes=src.notes, key=manifest.cache_key,
+        rank_sha256=[rank_digest(r) for r in ranks], resumed_files=journal.kept,
     )
+
+
+def up_to_date(dst: Path, src_dir: Path, key_opts: KeyOptions, t0: float) -> ConvertSummary | str:
+    """The summary of the workspace at ``dst`` when it is this conversion's and verifies, else why not."""
+    from converter.verify import verify  # verify reads workspaces only; imported here to keep convert's imports lean
+
+    try:
+        manifest, problem = read_manifest(dst)
+    except FormatError as e:
+        return str(e)
+    if problem:
+        return problem
+    if not manifest.cache_key:
+        return f"its manifest (schema {manifest.schema_version}) records no cache key"
+    key = cache_key(hash_source(src_dir), key_opts)
+    if manifest.cache_key != key:
+        return "its cache key differs: the source files, the byte-changing options or tpconv changed"
+    problems = verify(dst)
+    if problems:
+        return f"it no longer verifies: {problems[0]}"
+    return ConvertSummary(
+        workspace=str(dst.absolute()), tp=manifest.tp, pp=manifest.pp, dtype=manifest.weights.dtype,
+        files=sum(len(r.files) for r in manifest.ranks) + len(manifest.tokenizer) + 1,
+        bytes_per_rank=[r.bytes for r in manifest.ranks], seconds=round(time.perf_counter() - t0, 3),
+        peak_rss_bytes=peak_rss_bytes(), unused_source_tensors=[], key=key,
+        rank_sha256=[rank_digest(r) for r in manifest.ranks], status="up to date")
+
+
+def rank_digest(rank: RankEntry) -> str:
+    """One sha256 for a rank's shard: over its files' paths and sha256s, in manifest order."""
+    return hashlib.sha256("".join(f"{f.path} {f.sha256}\n" for f in rank.files).encode()).hexdigest()
+
+
+def checkpoint_hashes(src: Source, top_level: tuple[FileEntry, ...]) -> tuple[FileEntry, ...]:
+    """The manifest's source files (the weight files), reusing the hashes taken for the cache key."""
+    known = {f.path: f for f in top_level}
+    out = []
+    for p in src.checkpoint.files:
+        rel = str(p.relative_to(src.path))
+        out.append(known.get(rel) or FileEntry(rel, p.stat().st_size, sha256_file(p)))
+    return tuple(out)
 
 
 def one_thread() -> int:
@@ -141,21 +223,23 @@ def _group_bytes(src: Source, group, tp: int) -> int:
                for rank in range(tp) for t in group.tensors)
 
 
-def _write_ranks(src: Source, tp: int, stages: tuple[StageEntry, ...], root: Path, progress: Progress) -> list[RankEntry]:
+def _write_ranks(src: Source, tp: int, stages: tuple[StageEntry, ...], root: Path, progress: Progress,
+                 journal: Journal) -> list[RankEntry]:
     world = tp * len(stages)
     files: list[list[FileEntry]] = [[] for _ in range(world)]
     tensors: list[list] = [[] for _ in range(world)]
     for rank in range(world):
-        (root / layout.rank_dir(rank)).mkdir()
+        (root / layout.rank_dir(rank)).mkdir(exist_ok=True)  # exists when resumed
     for stage in stages:
         for group in _groups(src, stage, len(stages)):  # one layer at a time, all ranks of its stage
             for tp_rank in range(tp):
                 rank = global_rank(stage.stage, tp_rank, tp)
-                entry, entries = write_group(src, group, tp, tp_rank, root, rank)
+                entry, entries = write_group(src, group, tp, tp_rank, root, rank, journal)
                 files[rank].append(entry)
                 tensors[rank].extend(entries)
-                progress(entry.bytes)
+                progress.wrote(entry.bytes)
             src.release()
+            progress.group_done(group.file)
     return [RankEntry(r, tuple(files[r]), tuple(tensors[r]), *divmod(r, tp)) for r in range(world)]
 
 
@@ -164,17 +248,13 @@ def _write_tokenizer(src: Source, root: Path) -> tuple[FileEntry, ...]:
     return tuple(FileEntry(str(p.relative_to(root)), p.stat().st_size, sha256_file(p)) for p in paths)
 
 
-def _hash_files(base: Path, paths: list[Path]) -> tuple[FileEntry, ...]:
-    return tuple(FileEntry(str(p.relative_to(base)), p.stat().st_size, sha256_file(p)) for p in paths)
-
-
 def _manifest(src: Source, tp: int, stages: tuple[StageEntry, ...], ranks: list[RankEntry],
-              tokenizer: tuple[FileEntry, ...], source_files: tuple[FileEntry, ...]) -> Manifest:
+              tokenizer: tuple[FileEntry, ...], source_files: tuple[FileEntry, ...], key: str) -> Manifest:
     return Manifest(pp=len(stages), stages=stages,
         model=src.config, tp=tp, padded_vocab_size=padded_size(src.config.vocab_size, tp),
         weights=WeightFormat(dtype=str(src.dtype).removeprefix("torch."), quantization=src.int4),
         source=SourceInfo(str(src.path.absolute()), src.checkpoint.format, source_files),
-        tokenizer=tokenizer, ranks=tuple(ranks), converter_version=__version__,
+        tokenizer=tokenizer, ranks=tuple(ranks), converter_version=__version__, cache_key=key,
     )
 
 
@@ -193,13 +273,13 @@ def _check_space(target: Path, needed: int) -> None:
         probe = probe.parent
     free = shutil.disk_usage(probe).free
     if free < needed + FREE_SPACE_MARGIN:
-        raise TpDeployError(f"not enough disk space at {probe}: the workspace needs {_gib(needed + FREE_SPACE_MARGIN)} "
+        raise OutOfSpaceError(f"not enough disk space at {probe}: the workspace needs {_gib(needed + FREE_SPACE_MARGIN)} "
                             f"and {_gib(free)} is free; free space or choose another --dst-path")
 
 
 def _os_error(e: OSError, target: Path) -> TpDeployError:
     if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-        return TpDeployError(f"writing {target} failed: {e.strerror} ({e.filename or 'output file'}); "
+        return OutOfSpaceError(f"writing {target} failed: {e.strerror} ({e.filename or 'output file'}); "
                              "nothing was left behind; free space (or raise the file size limit) and retry")
     return TpDeployError(f"writing {target} failed: {e.strerror} ({e.filename or target}); nothing was left behind")
 

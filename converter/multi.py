@@ -16,20 +16,25 @@ from pathlib import Path
 import torch
 
 from converter.atomic import building, check_target, check_writable
+from converter.cachekey import hash_source, key_when_hashed
 from converter.convert import (
     ConvertOptions,
     ConvertSummary,
+    OnStart,
     Progress,
     _check_space,
-    _hash_files,
     _manifest,
     _os_error,
     _write_manifest,
     _write_tokenizer,
+    checkpoint_hashes,
     one_thread,
     plan_stages,
     planned_bytes,
+    rank_digest,
+    up_to_date,
 )
+from converter.resume import Journal
 from converter.shards import write_group
 from converter.source import Source, open_source
 from converter.writer import peak_rss_bytes
@@ -52,13 +57,20 @@ def parse_tps(text: str) -> list[int]:
     return tps
 
 
-def convert_many(opts: ConvertOptions, tps: list[int], on_start=None) -> list[ConvertSummary]:
-    """Write ``opts.dst_path/tp{N}`` for every N in ``tps``, reading the source once."""
+def convert_many(opts: ConvertOptions, tps: list[int], on_start: OnStart | None = None) -> list[ConvertSummary]:
+    """Write ``opts.dst_path/tp{N}`` for every N in ``tps``, reading the source once.
+
+    When every target is already up to date (``convert``'s rule, per tp) nothing is read or written.
+    """
     t0 = time.perf_counter()
     root, src_dir = Path(opts.dst_path), Path(opts.src)
     if opts.pp != 1 or opts.pp_layers:
         raise TpDeployError("--tp with several values writes pp 1 workspaces; convert with --pp one tp at a time")
     targets = [root / f"tp{tp}" for tp in tps]
+    if not opts.force and all(t.exists() for t in targets):
+        current = [up_to_date(t, src_dir, opts.key_options(tp), t0) for tp, t in zip(tps, targets)]
+        if all(isinstance(c, ConvertSummary) for c in current):
+            return current
     for t in targets:  # every refusal before the first byte is written
         check_target(t, opts.force, src_dir)
     check_writable(root)
@@ -70,21 +82,26 @@ def convert_many(opts: ConvertOptions, tps: list[int], on_start=None) -> list[Co
         stages = {tp: plan_stages(src, tp, 1) for tp in tps}
         total = sum(planned_bytes(src, tp, stages[tp]) for tp in tps)
         _check_space(root, total)
-        progress = on_start(total) if on_start else (lambda n: None)
+        progress = on_start(total, len(file_groups(src.config, src.int4 is not None))) if on_start else Progress()
         with concurrent.futures.ThreadPoolExecutor(1) as pool, ExitStack() as stack:
-            source_hashes = pool.submit(_hash_files, src.path, src.checkpoint.files)
-            tmps = [stack.enter_context(building(t, opts.force, src_dir)) for t in targets]
-            ranks = _write_all(src, tps, tmps, progress)
+            source_hashes = pool.submit(hash_source, src.path)
+            keys = {tp: key_when_hashed(source_hashes, opts.key_options(tp)) for tp in tps}
+            tmps = [stack.enter_context(building(t, opts.force, src_dir, opts.resume)) for t in targets]
+            journals = {tp: Journal.open(tmp, keys[tp], opts.resume) for tp, tmp in zip(tps, tmps)}
+            ranks = _write_all(src, tps, tmps, progress, journals)
             summaries = []
             for tp, tmp, target in zip(tps, tmps, targets):
                 tokenizer = _write_tokenizer(src, tmp)
-                manifest = _manifest(src, tp, stages[tp], ranks[tp], tokenizer, source_hashes.result())
+                manifest = _manifest(src, tp, stages[tp], ranks[tp], tokenizer,
+                                     checkpoint_hashes(src, source_hashes.result()), keys[tp].result())
+                journals[tp].close()
                 _write_manifest(tmp, manifest)
                 summaries.append(ConvertSummary(
                     workspace=str(target.absolute()), tp=tp, pp=1, dtype=manifest.weights.dtype,
                     files=sum(len(r.files) for r in ranks[tp]) + len(tokenizer) + 1,
                     bytes_per_rank=[r.bytes for r in ranks[tp]], seconds=0.0, peak_rss_bytes=0,
-                    unused_source_tensors=src.unused, notes=src.notes))
+                    unused_source_tensors=src.unused, notes=src.notes, key=manifest.cache_key,
+                    rank_sha256=[rank_digest(r) for r in ranks[tp]], resumed_files=journals[tp].kept))
     except OSError as e:
         raise _os_error(e, root) from e
     finally:
@@ -94,19 +111,20 @@ def convert_many(opts: ConvertOptions, tps: list[int], on_start=None) -> list[Co
     return [dataclasses.replace(s, seconds=seconds, peak_rss_bytes=rss) for s in summaries]
 
 
-def _write_all(src: Source, tps: list[int], roots: list[Path], progress: Progress) -> dict[int, list[RankEntry]]:
+def _write_all(src: Source, tps: list[int], roots: list[Path], progress: Progress,
+               journals: dict[int, Journal]) -> dict[int, list[RankEntry]]:
     files = {tp: [[] for _ in range(tp)] for tp in tps}
     tensors = {tp: [[] for _ in range(tp)] for tp in tps}
     for tp, root in zip(tps, roots):
         for rank in range(tp):
-            (root / layout.rank_dir(rank)).mkdir()
+            (root / layout.rank_dir(rank)).mkdir(exist_ok=True)  # exists when resumed
     for group in file_groups(src.config, quantized=src.int4 is not None):  # one layer at a time, every tp
         for tp, root in zip(tps, roots):
             for rank in range(tp):
-                entry, entries = write_group(src, group, tp, rank, root)
+                entry, entries = write_group(src, group, tp, rank, root, journal=journals[tp])
                 files[tp][rank].append(entry)
                 tensors[tp][rank].extend(entries)
-                progress(entry.bytes)
+                progress.wrote(entry.bytes)
         src.release()
+        progress.group_done(group.file)
     return {tp: [RankEntry(r, tuple(files[tp][r]), tuple(tensors[tp][r]), 0, r) for r in range(tp)] for tp in tps}
-

@@ -14,7 +14,7 @@ import torch
 
 from converter.checkpoint import Checkpoint
 from formats import int4
-from formats.errors import FormatError
+from formats.errors import FormatError, TpDeployError
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # AutoAWQ GEMM: nibble i of a packed int32 holds column AWQ_ORDER[i]
 SUPPORTED_GROUPS = (32, 64, 128)  # what the W4A16 kernel tiles over K
@@ -146,13 +146,13 @@ def detect(hf: dict[str, Any], model_format: str, where: str):
     method = (qc or {}).get("quant_method")
     if model_format == "hf":
         if qc:
-            raise FormatError(f"{where}: quantization_config.quant_method={method!r} but --model-format hf "
-                              "was given; use --model-format auto")
+            raise TpDeployError(f"{where}: quantization_config.quant_method={method!r} but --model-format hf "
+                                "was given; use --model-format auto")
         return None
     if model_format == "awq" and method != "awq":
         found = f"quant_method={method!r}" if qc else "no quantization_config (an unquantized model)"
-        raise FormatError(f"{where}: --model-format awq needs an AWQ checkpoint, found {found}; "
-                          "use --model-format auto")
+        raise TpDeployError(f"{where}: --model-format awq needs an AWQ checkpoint, found {found}; "
+                            "use --model-format auto")
     if not qc:
         return None
     if method not in FORMATS:

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import torch
 
+from converter.resume import Journal
 from converter.source import Source
 from converter.writer import Declared, Written, write_safetensors
 from formats import int4, layout
@@ -13,16 +14,21 @@ from formats.shard_plan import FileGroup, Piece, RankTensor, rank_tensor
 
 
 def write_group(src: Source, group: FileGroup, tp: int, tp_rank: int, root: Path,
-                rank: int | None = None) -> tuple[FileEntry, list[TensorEntry]]:
+                rank: int | None = None, journal: Journal | None = None) -> tuple[FileEntry, list[TensorEntry]]:
     """Write tensor rank ``tp_rank``'s file of ``group`` into global rank ``rank``'s directory (the same
-    without pipeline stages) under ``root`` and describe it for the manifest."""
+    without pipeline stages) under ``root`` and describe it for the manifest; a file the journal of a
+    resumed conversion vouches for is kept instead."""
     group_size = src.int4.group_size if src.int4 else 0
     rank = tp_rank if rank is None else rank
     plans = {t: rank_tensor(t, src.config, tp, tp_rank, group_size) for t in group.tensors}
-    declared = [Declared(t, src.out_dtype(t), p.shape) for t, p in plans.items()]
     rel = f"{layout.rank_dir(rank)}/{group.file}"
-    written = write_safetensors(root / rel, declared, lambda d: _materialize(src, plans[d.name], d.dtype),
-                                metadata={"format": "pt", "tpdeploy_rank": str(rank)})
+    written = journal.reuse(root, rel) if journal else None
+    if written is None:
+        declared = [Declared(t, src.out_dtype(t), p.shape) for t, p in plans.items()]
+        written = write_safetensors(root / rel, declared, lambda d: _materialize(src, plans[d.name], d.dtype),
+                                    metadata={"format": "pt", "tpdeploy_rank": str(rank)})
+        if journal:
+            journal.record(rel, written)
     return _entries(src, rel, written, plans)
 
 

@@ -116,8 +116,8 @@ def open_source(src: Path, model_format: str = "auto", dtype: str = "auto") -> S
     dense, quantized = _check_tensors(ckpt, config, arch, src, quant)
     unused = sorted(n for n in ckpt.names() - dense - quantized if not IGNORED.match(n))
     towers = [n for n in unused if SKIPPED_TOWERS.match(n)]
-    notes = [f"{hf['multimodal']}: converting its text model; the vision tower and projector ({len(towers)} "
-             "tensors) are left out (tprun serves text)"] if towers else []
+    notes = [(f"{hf['multimodal']}: converting its text model; the vision tower and projector ({len(towers)} "
+              "tensors) are left out (tprun serves text)")] if towers else []
     unused = [n for n in unused if n not in towers]
     source = Source(src, hf, config, arch, ckpt, _pick_dtype(dtype, ckpt, dense, hf, src), unused, notes, quant)
     if quant is not None:

@@ -1,12 +1,13 @@
 """The manifest: the one file that describes a workspace, written last by the converter.
 
-Schema version 4 (versions 1, dense weights only, 2, without a digest, and 3, without pipeline
-stages, are still read: they are ``pp`` 1, one stage holding every layer). Readers
+Schema version 5 (versions 1, dense weights only, 2, without a digest, 3, without pipeline
+stages, and 4, without a cache key, are still read: 1-3 are ``pp`` 1, one stage holding every layer). Readers
 reject unknown versions and unknown keys, so a workspace written by a newer converter fails loudly
 instead of half understood. Since version 3 the manifest carries ``digest``, the sha256 of its own
 canonical JSON: the model fields decide every answer, so an edit by hand must not pass as converted.
 Since version 4 it records ``pp``, each stage's layer range, and for every rank its stage and tensor
-rank (global rank = stage × tp + tp_rank, see ``formats.pipeline``).
+rank (global rank = stage × tp + tp_rank, see ``formats.pipeline``). Since version 5 it records
+``cache_key``, the key of the conversion that wrote it (``converter.cachekey``).
 """
 from __future__ import annotations
 
@@ -26,10 +27,11 @@ from formats.int4 import LAYOUT, Int4Format
 from formats.pipeline import StageEntry, global_rank
 from formats.shard_plan import Piece
 
-SCHEMA_VERSION = 4
-READABLE_VERSIONS = (1, 2, 3, 4)
+SCHEMA_VERSION = 5
+READABLE_VERSIONS = (1, 2, 3, 4, 5)
 DIGEST_SINCE = 3  # first schema version whose manifests carry their own digest
 PIPELINE_SINCE = 4  # first schema version with pp, stages and each rank's (stage, tp_rank)
+KEY_SINCE = 5  # first schema version with cache_key
 FORMAT_NAME = "tpdeploy-workspace"
 # Dense tensor dtypes by their manifest name; int4 parts are stored as int32 (qweight) and uint8 (zeros).
 FLOAT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -97,6 +99,7 @@ class Manifest:
     format: str = FORMAT_NAME
     pp: int = 1
     stages: tuple[StageEntry, ...] = ()  # read from an older schema: one stage, every layer
+    cache_key: str = ""  # read from an older schema: none, so never up to date
 
     def __post_init__(self):
         if not self.stages:
@@ -119,6 +122,8 @@ class Manifest:
             del d["pp"], d["stages"]
             for r in d["ranks"]:
                 del r["stage"], r["tp_rank"]
+        if self.schema_version < KEY_SINCE:
+            del d["cache_key"]
         d["model"] = self.model.to_dict()
         if self.schema_version >= DIGEST_SINCE:
             d["digest"] = manifest_digest(d)
@@ -136,6 +141,7 @@ class Manifest:
                 f"{', '.join(map(str, READABLE_VERSIONS))}); re-convert the checkpoint with this version's tpconv")
         d = _strict_keys(_without_digest(d, version, where), cls, where)
         _check_version_keys(d, version, ("pp", "stages"), where)
+        _check_version_keys(d, version, ("cache_key",), where, KEY_SINCE)
         if d.get("format", FORMAT_NAME) != FORMAT_NAME:
             raise FormatError(f"{where}: format is {d['format']!r}, expected {FORMAT_NAME!r}")
         ranks = tuple(_rank(r, f"{where}: ranks[{i}]", version) for i, r in enumerate(d["ranks"]))
@@ -154,6 +160,7 @@ class Manifest:
             source=SourceInfo(src["path"], src["format"], _files(src["files"], f"{where}: source.files")),
             tokenizer=_files(d["tokenizer"], f"{where}: tokenizer"), ranks=ranks,
             converter_version=d["converter_version"], schema_version=version, pp=pp, stages=stages,
+            cache_key=d.get("cache_key", ""),
         )
 
 
@@ -183,14 +190,15 @@ def _without_digest(d: dict[str, Any], version: int, where: str) -> dict[str, An
     return d
 
 
-def _check_version_keys(d: dict[str, Any], version: int, keys: tuple[str, ...], where: str) -> None:
-    """Pipeline keys are required from PIPELINE_SINCE on and unknown before it."""
+def _check_version_keys(d: dict[str, Any], version: int, keys: tuple[str, ...], where: str,
+                        since: int = PIPELINE_SINCE) -> None:
+    """``keys`` are required from schema version ``since`` on and unknown before it."""
     present = sorted(k for k in keys if k in d)
-    if version < PIPELINE_SINCE and present:
+    if version < since and present:
         raise FormatError(f"{where}: unknown key(s) {present} for schema_version {version}")
     missing = sorted(set(keys) - set(present))
-    if version >= PIPELINE_SINCE and missing:
-        raise FormatError(f"{where}: missing key(s) {missing} (every schema_version {PIPELINE_SINCE} manifest has "
+    if version >= since and missing:
+        raise FormatError(f"{where}: missing key(s) {missing} (every schema_version {since} manifest has "
                           "them); re-convert the checkpoint")
 
 

@@ -83,7 +83,7 @@ def test_bad_config_values_are_named(tiny, tmp_path, case):
     src = tiny()
     _edit(src, updates)
     code, out = run_cli("convert", src, "-o", tmp_path / "ws")
-    assert code == 2, out
+    assert code == 3, out  # a bad checkpoint, not a bad command
     assert out.startswith("tpconv: error:") and "Traceback" not in out, out
     assert "config.json" in out, out
     assert re.search(pattern, out), out

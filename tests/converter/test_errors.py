@@ -20,11 +20,14 @@ def run_cli(*args):
     return result.exit_code, result.output
 
 
-def assert_refused(tmp_path, args, pattern):
-    """Exit code 2, the message matches, and the output directory is exactly as before."""
+BAD_SOURCE = 3  # docs/ci.md: a checkpoint tpconv cannot read, as against a bad command (2)
+
+
+def assert_refused(tmp_path, args, pattern, code_expected=2):
+    """The exit code, the message matches, and the output directory is exactly as before."""
     before = sorted(os.listdir(tmp_path))
     code, out = run_cli(*args)
-    assert code == 2, out
+    assert code == code_expected, out
     assert out.startswith("tpconv: error:") and re.search(pattern, out), out
     assert sorted(os.listdir(tmp_path)) == before
     return out
@@ -33,7 +36,7 @@ def assert_refused(tmp_path, args, pattern):
 def test_missing_config(tiny, tmp_path):
     src = tiny()
     (src / "config.json").unlink()
-    assert_refused(tmp_path, ["convert", src, "-o", tmp_path / "ws"], r"has no config.json")
+    assert_refused(tmp_path, ["convert", src, "-o", tmp_path / "ws"], r"has no config.json", BAD_SOURCE)
     assert not (tmp_path / "ws").exists()
 
 
@@ -41,14 +44,14 @@ def test_index_names_missing_shard(tiny, tmp_path):
     src = tiny(shards=2)
     victim = sorted(src.glob("model-*.safetensors"))[1]
     victim.unlink()
-    assert_refused(tmp_path, ["convert", src, "-o", tmp_path / "ws"], rf"names shard file\(s\) that do not exist: {victim.name}")
+    assert_refused(tmp_path, ["convert", src, "-o", tmp_path / "ws"], rf"names shard file\(s\) that do not exist: {victim.name}", BAD_SOURCE)
 
 
 def test_truncated_safetensors_names_file(tiny, tmp_path):
     src = tiny()
     f = src / "model.safetensors"
     os.truncate(f, f.stat().st_size - 100)
-    assert_refused(tmp_path, ["convert", src, "-o", tmp_path / "ws"], r"model\.safetensors: truncated")
+    assert_refused(tmp_path, ["convert", src, "-o", tmp_path / "ws"], r"model\.safetensors: truncated", BAD_SOURCE)
 
 
 def test_corrupt_safetensors_header_names_file(tiny, tmp_path):
@@ -57,14 +60,14 @@ def test_corrupt_safetensors_header_names_file(tiny, tmp_path):
     data = bytearray(f.read_bytes())
     data[8:20] = b"garbage!!!!!"
     f.write_bytes(bytes(data))
-    assert_refused(tmp_path, ["convert", src, "-o", tmp_path / "ws"], r"model\.safetensors: corrupt safetensors header")
+    assert_refused(tmp_path, ["convert", src, "-o", tmp_path / "ws"], r"model\.safetensors: corrupt safetensors header", BAD_SOURCE)
 
 
 def test_corrupt_bin_names_file(tiny, tmp_path):
     src = tiny(fmt="bin")
     f = src / "pytorch_model.bin"
     os.truncate(f, f.stat().st_size // 2)
-    assert_refused(tmp_path, ["convert", src, "-o", tmp_path / "ws"], r"pytorch_model\.bin: cannot read this PyTorch weight file")
+    assert_refused(tmp_path, ["convert", src, "-o", tmp_path / "ws"], r"pytorch_model\.bin: cannot read this PyTorch weight file", BAD_SOURCE)
 
 
 def test_unsupported_architecture_lists_supported(tiny, tmp_path):
@@ -73,7 +76,7 @@ def test_unsupported_architecture_lists_supported(tiny, tmp_path):
     cfg["architectures"] = ["GPT2LMHeadModel"]
     (src / "config.json").write_text(json.dumps(cfg))
     assert_refused(tmp_path, ["convert", src, "-o", tmp_path / "ws"],
-                   r"\['GPT2LMHeadModel'\] is not supported; supported: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM")
+                   r"\['GPT2LMHeadModel'\] is not supported; supported: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM", BAD_SOURCE)
 
 
 def test_heads_not_divisible(tiny, tmp_path):
@@ -94,7 +97,7 @@ def test_shape_mismatch_names_tensor(tiny, tmp_path):
     cfg["intermediate_size"] = 128
     (src / "config.json").write_text(json.dumps(cfg))
     assert_refused(tmp_path, ["convert", src, "-o", tmp_path / "ws"],
-                   r"gate_proj.weight' has shape \[96, 64\] but config.json implies \[128, 64\]")
+                   r"gate_proj.weight' has shape \[96, 64\] but config.json implies \[128, 64\]", BAD_SOURCE)
 
 
 def test_target_is_a_file(tiny, tmp_path):
@@ -108,7 +111,7 @@ def test_existing_target_needs_force(tiny, tmp_path):
     src = tiny()
     assert run_cli("convert", src, "-o", tmp_path / "ws")[0] == 0
     before = (tmp_path / "ws" / "manifest.json").read_bytes()
-    assert_refused(tmp_path, ["convert", src, "-o", tmp_path / "ws", "--tp", "2"], r"already exists; pass --force")
+    assert_refused(tmp_path, ["convert", src, "-o", tmp_path / "ws", "--tp", "2"], r"already exists and is not up to date \(its cache key differs.*\); pass --force")
     assert (tmp_path / "ws" / "manifest.json").read_bytes() == before
     assert run_cli("convert", src, "-o", tmp_path / "ws", "--tp", "2", "--force")[0] == 0
     assert json.loads((tmp_path / "ws" / "manifest.json").read_text())["tp"] == 2
@@ -136,7 +139,7 @@ def test_full_disk_cleans_temp_dir(tiny, tmp_path):
             "from converter.cli import main; sys.argv = ['tpconv'] + sys.argv[1:]; main()")
     proc = subprocess.run([sys.executable, "-c", code, "convert", str(src), "-o", str(tmp_path / "ws")],
                           capture_output=True, text=True, cwd=ROOT, timeout=120)
-    assert proc.returncode == 2, proc.stderr
+    assert proc.returncode == 5, proc.stderr  # out of space (here: over the file size limit)
     assert "File too large" in proc.stderr and "nothing was left behind" in proc.stderr
     assert os.listdir(tmp_path) == []
 

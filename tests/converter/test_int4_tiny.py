@@ -64,9 +64,10 @@ def _edit_config(src, **quant):
     (src / "config.json").write_text(json.dumps(cfg))
 
 
-def _refused(tmp_path, src, pattern, *extra):
+def _refused(tmp_path, src, pattern, *extra, code=3):
+    """Refused with ``code``: 3 for a checkpoint tpconv cannot read, 2 for flags that do not fit it."""
     result = CliRunner().invoke(main, ["convert", str(src), "-o", str(tmp_path / "ws"), *extra])
-    assert result.exit_code == 2, result.output
+    assert result.exit_code == code, result.output
     assert re.search(pattern, result.output), result.output
     assert not (tmp_path / "ws").exists()
 
@@ -104,13 +105,13 @@ def test_compressed_tensors_refusals(tmp_path, edit, pattern):
 def test_model_format_awq_refuses_compressed_tensors(tmp_path):
     src = make_tiny_ct(tmp_path / "src", **SHAPES)
     _refused(tmp_path, src, r"--model-format awq needs an AWQ checkpoint, found quant_method='compressed-tensors'",
-             "--model-format", "awq")
+             "--model-format", "awq", code=2)
 
 
 def test_tp_off_group_boundary_is_refused_with_valid_values(tmp_path):
     src = make_tiny_awq(tmp_path / "src", group_size=64, **{**SHAPES, "intermediate": 192})
     _refused(tmp_path, src, r"--tp 2 gives each rank 96 of the 192 input features of w_down \(down_proj\), not a "
-                            r"multiple of the quantization group size 64 .*; valid --tp values: 1$", "--tp", "2")
+                            r"multiple of the quantization group size 64 .*; valid --tp values: 1$", "--tp", "2", code=2)
 
 
 def test_runtime_runs_tiny_int4_like_its_dequantized_weights(tmp_path):

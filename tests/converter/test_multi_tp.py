@@ -24,7 +24,7 @@ def test_one_pass_equals_separate_conversions_byte_for_byte(tiny, tmp_path, fmt)
     src = tiny("llama", num_layers=3, heads=4, kv_heads=2, fmt=fmt, shards=2, tie=True)
     out = CliRunner().invoke(tpconv, ["convert", str(src), "-o", str(tmp_path / "out"), "--tp", "1,2,4", "--json"])
     assert out.exit_code == 0, out.output
-    summaries = json.loads(out.output)
+    summaries = json.loads(out.stdout)["workspaces"]
     assert [s["tp"] for s in summaries] == [1, 2, 4] and [len(s["bytes_per_rank"]) for s in summaries] == [1, 2, 4]
     for tp in (1, 2, 4):
         convert(ConvertOptions(src, tmp_path / f"alone{tp}", tp))

@@ -90,7 +90,7 @@ def test_pp_layers_override_and_errors(tiny, tmp_path):
     run = CliRunner().invoke
     out = run(tpconv, ["convert", str(src), "-o", str(tmp_path / "w2"), "--pp-layers", "2,2,1", "--json"])
     assert out.exit_code == 0, out.output
-    assert json.loads(out.output)["pp"] == 3
+    assert json.loads(out.stdout)["pp"] == 3
     for args, msg in [(["--pp", "6"], "valid --pp values: 1..5"), (["--pp", "0"], "valid --pp values: 1..5"),
                       (["--pp", "2", "--pp-layers", "3,3"], "add up to the model's 5 decoder layers"),
                       (["--pp", "3", "--pp-layers", "4,1"], "lists 2 stages but --pp is 3"),
@@ -109,7 +109,7 @@ def test_old_schema_reads_as_one_stage(tiny, tmp_path):
     src = tiny("llama", num_layers=3)
     convert(ConvertOptions(src, tmp_path / "ws", 2))
     data = json.loads((tmp_path / "ws/manifest.json").read_text())
-    del data["pp"], data["stages"], data["digest"]
+    del data["pp"], data["stages"], data["digest"], data["cache_key"]
     for r in data["ranks"]:
         del r["stage"], r["tp_rank"]
     data["schema_version"] = 2

@@ -60,7 +60,7 @@ def test_tokenizer_json_from_sentencepiece_agrees_with_sentencepiece(tiny, tmp_p
 def test_unreproducible_or_missing_pieces_are_refused(tiny, tmp_path, monkeypatch):
     src, _ = _checkpoint(tiny, tmp_path, remove_extra_whitespaces=True)
     out = CliRunner().invoke(tpconv, ["convert", str(src), "-o", str(tmp_path / "ws")])
-    assert out.exit_code == 2 and "collapses repeated spaces" in out.output, out.output
+    assert out.exit_code == 3 and "collapses repeated spaces" in out.output, out.output
     assert not (tmp_path / "ws").exists()
     monkeypatch.setitem(sys.modules, "sentencepiece", None)
     with pytest.raises(FormatError, match=r"ships only tokenizer.model \(sentencepiece\).*tpdeploy\[sentencepiece\]"):

@@ -9,9 +9,9 @@ import pytest
 from tests.converter.test_errors import run_cli
 
 
-def _refused(args, pattern):
+def _refused(args, pattern, expected=2):
     code, out = run_cli(*args)
-    assert code == 2, out
+    assert code == expected, out
     assert out.startswith("tpconv: error:") and pattern in out, out
     assert "Traceback" not in out
     return out
@@ -99,7 +99,7 @@ def test_missing_tokenizer_is_found_before_writing(tiny, tmp_path, monkeypatch):
     monkeypatch.setattr(converter.convert, "building", must_not_run)
     src = tiny()
     (src / "tokenizer.json").unlink()
-    _refused(["convert", src, "-o", tmp_path / "ws"], "has neither tokenizer.json nor tokenizer.model")
+    _refused(["convert", src, "-o", tmp_path / "ws"], "has neither tokenizer.json nor tokenizer.model", 3)
     assert os.listdir(tmp_path) == []
 
 
@@ -110,7 +110,7 @@ def test_broken_tokenizer_files_are_found_before_writing(tiny, tmp_path, monkeyp
     monkeypatch.setattr(converter.convert, "building", lambda *a, **kw: pytest.fail("wrote before validating"))
     src = tiny()
     (src / name).write_text("{not json")
-    _refused(["convert", src, "-o", tmp_path / "ws"], f"{name} is not valid JSON")
+    _refused(["convert", src, "-o", tmp_path / "ws"], f"{name} is not valid JSON", 3)
     assert os.listdir(tmp_path) == []
 
 

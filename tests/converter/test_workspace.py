@@ -24,7 +24,7 @@ def test_json_summary(tiny, tmp_path):
     src = tiny()
     result = CliRunner().invoke(main, ["convert", str(src), "-o", str(tmp_path / "ws"), "--tp", "2", "--json"])
     assert result.exit_code == 0, result.output
-    summary = json.loads(result.output)
+    summary = json.loads(result.stdout)
     assert summary["tp"] == 2 and len(summary["bytes_per_rank"]) == 2
     assert summary["total_bytes"] == sum(summary["bytes_per_rank"]) > 0
     assert summary["peak_rss_bytes"] > 0 and summary["seconds"] > 0 and summary["files"] == 2 * 4 + 4
@@ -53,7 +53,7 @@ def test_verify_names_corrupted_tensor(tiny, tmp_path):
     data[-3] ^= 0xFF  # last bytes belong to the last tensor in file order
     shard.write_bytes(bytes(data))
     bad = CliRunner().invoke(main, ["verify", str(tmp_path / "ws")])
-    assert bad.exit_code == 1
+    assert bad.exit_code == 4
     assert "rank1/layer-00001.safetensors: tensor 'layers.1." in bad.output and "corrupted" in bad.output
 
 
@@ -69,7 +69,7 @@ def test_verify_catches_truncation_and_missing_files(tiny, tmp_path):
 
 def test_verify_refuses_non_workspace(tmp_path):
     result = CliRunner().invoke(main, ["verify", str(tmp_path)])
-    assert result.exit_code == 2 and "is not a workspace: manifest.json is missing" in result.output
+    assert result.exit_code == 4 and "is not a workspace: manifest.json is missing" in result.output
 
 
 def test_tokenizer_normalized_for_both_styles(tiny, tmp_path):
@@ -87,7 +87,7 @@ def test_missing_tokenizer_is_an_error(tiny, tmp_path):
     src = tiny()
     (src / "tokenizer.json").unlink()
     result = CliRunner().invoke(main, ["convert", str(src), "-o", str(tmp_path / "ws")])
-    assert result.exit_code == 2 and "has neither tokenizer.json nor tokenizer.model" in result.output
+    assert result.exit_code == 3 and "has neither tokenizer.json nor tokenizer.model" in result.output
     assert list(tmp_path.iterdir()) == []
 
 
@@ -97,12 +97,12 @@ def test_verify_catches_hand_edited_manifest(tiny, tmp_path):
     convert(ConvertOptions(src, tmp_path / "ws", 1))
     path = tmp_path / "ws" / "manifest.json"
     data = json.loads(path.read_text())
-    assert data["schema_version"] == SCHEMA_VERSION == 4 and len(data["digest"]) == 64
+    assert data["schema_version"] == SCHEMA_VERSION == 5 and len(data["digest"]) == 64
     assert CliRunner().invoke(main, ["verify", str(tmp_path / "ws")]).exit_code == 0
     data["model"]["rope_theta"] = data["model"]["rope_theta"] * 2
     path.write_text(json.dumps(data, indent=1))
     bad = CliRunner().invoke(main, ["verify", str(tmp_path / "ws")])
-    assert bad.exit_code == 1, bad.output
+    assert bad.exit_code == 4, bad.output
     assert "manifest.json: its digest does not match its contents (edited by hand?); re-convert" in bad.output
     with pytest.raises(FormatError, match="its digest does not match its contents"):
         load_manifest(tmp_path / "ws")

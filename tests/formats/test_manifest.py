@@ -12,7 +12,7 @@ MINIMAL = {
     "weights": {"dtype": "float32", "quantization": None},
     "source": {"path": "/src", "format": "safetensors", "files": [{"path": "model.safetensors", "bytes": 1, "sha256": "ab"}]},
     "tokenizer": [], "converter_version": "0.1.0", "schema_version": SCHEMA_VERSION, "format": "tpdeploy-workspace",
-    "pp": 1, "stages": [{"stage": 0, "layers": [0, SMOLLM2.num_layers]}],
+    "pp": 1, "stages": [{"stage": 0, "layers": [0, SMOLLM2.num_layers]}], "cache_key": "0f" * 32,
     "ranks": [{"rank": 0, "stage": 0, "tp_rank": 0, "files": [{"path": "rank0/embed.safetensors", "bytes": 10, "sha256": "cd"}],
                "tensors": [{"name": "tok_embeddings.weight", "file": "rank0/embed.safetensors", "dtype": "float32",
                             "shape": [49152, 576], "sha256": "ef", "quant": None,
@@ -25,7 +25,7 @@ MINIMAL["digest"] = manifest_digest(MINIMAL)
 def _older(version: int) -> dict:
     """MINIMAL as a schema ``version`` manifest (before 4: no pipeline keys; before 3: no digest)."""
     data = json.loads(json.dumps(MINIMAL))
-    del data["pp"], data["stages"], data["ranks"][0]["stage"], data["ranks"][0]["tp_rank"]
+    del data["pp"], data["stages"], data["ranks"][0]["stage"], data["ranks"][0]["tp_rank"], data["cache_key"]
     data["schema_version"] = version
     if version < 3:
         del data["digest"]

@@ -104,7 +104,7 @@ def test_convert_refuses_a_lying_checkpoint(tiny, tmp_path, edit):
     src = tiny()
     _rewrite_header(src / "model.safetensors", edit)
     result = CliRunner().invoke(main, ["convert", str(src), "-o", str(tmp_path / "ws")])
-    assert result.exit_code == 2, result.output
+    assert result.exit_code == 3, result.output
     assert result.output.startswith("tpconv: error:") and "model.safetensors: tensor 'model.layers." in result.output
     assert os.listdir(tmp_path) == []
 

@@ -68,13 +68,13 @@ def test_baichuan_13b_alibi_and_int4_fused_are_refused(tmp_path):
     del cfg["max_position_embeddings"]
     (src / "config.json").write_text(json.dumps(cfg))
     out = CliRunner().invoke(tpconv, ["convert", str(src), "-o", str(tmp_path / "ws")])
-    assert out.exit_code == 2 and "Baichuan-13B, which uses ALiBi" in out.output, out.output
+    assert out.exit_code == 3 and "Baichuan-13B, which uses ALiBi" in out.output, out.output
     cfg["max_position_embeddings"] = 64
     cfg["quantization_config"] = {"quant_method": "awq", "bits": 4, "group_size": 64, "zero_point": True,
                                   "version": "gemm"}
     (src / "config.json").write_text(json.dumps(cfg))
     out = CliRunner().invoke(tpconv, ["convert", str(src), "-o", str(tmp_path / "ws")])
-    assert out.exit_code == 2 and "int4 BaichuanForCausalLM checkpoints are not supported" in out.output, out.output
+    assert out.exit_code == 3 and "int4 BaichuanForCausalLM checkpoints are not supported" in out.output, out.output
 
 
 def test_internlm2_with_biases_is_refused(tmp_path):
@@ -83,4 +83,4 @@ def test_internlm2_with_biases_is_refused(tmp_path):
     cfg["bias"] = True
     (src / "config.json").write_text(json.dumps(cfg))
     out = CliRunner().invoke(tpconv, ["convert", str(src), "-o", str(tmp_path / "ws")])
-    assert out.exit_code == 2 and "field 'bias' is true" in out.output, out.output
+    assert out.exit_code == 3 and "field 'bias' is true" in out.output, out.output
