@@ -15,6 +15,7 @@ from converter import __version__
 from converter.cachekey import cache_key, combined_key, hash_source
 from converter.convert import ConvertOptions, ConvertSummary, Progress, convert
 from converter.multi import convert_many, parse_tps
+from converter.numerics import RTOL, verify_numerics
 from converter.verify import inspect as inspect_ws
 from converter.verify import verify as verify_ws
 from formats.errors import FormatError, TpDeployError, VerificationError
@@ -165,8 +166,8 @@ class LineProgress(Progress):
     def group_done(self, label: str) -> None:
         self._done += 1
         if self._bar is None:
-            click.echo(f"tpconv: [{self._done}/{self._groups}] {label}: {self._bytes / 1e6:.1f} of "
-                       f"{self._total / 1e6:.1f} MB in {time.perf_counter() - self._t0:.1f}s", err=True)
+            click.echo(f"tpconv: [{self._done}/{self._groups}] {label}: {self._bytes / 1e6:.1f} MB written "
+                       f"in {time.perf_counter() - self._t0:.1f}s", err=True)
 
     def close(self) -> None:
         if self._bar is not None:
@@ -198,20 +199,40 @@ def key_cmd(src: Path, tp: str, pp: int, pp_layers: str | None, model_format: st
 
 @main.command("verify")
 @click.argument("workspace", type=click.Path(path_type=Path))
-@_exits()
-def verify_cmd(workspace: Path) -> None:
-    """Recompute every checksum and check every tensor against the manifest (exit 4 on a mismatch)."""
+@click.argument("src", type=click.Path(path_type=Path), required=False)
+@click.option("--numerics", is_flag=True,
+              help="Also run every rank's layers against the source checkpoint (SRC, or the manifest's source path).")
+@click.option("--json", "as_json", is_flag=True, help="Print one machine-readable object at the end.")
+@_exits("as_json")
+def verify_cmd(workspace: Path, src: Path | None, numerics: bool, as_json: bool) -> None:
+    """Recompute every checksum and check every tensor against the manifest (exit 4 on a mismatch).
+
+    With --numerics, also compute the first and last decoder layer of every stage, the embedding and
+    the lm_head from each rank's shard, reduce them as tprun does, and compare with the same layers
+    computed from the source checkpoint: a shard cut wrongly hashes fine but fails here.
+    """
+    if src is not None and not numerics:
+        raise TpDeployError("a source checkpoint is only read with --numerics; add --numerics or drop SRC")
     if not workspace.is_dir():
         raise TpDeployError(f"{workspace} is not a directory; pass a workspace written by `tpconv convert`")
     try:
         problems = verify_ws(workspace)
     except FormatError as e:  # no readable manifest: the workspace fails verification
         raise VerificationError(str(e)) from e
+    report = verify_numerics(workspace, src) if numerics and not problems else None
+    problems += report.problems if report else []
     for p in problems:
         click.echo(f"tpconv: verify: {p}", err=True)
+    if as_json:  # the one object, failed or not
+        click.echo(json.dumps({"status": "failed" if problems else "ok", "problems": problems,
+                               "numerics": dataclasses.asdict(report) if report else None}, indent=1))
+        sys.exit(VerificationError.exit_code if problems else 0)
     if problems:
         raise VerificationError(f"{workspace}: {len(problems)} problem(s); the first: {problems[0]}")
     click.echo(f"{workspace}: OK, every file and tensor matches the manifest")
+    if report:
+        click.echo(f"{workspace}: numerics OK, {report.checks} rank outputs within {RTOL:g} of the source "
+                   f"(largest relative error {report.worst:.2g}) in {report.seconds:.1f}s")
 
 
 @main.command("inspect")
