@@ -32,6 +32,9 @@ def _exits(as_json_arg: str | None = None):
                 return fn(*args, **kwargs)
             except TpDeployError as e:
                 code, message = e.exit_code, str(e)
+            except BrokenPipeError:  # `tpconv inspect WS | head`: the reader left; nothing to report
+                sys.stderr.close()
+                sys.exit(141)
             except Exception as e:  # noqa: BLE001 -- reported, with its traceback, as tpconv's own fault
                 traceback.print_exc()
                 code, message = 1, f"internal error ({type(e).__name__}: {e}); please report it"
@@ -80,18 +83,21 @@ def _options(src: Path, dst_path: Path, tp: str, pp: int, pp_layers: str | None,
 @click.argument("src", type=click.Path(path_type=Path))
 @click.option("-o", "--dst-path", type=click.Path(path_type=Path), default=Path("./workspace"), show_default=True)
 @_byte_options
+@click.option("--pad-heads", is_flag=True,
+              help="Add zero attention heads so that --tp divides them (same outputs; inspect shows the cost).")
 @click.option("--force", is_flag=True, help="Replace an existing workspace at --dst-path, even one up to date.")
 @click.option("--resume", is_flag=True, help="Keep the rank files a killed conversion of the same key wrote.")
 @click.option("--json", "as_json", is_flag=True, help="Print one machine-readable object at the end.")
 @_exits("as_json")
 def convert_cmd(src: Path, dst_path: Path, tp: str, pp: int, pp_layers: str | None, model_format: str, dtype: str,
-                force: bool, resume: bool, as_json: bool) -> None:
+                pad_heads: bool, force: bool, resume: bool, as_json: bool) -> None:
     """Convert SRC (a local HF checkpoint directory) into a workspace with one shard per rank.
 
     A --dst-path that already holds this conversion's workspace (same cache key, verifies) is left as
     it is and the command exits 0 at once.
     """
-    tps, opts = _options(src, dst_path, tp, pp, pp_layers, model_format, dtype, force=force, resume=resume)
+    tps, opts = _options(src, dst_path, tp, pp, pp_layers, model_format, dtype, pad_heads=pad_heads, force=force,
+                         resume=resume)
     drawn: list[LineProgress] = []
 
     def on_start(total: int, groups: int) -> LineProgress:
@@ -177,15 +183,17 @@ class LineProgress(Progress):
 @main.command("key")
 @click.argument("src", type=click.Path(path_type=Path))
 @_byte_options
+@click.option("--pad-heads", is_flag=True, help="As for convert.")
 @click.option("--json", "as_json", is_flag=True, help="Also print the hashed files and options.")
 @_exits("as_json")
-def key_cmd(src: Path, tp: str, pp: int, pp_layers: str | None, model_format: str, dtype: str, as_json: bool) -> None:
+def key_cmd(src: Path, tp: str, pp: int, pp_layers: str | None, model_format: str, dtype: str, pad_heads: bool,
+            as_json: bool) -> None:
     """Print the cache key of converting SRC with these options (the manifest records it).
 
     Derived from the sha256 of every file at the top of SRC, every option that changes bytes and the
     converter's version; no tensor is read. Use it as a CI cache key (docs/ci.md).
     """
-    tps, opts = _options(src, Path("."), tp, pp, pp_layers, model_format, dtype)
+    tps, opts = _options(src, Path("."), tp, pp, pp_layers, model_format, dtype, pad_heads=pad_heads)
     files = hash_source(src)
     keys = [cache_key(files, opts.key_options(t)) for t in tps]
     key = keys[0] if len(keys) == 1 else combined_key(keys)
@@ -251,6 +259,12 @@ def inspect_cmd(workspace: Path, as_json: bool) -> None:
                f"{m['num_heads']} heads / {m['num_kv_heads']} KV heads, vocab {m['vocab_size']} "
                f"(padded {info['padded_vocab_size']}), tied embeddings: {m['tie_word_embeddings']}")
     click.echo(f"weights    {info['dtype']}, tp={info['tp']}, pp={info['pp']} ({len(info['bytes_per_rank'])} ranks)")
+    if info["head_padding"]:
+        c = info["head_padding"]
+        click.echo(f"padding    {c['padded_heads']} heads / {c['padded_kv_heads']} KV heads from the checkpoint's "
+                   f"{c['heads']} / {c['kv_heads']} (zero heads, same outputs): +{c['extra_bytes'] / 1e6:.2f} MB of "
+                   f"weights over all ranks, +{c['attention_weights_percent']}% attention projection bytes and "
+                   f"FLOPs (+{c['layer_weights_percent']}% of a layer's), +{c['kv_cache_percent']}% KV cache per token")
     for s in info["stages"]:
         click.echo(f"stage {s['stage']:<4} layers {s['layers'][0]}..{s['layers'][1] - 1} ({s['num_layers']}), "
                    f"{s['bytes'] / 1e6:10.2f} MB{'  ' + s['holds'] if s['holds'] else ''}")

@@ -30,6 +30,7 @@ from formats.pipeline import StageEntry, balance, check_pp, global_rank, parse_p
 from formats.shard_plan import file_groups, rank_tensor
 from formats.sharding import check_tp, padded_size
 
+PAD_HINT = "or pass --pad-heads to add zero heads that tp divides (same outputs; `tpconv inspect` shows the cost)"
 FREE_SPACE_MARGIN = 64 << 20  # tokenizer, headers and manifest on top of the tensor bytes
 
 
@@ -107,7 +108,9 @@ def convert(opts: ConvertOptions, on_start: OnStart | None = None) -> ConvertSum
     src = open_source(src_dir, opts.model_format, opts.dtype)
     threads = one_thread()
     try:
-        check_tp(src.config, opts.tp, src.int4.group_size if src.int4 else 0)
+        if opts.pad_heads:
+            src.pad_heads(opts.tp)
+        check_tp(src.config, opts.tp, src.int4.group_size if src.int4 else 0, PAD_HINT)
         stages = plan_stages(src, opts.tp, opts.pp, opts.pp_layers)
         groups = [g for s in stages for g in _groups(src, s, len(stages))]
         total = planned_bytes(src, opts.tp, stages)

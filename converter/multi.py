@@ -18,6 +18,7 @@ import torch
 from converter.atomic import building, check_target, check_writable
 from converter.cachekey import hash_source, key_when_hashed
 from converter.convert import (
+    PAD_HINT,
     ConvertOptions,
     ConvertSummary,
     OnStart,
@@ -66,6 +67,8 @@ def convert_many(opts: ConvertOptions, tps: list[int], on_start: OnStart | None 
     root, src_dir = Path(opts.dst_path), Path(opts.src)
     if opts.pp != 1 or opts.pp_layers:
         raise TpDeployError("--tp with several values writes pp 1 workspaces; convert with --pp one tp at a time")
+    if opts.pad_heads:  # the padded model differs per tp, so the layers cannot be shared
+        raise TpDeployError("--pad-heads pads for one tp; convert with --pad-heads one tp at a time")
     targets = [root / f"tp{tp}" for tp in tps]
     if not opts.force and all(t.exists() for t in targets):
         current = [up_to_date(t, src_dir, opts.key_options(tp), t0) for tp, t in zip(tps, targets)]
@@ -78,7 +81,7 @@ def convert_many(opts: ConvertOptions, tps: list[int], on_start: OnStart | None 
     threads = one_thread()
     try:
         for tp in tps:
-            check_tp(src.config, tp, src.int4.group_size if src.int4 else 0)
+            check_tp(src.config, tp, src.int4.group_size if src.int4 else 0, PAD_HINT)
         stages = {tp: plan_stages(src, tp, 1) for tp in tps}
         total = sum(planned_bytes(src, tp, stages[tp]) for tp in tps)
         _check_space(root, total)

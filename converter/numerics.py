@@ -27,6 +27,7 @@ from safetensors import safe_open
 from converter.source import Source, open_source
 from formats import int4
 from formats.config import ModelConfig
+from formats.head_padding import head_source
 from formats.manifest import Manifest, RankEntry, load_manifest
 from formats.shard_plan import int4_source_shape, source_names
 from formats.sharding import kv_heads_per_rank, source_shape
@@ -58,6 +59,8 @@ def verify_numerics(workspace: Path, src_dir: Path | None = None) -> Report:
     src = open_source(Path(src_dir or manifest.source.path), "auto", manifest.weights.dtype)
     report = Report()
     try:
+        if manifest.model.source_heads is not None:
+            src.pad_heads(manifest.tp)  # the padded model is what the workspace must compute
         if src.config != manifest.model:
             report.problems.append(f"the source at {src.path} is not the model this workspace was converted from "
                                    "(its config differs); pass the right SRC")
@@ -83,7 +86,7 @@ class _SourceWeights:
     """Full canonical tensors of the source, in the workspace dtype, as float32."""
 
     def __init__(self, src: Source):
-        self.src, self.cfg = src, src.config
+        self.src, self.cfg = src, src.checkpoint_config or src.config  # reads address the checkpoint's heads
         self._int4 = {n.rsplit(".", 1)[0] for n in source_names(src.config, src.int4 is not None) if int4.is_part(n)}
 
     def __call__(self, name: str) -> torch.Tensor:
@@ -134,9 +137,10 @@ def _check_layer(cfg: ModelConfig, i: int, ref: _SourceWeights, ranks: list[_Ran
     gen = torch.Generator().manual_seed(1000 + i)
     x = torch.randn(TOKENS, cfg.hidden_size, generator=gen)
     p, d, tp = f"layers.{i}.", cfg.head_dim, len(ranks)
-    q, k, v = (_linear(x, ref, p + f"attention.{w}", cfg.qkv_bias).view(TOKENS, -1, d) for w in ("wq", "wk", "wv"))
+    q, k, v = (_pad(cfg, kind, _linear(x, ref, p + f"attention.{w}", cfg.qkv_bias).view(TOKENS, -1, d))
+               for w, kind in (("wq", "q"), ("wk", "kv"), ("wv", "kv")))
     o = _attend(q, k, v)
-    wo = ref(p + "attention.wo.weight")
+    wo = _pad(cfg, "q", ref(p + "attention.wo.weight").view(cfg.hidden_size, -1, d)).flatten(1)
     gate, up = (_linear(x, ref, p + f"feed_forward.{w}") for w in ("w_gate", "w_up"))
     act = _act(cfg.hidden_act, gate) * up
     down = ref(p + "feed_forward.w_down.weight")
@@ -166,6 +170,19 @@ def _check_layer(cfg: ModelConfig, i: int, ref: _SourceWeights, ranks: list[_Ran
         _check_replicated(rank, p, ref, report)
     report.compare(f"{p}attention after the all-reduce over {tp} ranks", attn_sum, o.reshape(TOKENS, -1) @ wo.t())
     report.compare(f"{p}MLP after the all-reduce over {tp} ranks", mlp_sum, act @ down.t())
+
+
+def _pad(cfg: ModelConfig, kind: str, x: torch.Tensor) -> torch.Tensor:
+    """Heads (dim 1) of the checkpoint placed where ``--pad-heads`` put them, zero heads between."""
+    if cfg.source_heads is None:
+        return x
+    count = cfg.num_heads if kind == "q" else cfg.num_kv_heads
+    out = x.new_zeros(x.shape[0], count, *x.shape[2:])
+    for p in range(count):
+        h = head_source(cfg, kind, p)
+        if h is not None:
+            out[:, p] = x[:, h]
+    return out
 
 
 def _check_replicated(rank: _RankWeights, prefix: str, ref: _SourceWeights, report: Report) -> None:

@@ -34,6 +34,8 @@ def write_group(src: Source, group: FileGroup, tp: int, tp_rank: int, root: Path
 
 def _materialize(src: Source, plan: RankTensor, dtype: torch.dtype) -> torch.Tensor:
     """Assemble one rank tensor from its source slices; rows no piece covers are vocab padding (zero)."""
+    if not plan.pieces:  # a rank holding only zero (padded) heads of this tensor
+        return torch.zeros(plan.shape, dtype=dtype)
     if len(plan.pieces) == 1 and plan.pieces[0].dst == (0, plan.shape[plan.pieces[0].axis]):
         p = plan.pieces[0]  # a whole slice: read it straight into its final buffer, no second copy
         return src.read(p.source, p.axis, *p.src).to(dtype)

@@ -26,6 +26,7 @@ from converter.tokenizer import check_tokenizer
 from formats import int4
 from formats.config import ModelConfig
 from formats.errors import FormatError
+from formats.head_padding import pad_config
 from formats.int4 import Int4Format
 from formats.manifest import FLOAT_DTYPES
 from formats.shard_plan import source_names
@@ -45,6 +46,13 @@ class Source:
     quant: Any = None  # a converter.quant format, or None for dense checkpoints
     int4: Int4Format | None = None
     _reader: QuantizedReader | None = None
+    checkpoint_config: ModelConfig | None = None  # set by pad_heads: the heads as stored, for reading
+
+    def pad_heads(self, tp: int) -> None:
+        """Plan the workspace with zero heads added for ``tp`` (``formats.head_padding``); reads still
+        address the checkpoint's own heads."""
+        self.checkpoint_config = self.checkpoint_config or self.config
+        self.config = pad_config(self.checkpoint_config, tp)
 
     def hf_name(self, canonical: str) -> str:
         if not int4.is_part(canonical):
@@ -74,9 +82,10 @@ class Source:
     def _read_fused(self, name: str, axis: int, start: int, stop: int) -> torch.Tensor:
         fused, part = name.split("#")
         if axis != 0:
-            rows = self.config.num_heads if part == "q" else self.config.num_kv_heads
-            return self._read_fused(name, 0, 0, rows * self.config.head_dim).narrow(axis, start, stop - start)
-        ranges = fused_rows(self.arch.qkv_layout, part, self.config, start, stop)
+            cfg = self.checkpoint_config or self.config
+            rows = cfg.num_heads if part == "q" else cfg.num_kv_heads
+            return self._read_fused(name, 0, 0, rows * cfg.head_dim).narrow(axis, start, stop - start)
+        ranges = fused_rows(self.arch.qkv_layout, part, self.checkpoint_config or self.config, start, stop)
         return torch.cat([self.checkpoint.read(fused, 0, a, b) for a, b in ranges])
 
     def out_dtype(self, tensor: str) -> torch.dtype:

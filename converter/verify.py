@@ -9,6 +9,7 @@ import torch
 
 from converter.writer import CHUNK
 from formats.errors import FormatError
+from formats.head_padding import padding_cost
 from formats.manifest import FileEntry, Manifest, RankEntry, load_manifest, read_manifest
 from formats.safetensors_io import TORCH_TO_ST, read_header
 
@@ -105,11 +106,20 @@ def inspect(workspace: Path) -> dict[str, Any]:
         "bytes_per_rank": per_rank,
         "rank_spread_percent": _spread(per_rank),
         "tensors_per_rank": [len(r.tensors) for r in m.ranks],
+        "head_padding": _padding(m),
         "source": {"path": m.source.path, "format": m.source.format,
                    "files": [{"path": f.path, "bytes": f.bytes, "sha256": f.sha256} for f in m.source.files]},
         "schema_version": m.schema_version,
         "converter_version": m.converter_version,
     }
+
+
+def _padding(m: Manifest) -> dict[str, Any] | None:
+    cost = padding_cost(m.model)
+    if cost is None:
+        return None
+    bytes_per_param = torch.finfo(getattr(torch, m.weights.dtype)).bits // 8 if not m.weights.quantization else 0.5
+    return {**cost, "extra_bytes": int(cost["extra_params_per_layer"] * m.model.num_layers * bytes_per_param)}
 
 
 def _stages(m: Manifest) -> list[dict[str, Any]]:

@@ -53,12 +53,24 @@ class ModelConfig:
     query_scale: float | None = None  # softmax scale; None: head_dim ** -0.5
     layer_types: tuple[str, ...] = ()  # per layer "sliding_attention" | "full_attention"; (): all alike
     local_rope_theta: float | None = None  # RoPE base of the sliding layers (unscaled), when it differs
+    # (heads, KV heads) of the checkpoint when `tpconv --pad-heads` added zero heads (formats.head_padding);
+    # num_heads / num_kv_heads are then the padded counts the runtime runs with
+    source_heads: tuple[int, int] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["eos_token_ids"] = list(self.eos_token_ids)
         d["layer_types"] = list(self.layer_types)
+        if self.source_heads is None:
+            del d["source_heads"]  # manifests without padding read as before
+        else:
+            d["source_heads"] = list(self.source_heads)
         return d
+
+    @property
+    def checkpoint_heads(self) -> tuple[int, int]:
+        """(query heads, KV heads) as the checkpoint stores them, before any padding."""
+        return self.source_heads or (self.num_heads, self.num_kv_heads)
 
     def is_sliding(self, layer: int) -> bool:
         return self.sliding_window is not None and (not self.layer_types
@@ -79,7 +91,18 @@ class ModelConfig:
             d["rope_scaling"] = RopeScaling(**_strict_keys(d["rope_scaling"], RopeScaling, f"{where}.rope_scaling"))
         d["eos_token_ids"] = tuple(d.get("eos_token_ids", ()))
         d["layer_types"] = tuple(d.get("layer_types", ()))
+        if d.get("source_heads") is not None:
+            d["source_heads"] = _source_heads(d["source_heads"], d, where)
         return cls(**d)
+
+
+def _source_heads(v: Any, d: dict[str, Any], where: str) -> tuple[int, int]:
+    ok = (isinstance(v, list) and len(v) == 2 and all(isinstance(x, int) and x > 0 for x in v)
+          and v[0] <= d.get("num_heads", 0) and v[1] <= d.get("num_kv_heads", 0) and v[0] % v[1] == 0)
+    if not ok:
+        raise FormatError(f"{where}: source_heads {v!r} must be [heads, kv_heads] of the checkpoint, at most the "
+                          "padded num_heads and num_kv_heads")
+    return tuple(v)
 
 
 def _strict_keys(d: Any, cls: type, where: str) -> dict[str, Any]:

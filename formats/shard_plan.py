@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from formats import int4, layout
 from formats.config import ModelConfig
 from formats.errors import ShardingError
+from formats.head_padding import head_runs
 from formats.pipeline import StageEntry
 from formats.sharding import (
     GLOBAL_RULES,
@@ -27,6 +28,7 @@ from formats.sharding import (
 QUANTIZED_LINEARS = ("attention.wqkv.weight", "attention.wo.weight",
                      "feed_forward.w_gate_up.weight", "feed_forward.w_down.weight")
 
+_HEAD_KIND = {"wq": "q", "wo": "q", "wk": "kv", "wv": "kv"}  # linears whose split axis counts heads
 QK_NORMS = ("attention.q_norm.weight", "attention.k_norm.weight")
 SANDWICH_NORMS = ("post_attention_norm.weight", "post_ffn_norm.weight")
 _LAYER = re.compile(r"^layers\.(\d+)\.(.+)$")
@@ -106,7 +108,13 @@ def rank_tensor(name: str, cfg: ModelConfig, tp: int, rank: int, group_size: int
     for src in rule.sources:
         units = source_units(src, rule.axis, cfg)
         start, stop = rank_range(units, tp, rank)
-        pieces.append(Piece(prefix + src, rule.axis, (start, stop), (offset, offset + stop - start)))
+        kind = _HEAD_KIND.get(src.split(".")[-2]) if cfg.source_heads else None
+        if kind:  # padded heads: the checkpoint heads among them, the zero ones left uncovered
+            d = units.size
+            pieces += [Piece(prefix + src, rule.axis, (a * d, b * d), (offset + o * d, offset + (o + b - a) * d))
+                       for a, b, o in head_runs(cfg, kind, start // d, stop // d)]
+        else:
+            pieces.append(Piece(prefix + src, rule.axis, (start, stop), (offset, offset + stop - start)))
         offset += stop - start
         if units.pad:  # vocab-parallel: every rank has the same padded row count
             offset = padded_size(units.count, tp) // tp * units.size

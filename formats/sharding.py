@@ -92,9 +92,10 @@ def source_units(source: str, axis: int, cfg: ModelConfig) -> Units:
 def source_shape(source: str, cfg: ModelConfig) -> tuple[int, ...]:
     """The shape a canonical source tensor must have in the checkpoint."""
     h, d = cfg.hidden_size, cfg.head_dim
+    heads, kv_heads = cfg.checkpoint_heads
     leaf, kind = source.split(".")[-2:]
     rows = {
-        "wq": cfg.num_heads * d, "wk": cfg.num_kv_heads * d, "wv": cfg.num_kv_heads * d,
+        "wq": heads * d, "wk": kv_heads * d, "wv": kv_heads * d,
         "wo": h, "w_gate": cfg.intermediate_size, "w_up": cfg.intermediate_size, "w_down": h,
         "tok_embeddings": cfg.vocab_size, "lm_head": cfg.vocab_size,
         "attention_norm": h, "ffn_norm": h, "norm": h, "q_norm": d, "k_norm": d,
@@ -102,7 +103,7 @@ def source_shape(source: str, cfg: ModelConfig) -> tuple[int, ...]:
     }[leaf]
     if kind == "bias" or leaf.endswith("norm"):
         return (rows,)
-    cols = {"wo": cfg.num_heads * d, "w_down": cfg.intermediate_size}.get(leaf, h)
+    cols = {"wo": heads * d, "w_down": cfg.intermediate_size}.get(leaf, h)
     return (rows, cols)
 
 
@@ -149,12 +150,19 @@ def valid_tp_values(cfg: ModelConfig, group_size: int = 0) -> list[int]:
     return [t for t in range(1, cfg.num_heads + 1) if _tp_problem(cfg, t, group_size) is None]
 
 
-def check_tp(cfg: ModelConfig, tp: int, group_size: int = 0) -> None:
-    """Raise a ShardingError naming the problem and the tp values that would work."""
+def check_tp(cfg: ModelConfig, tp: int, group_size: int = 0, heads_hint: str = "") -> None:
+    """Raise a ShardingError naming the problem and the tp values that would work (and ``heads_hint``
+    when it is the attention heads that tp does not divide)."""
     problem = _tp_problem(cfg, tp, group_size)
     if problem:
         valid = ", ".join(map(str, valid_tp_values(cfg, group_size))) or "none"
-        raise ShardingError(f"{problem}; valid --tp values: {valid}")
+        hint = f"; {heads_hint}" if heads_hint and tp > 0 and _heads_problem(cfg, tp) else ""
+        raise ShardingError(f"{problem}; valid --tp values: {valid}{hint}")
+
+
+def _heads_problem(cfg: ModelConfig, tp: int) -> bool:
+    kv = cfg.num_kv_heads
+    return bool(cfg.num_heads % tp or (kv % tp and tp % kv))
 
 
 def kv_heads_per_rank(cfg: ModelConfig, tp: int) -> int:

@@ -49,6 +49,7 @@ def test_source_layers_are_released_once_per_layer_not_per_tp(tiny, tmp_path, mo
     (["--tp", "2,2"], "lists a value twice"),
     (["--tp", "1,x"], "comma-separated list"),
     (["--tp", "1,2", "--pp", "2"], "writes pp 1 workspaces"),
+    (["--tp", "1,2", "--pad-heads"], "pads for one tp"),
 ])
 def test_bad_tp_lists_are_refused_before_writing(tiny, tmp_path, args, message):
     src = tiny("llama", num_layers=2)

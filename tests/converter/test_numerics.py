@@ -10,7 +10,7 @@ from converter.cli import main as tpconv
 from converter.convert import ConvertOptions, convert
 from converter.numerics import RTOL, verify_numerics
 from converter.verify import _hash_shard
-from formats.manifest import manifest_digest
+from formats.manifest import load_manifest, manifest_digest
 from formats.safetensors_io import read_header
 from tests.fixtures.int4_pack import make_tiny_awq, make_tiny_ct
 from tests.fixtures.remote_code import make_remote
@@ -27,6 +27,9 @@ CASES = {
     "internlm2-tp2": (lambda tiny, d: make_remote(d, "internlm2")[0], dict(tp=2)),
     "awq-tp2": (lambda tiny, d: make_tiny_awq(d / "awq", **INT4), dict(tp=2)),
     "ct-sym-tp2-pp2": (lambda tiny, d: make_tiny_ct(d / "ct", symmetric=True, **INT4), dict(tp=2, pp=2)),
+    "llama-pad-heads-tp4": (lambda tiny, d: tiny("llama", heads=6, kv_heads=2, hidden=96), dict(tp=4, pad_heads=True)),
+    "awq-pad-heads-tp4": (lambda tiny, d: make_tiny_awq(d / "awq", **{**INT4, "heads": 6, "hidden": 192}),
+                          dict(tp=4, pad_heads=True)),
 }
 
 
@@ -39,6 +42,21 @@ def test_numerics_pass_on_right_workspaces(tiny, tmp_path, case):
     assert report.problems == [] and report.worst < RTOL / 10
     layers = {2: 2, 3: 2, 4: 4}  # first and last layer of every stage
     assert report.checks >= layers[3 if "tied" in case else 4 if "pp2" in case else 2]
+
+
+def test_padded_workspace_reassembles_to_the_source_with_zero_heads(tiny, tmp_path):
+    from tests.workspace import bits_equal, reassemble, source_state
+
+    src = tiny("qwen2", heads=6, kv_heads=2, hidden=96)  # q/k/v biases are padded too
+    convert(ConvertOptions(src, tmp_path / "ws", 4, pad_heads=True))
+    m = load_manifest(tmp_path / "ws")
+    assert (m.model.num_heads, m.model.num_kv_heads, m.model.source_heads) == (8, 2, (6, 2))
+    got, expected = reassemble(tmp_path / "ws"), source_state(src)  # uncovered (zero-head) rows are checked zero
+    assert sorted(got) == sorted(expected) and all(bits_equal(got[n], expected[n]) for n in got)
+    info = CliRunner().invoke(tpconv, ["inspect", str(tmp_path / "ws")]).stdout
+    assert "padding    8 heads / 2 KV heads from the checkpoint's 6 / 2" in info and "+25.0% attention" in info
+    out = CliRunner().invoke(tpconv, ["convert", str(src), "-o", str(tmp_path / "ws2"), "--tp", "4"])
+    assert out.exit_code == 2 and "or pass --pad-heads" in out.output
 
 
 def _rehash(ws: Path) -> None:
