@@ -42,6 +42,7 @@ bench: bench-convert bench-generate bench-kernels bench-serve bench-pipeline
 bench-convert: model
 	TPDEPLOY_CACHE=$(CACHE) $(PY) -m tests.bench.bench_convert
 	TPDEPLOY_CACHE=$(CACHE) $(PY) -m tests.bench.bench_convert_int4
+	TPDEPLOY_CACHE=$(CACHE) $(PY) -m tests.bench.bench_convert_ci --markdown /tmp/bench_convert_ci.md
 
 bench-generate: model
 	TPDEPLOY_CACHE=$(CACHE) $(PY) -m tests.bench.bench_generate
