@@ -25,6 +25,7 @@ from runtime.kernels.cpu_int4 import MODES as CPU_INT4_MODES
 from runtime.kv.format import BLOCK_SIZE, KV_DTYPES, QUANT_POLICY, from_quant_policy
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
+TOOL_CALL_PARSERS = ("auto", "hermes", "llama3_json", "mistral", "none")  # serve --tool-call-parser (serve.tools)
 DEFAULT_MAX_N = 16  # samples per request (serve --max-n): each is a sequence in the batch with its own KV blocks
 
 # One letter (80g) is binary, as in Docker and the JVM; "GB" is decimal, "GiB" binary.

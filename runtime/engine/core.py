@@ -13,12 +13,14 @@ from __future__ import annotations
 import dataclasses
 from collections import deque
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 
 from formats.errors import TpDeployError
 from runtime.config import DEFAULTS, EngineConfig
 from runtime.engine.errors import ContextTooLong, InvalidPrompt
+from runtime.engine.grammar import Grammars, Matcher
 from runtime.engine.outputs import Delta, EngineStats, Usage
 from runtime.engine.sampling import Sampler, SamplingParams, TokenLogprobs, make_generator
 from runtime.engine.scheduler import Scheduler
@@ -49,6 +51,7 @@ class Sequence:
     tokens: list[int] = field(default_factory=list)  # prompt + out: what the cache must hold
     computed: int = 0  # leading tokens whose K/V are in the cache
     cached: int = -1  # prompt tokens found in the prefix cache at first admission (-1: not admitted yet)
+    matcher: Matcher | None = None  # structured outputs: where the sample is in its grammar
 
     def __post_init__(self):
         self.tokens = list(self.prompt) + list(self.out)
@@ -80,6 +83,7 @@ class Engine:
         self.scheduler = Scheduler(blocks, config.max_batch_size, config.max_prefill_tokens, self.depth)
         self._inflight: deque = deque()  # (work, pending logits) of steps submitted, oldest first
         self.sampler = Sampler(config.seed, tokenizer.eos_token_ids)
+        self.grammars = Grammars(tokenizer, vocab_size)  # xgrammar is loaded by the first request with one
         self._next_id = 0
         self._requests: dict[str, list[Sequence]] = {}  # request id -> its samples, until finished
 
@@ -90,6 +94,8 @@ class Engine:
     def check(self, prompt_ids: list[int], params: SamplingParams) -> None:
         """What ``add`` would refuse, without touching any state: safe from any thread."""
         check_request(prompt_ids, params, self.max_model_len, self.vocab_size, self.blocks.capacity_tokens)
+        if params.structured_outputs is not None:
+            self.grammars.compile(params.structured_outputs)  # an invalid schema is the client's error
 
     def add(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
         """Queue a request (its ``n`` samples) after the one check of it; raises InvalidPrompt,
@@ -180,8 +186,10 @@ class Engine:
             return []
         seqs = [work[i].seq for i in rows]
         # s.out is passed as is (no copy): the sampler reads it only for min_tokens and output penalties.
+        matchers = [s.matcher for s in seqs]
+        constrain = partial(self.grammars.constrain, matchers=matchers) if any(matchers) else None
         result = self.sampler.sample(logits[rows], [s.params for s in seqs], [s.generator for s in seqs],
-                                     [s.history() for s in seqs], [s.out for s in seqs])
+                                     [s.history() for s in seqs], [s.out for s in seqs], constrain)
         deltas: list[Delta] = []
         last: dict[str, int] = {}  # request id -> index of its last Delta in this step
         for s, token, lp in zip(seqs, result.tokens.tolist(), result.logprobs):
@@ -200,15 +208,19 @@ class Engine:
         # n samples of one seeded request must differ; wrap to stay a valid torch seed.
         seed = None if params.seed is None else (params.seed + index) % 2**63
         self._next_id += 1
+        so = params.structured_outputs
         return Sequence(self._next_id, request, index, prompt, params, _capacity(prompt, params, self.max_model_len),
                         make_generator(seed), stops=StopChecker(params.stop, params.include_stop_str_in_output),
-                        decoder=IncrementalDecoder(self.tokenizer, params.skip_special_tokens))
+                        decoder=IncrementalDecoder(self.tokenizer, params.skip_special_tokens),
+                        matcher=None if so is None else self.grammars.matcher(so))
 
     def _advance(self, s: Sequence, token: int, lp: TokenLogprobs | None) -> Delta:
         s.out.append(token)
         s.tokens.append(token)
         if token in s.params.stop_token_ids or (token in self.tokenizer.eos_token_ids and not s.params.ignore_eos):
             s.finish_reason = "stop"
+        elif s.matcher is not None and (not s.matcher.accept(token) or s.matcher.done):
+            s.finish_reason = "stop"  # the grammar is complete (its EOS taken, even with ignore_eos)
         elif s.context >= s.capacity:
             s.finish_reason = "length"
         # As in vLLM, the text of the EOS / stop token that ended the sequence is left out unless

@@ -31,13 +31,14 @@ as vLLM and the OpenAI API do, so they describe the model rather than the sampli
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import torch
 
 from formats.errors import TpDeployError
+from runtime.engine.grammar import StructuredOutputs
 from runtime.engine.penalties import Ids, apply_penalties, mask_stop_tokens
 
 MAX_LOGPROBS = 20  # same cap as the OpenAI API's top_logprobs
@@ -95,8 +96,15 @@ class SamplingParams:
     min_tokens: int = 0  # generated before EOS / stop_token_ids can be sampled or a stop string can end the text
     logprobs: int | None = None  # top logprobs per token; 0 = only the chosen token's
     skip_special_tokens: bool = True
+    structured_outputs: StructuredOutputs | None = None  # a grammar the output must follow
+    # vLLM's older spelling of structured_outputs, one field per kind (folded into it)
+    guided_json: Any = None
+    guided_regex: str | None = None
+    guided_choice: Any = None
+    guided_grammar: str | None = None
 
     def __post_init__(self) -> None:
+        self._fold_guided()
         stop = _as_tuple(self.stop, "stop", str)
         if any(s == "" for s in stop):
             _fail("stop strings must be non-empty, got ''")
@@ -111,6 +119,18 @@ class SamplingParams:
         self._check_floats()
         if self.top_k == -1:
             object.__setattr__(self, "top_k", 0)
+
+    def _fold_guided(self) -> None:
+        guided = {k: getattr(self, f"guided_{k}") for k in ("json", "regex", "choice", "grammar")
+                  if getattr(self, f"guided_{k}") is not None}
+        if not guided:
+            return
+        if self.structured_outputs is not None or len(guided) > 1:
+            given = [f"guided_{k}" for k in guided] + (["structured_outputs"] if self.structured_outputs else [])
+            _fail(f"give one output constraint, got {', '.join(given)}")
+        object.__setattr__(self, "structured_outputs", StructuredOutputs(**guided))
+        for k in guided:
+            object.__setattr__(self, f"guided_{k}", None)
 
     def _check_counts(self) -> None:
         if not _is_int(self.n) or self.n < 1:
@@ -331,14 +351,17 @@ class Sampler:
 
     def sample(self, logits: torch.Tensor, params: Sequence[SamplingParams],
                generators: Sequence[torch.Generator | None], history: Sequence[Ids],
-               outputs: Sequence[Ids]) -> SampleResult:
+               outputs: Sequence[Ids], constrain: Callable[[torch.Tensor], torch.Tensor] | None = None) -> SampleResult:
         """``logits`` (B, V); params, generators, history (prompt + generated ids) and outputs (generated
-        ids) give one entry per row. Ids are read only where a penalty or min_tokens needs them."""
+        ids) give one entry per row. Ids are read only where a penalty or min_tokens needs them.
+        ``constrain`` (structured outputs) masks the penalised logits; logprobs stay the model's."""
         assert logits.dim() == 2, f"logits must be (B, V), got shape {tuple(logits.shape)}"
         assert len(params) == len(generators) == len(history) == len(outputs) == logits.shape[0], "one entry per row"
         device = logits.device
         work = apply_penalties(logits, params, history, outputs)  # (B, V) float32
         work = mask_stop_tokens(work, params, outputs, self._eos)
+        if constrain is not None:
+            work = constrain(work)
         greedy = [i for i, p in enumerate(params) if p.greedy]
         if len(greedy) == len(params):  # the common batch: one argmax over all rows, no row copy
             tokens = work.argmax(dim=-1)

@@ -250,6 +250,11 @@ class Tokenizer:
         return None if token is None else self._backend.token_to_id(token)
 
     @property
+    def backend(self) -> _Backend:
+        """The ``tokenizers.Tokenizer`` itself (its vocabulary and JSON, for structured outputs)."""
+        return self._backend
+
+    @property
     def vocab_size(self) -> int:
         """Number of ids the tokenizer can produce, added tokens included (``len(hf_tokenizer)``)."""
         return self._backend.get_vocab_size(with_added_tokens=True)
@@ -266,6 +271,11 @@ class Tokenizer:
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         text = self._backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
         return _clean_up_tokenization(text) if self._clean_up else text
+
+    @property
+    def chat_template(self) -> Any:
+        """The template(s) as tokenizer_config.json holds them (to recognise a tool-call format)."""
+        return self._chat_template
 
     @property
     def has_chat_template(self) -> bool:

@@ -12,6 +12,8 @@ fake engine. Two rules shape the code:
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 import logging
 import time
 import uuid
@@ -31,9 +33,17 @@ from runtime.serve.contract import Delta, EngineClient, ServiceUnavailable, Usag
 from runtime.serve.errors import error_response, in_band_error, install_error_handlers
 from runtime.serve.metrics import CONTENT_TYPE, Metrics
 from runtime.serve.middleware import Admission, CountRequests, Lifecycle, RequireApiKey
-from runtime.serve.protocol import APIError, ChatCompletionRequest, CompletionRequest
+from runtime.serve.protocol import (
+    APIError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
+)
 from runtime.serve.render import ChatRenderer, CompletionRenderer, Renderer, sse
+from runtime.serve.responses import ResponsesRenderer, ResponsesRequest
 from runtime.serve.streams import merge
+from runtime.serve.tools import ToolPlan, parser_for_template, plan_tools, template_messages
 
 log = logging.getLogger("tprun.serve")
 T = TypeVar("T")
@@ -43,18 +53,22 @@ _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # no pr
 
 
 def create_app(engine: EngineClient, *, served_model_name: str, api_key: str | None,
-               metrics: Metrics, max_n: int = DEFAULT_MAX_N, lifecycle: Lifecycle | None = None) -> FastAPI:
-    """The ASGI app: ``/v1/models``, ``/v1/chat/completions``, ``/v1/completions``, ``/health``,
-    ``/metrics``, ``/version``, ``/ping``. With ``api_key`` every ``/v1`` route needs
+               metrics: Metrics, max_n: int = DEFAULT_MAX_N, lifecycle: Lifecycle | None = None,
+               tool_call_parser: str = "auto") -> FastAPI:
+    """The ASGI app: ``/v1/models``, ``/v1/chat/completions``, ``/v1/completions``, ``/v1/responses``,
+    ``/tokenize``, ``/detokenize``, ``/health``, ``/metrics``, ``/version``, ``/ping``. With ``api_key`` every ``/v1`` route needs
     ``Authorization: Bearer <api_key>``. Once ``lifecycle.draining`` is set, new generation requests
     and health checks get 503 while the requests in flight finish."""
     app = FastAPI(title="tprun", summary="tpdeploy's OpenAI-compatible server")
     lifecycle = lifecycle or Lifecycle()
-    server = _Server(engine, served_model_name, metrics, max_n, lifecycle)
+    server = _Server(engine, served_model_name, metrics, max_n, lifecycle, tool_call_parser)
     app.add_api_route("/v1/models", server.list_models, methods=["GET"])
     app.add_api_route("/v1/models/{model_id:path}", server.get_model, methods=["GET"])
     app.add_api_route("/v1/chat/completions", server.chat, methods=["POST"])
     app.add_api_route("/v1/completions", server.completions, methods=["POST"])
+    app.add_api_route("/v1/responses", server.responses, methods=["POST"])
+    app.add_api_route("/tokenize", server.tokenize, methods=["POST"])
+    app.add_api_route("/detokenize", server.detokenize, methods=["POST"])
     app.add_api_route("/health", server.health, methods=["GET"])
     app.add_api_route("/ping", server.health, methods=["GET", "POST"])  # vLLM's (SageMaker's) path
     app.add_api_route("/version", server.version, methods=["GET"])
@@ -70,10 +84,12 @@ class _Server:
     """Route handlers; one instance per app, holding what every request needs."""
 
     def __init__(self, engine: EngineClient, model: str, metrics: Metrics, max_n: int,
-                 lifecycle: Lifecycle) -> None:
+                 lifecycle: Lifecycle, tool_call_parser: str = "auto") -> None:
         self.engine, self.model, self._metrics = engine, model, metrics
         self.max_n, self.lifecycle = max_n, lifecycle
         self.created = int(time.time())
+        template = getattr(engine.tokenizer, "chat_template", None)
+        self.tool_parser = parser_for_template(template or "") if tool_call_parser == "auto" else tool_call_parser
 
     def _model_card(self) -> dict[str, Any]:
         return {"id": self.model, "object": "model", "created": self.created,
@@ -114,17 +130,59 @@ class _Server:
         return params
 
     async def chat(self, body: ChatCompletionRequest, request: Request) -> Response:
-        params = self._params(body)
+        params, tools = self._chat_params(body)
         # Rendering and tokenizing a long conversation takes milliseconds: off the event loop, so
         # the streams of other requests keep flowing meanwhile.
-        prompt_ids = await run_in_threadpool(self._chat_ids, body)
-        return await self._generate(request, body, params, [prompt_ids], ChatRenderer, "chatcmpl")
+        prompt_ids = await run_in_threadpool(self._chat_ids, body, tools)
+        renderer = functools.partial(ChatRenderer, tools=tools)
+        return await self._generate(request, body, params, [prompt_ids], renderer, "chatcmpl")
 
-    def _chat_ids(self, body: ChatCompletionRequest) -> list[int]:
+    async def responses(self, body: ResponsesRequest, request: Request) -> Response:
+        chat = body.to_chat()
+        params, tools = self._chat_params(chat)
+        prompt_ids = await run_in_threadpool(self._chat_ids, chat, tools)
+        renderer = functools.partial(ResponsesRenderer, tools=tools, request=body)
+        return await self._generate(request, chat, params, [prompt_ids], renderer, "resp")
+
+    def _chat_params(self, body: ChatCompletionRequest) -> tuple[SamplingParams, ToolPlan | None]:
+        params = self._params(body)
+        tools = plan_tools(body.tools, body.tool_choice, body.parallel_tool_calls is not False, self.tool_parser)
+        if tools is not None and tools.constraint is not None:  # required / a named function
+            if params.structured_outputs is not None:
+                raise APIError(400, f"tool_choice={body.tool_choice!r:.60} constrains the output to tool calls; "
+                                    "it cannot be combined with response_format or guided_*", param="tool_choice")
+            params = dataclasses.replace(params, structured_outputs=tools.constraint)
+        return params, tools
+
+    async def tokenize(self, body: TokenizeRequest) -> dict[str, Any]:
+        """vLLM's ``/tokenize``: a prompt, or messages through the chat template, as token ids."""
+        self._check_model(body.model)
         tok = self.engine.tokenizer
-        messages = [m.for_template() for m in body.messages]
+        if body.messages is not None:
+            chat = ChatCompletionRequest(messages=body.messages, add_generation_prompt=body.add_generation_prompt,
+                                         tools=body.tools, tool_choice="none" if body.tools else None)
+            ids = await run_in_threadpool(self._chat_ids, chat, plan_tools(chat.tools, chat.tool_choice, True, "none"))
+        elif isinstance(body.prompt, str):
+            ids = await run_in_threadpool(tok.encode, body.prompt, body.add_special_tokens)
+        else:
+            raise APIError(400, "give prompt (a string) or messages", param="prompt")
+        return {"count": len(ids), "max_model_len": self.engine.max_model_len, "tokens": ids}
+
+    async def detokenize(self, body: DetokenizeRequest) -> dict[str, Any]:
+        self._check_model(body.model)
+        vocab = self.engine.tokenizer.vocab_size
+        bad = [t for t in body.tokens if not 0 <= t < vocab]
+        if bad:
+            raise APIError(400, f"tokens {bad[:5]} are not ids of this tokenizer (0..{vocab - 1})", param="tokens")
+        return {"prompt": self.engine.tokenizer.decode(body.tokens, skip_special_tokens=False)}
+
+    def _chat_ids(self, body: ChatCompletionRequest, tools: ToolPlan | None = None) -> list[int]:
+        tok = self.engine.tokenizer
+        messages = template_messages([m.for_template() for m in body.messages])
         text = tok.apply_chat_template(messages, add_generation_prompt=body.add_generation_prompt,
-                                       continue_final_message=body.continue_final_message)
+                                       continue_final_message=body.continue_final_message,
+                                       tools=None if tools is None else tools.template_tools,
+                                       **(body.chat_template_kwargs or {}))
         return tok.encode(text, add_special_tokens=False)  # the template wrote BOS already
 
     async def completions(self, body: CompletionRequest, request: Request) -> Response:
@@ -137,7 +195,7 @@ class _Server:
         return await self._generate(request, body, params, ids, CompletionRenderer, "cmpl", echo)
 
     async def _generate(self, request: Request, body: Any, params: SamplingParams,
-                        prompts: list[list[int]], renderer_cls: type[Renderer], prefix: str,
+                        prompts: list[list[int]], renderer_cls: Callable[..., Renderer], prefix: str,
                         echo: list[str] | None = None) -> Response:
         # The engine checks each prompt (empty, ids past the vocabulary, context window, cache) once.
         request_id = f"{prefix}-{uuid.uuid4().hex}"

@@ -12,6 +12,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator, model_validator
 
 from formats.errors import TpDeployError
+from runtime.engine.grammar import StructuredOutputs
 from runtime.engine.sampling import MAX_LOGPROBS, SamplingParams
 
 MAX_STOP_STRINGS = 4  # OpenAI's limit; more would also slow the engine's per-token stop check
@@ -69,10 +70,25 @@ _UNSUPPORTED = {
     "logit_bias": "remove it from the request",
     "best_of": "use n and rank the samples on the client",
     "suffix": "send the whole text as the prompt",
-    "tools": "this server has no tool calling; describe the tools in the messages instead",
-    "functions": "this server has no tool calling; describe the tools in the messages instead",
-    "response_format": "this server has no structured output; ask for the format in the prompt",
+    "functions": "functions is OpenAI's deprecated spelling; send tools (and tool_choice) instead",
 }
+
+
+_STRUCTURED_KEYS = ("json", "json_object", "regex", "choice", "grammar")
+
+
+def _response_format(value: Any) -> StructuredOutputs:
+    kind = value.get("type") if isinstance(value, dict) else None
+    if kind == "json_object":
+        return StructuredOutputs(json_object=True)
+    if kind == "json_schema":
+        spec = value.get("json_schema")
+        schema = spec.get("schema") if isinstance(spec, dict) else None
+        if not isinstance(schema, dict):
+            raise TpDeployError("type json_schema needs json_schema.schema, a JSON schema object: "
+                                '{"type": "json_schema", "json_schema": {"name": "...", "schema": {...}}}')
+        return StructuredOutputs(json=schema)
+    raise TpDeployError(f"type must be \"text\", \"json_object\" or \"json_schema\", got {value!r:.80}")
 
 
 class StreamOptions(BaseModel):
@@ -106,7 +122,13 @@ class _SamplingRequest(BaseModel):
     include_stop_str_in_output: StrictBool | None = None
     # OpenAI fields accepted only at neutral values (see _UNSUPPORTED)
     logit_bias: Any = None
+    # structured outputs: OpenAI's response_format, vLLM's guided_* and structured_outputs (one of them)
     response_format: Any = None
+    guided_json: Any = None
+    guided_regex: Any = None
+    guided_choice: Any = None
+    guided_grammar: Any = None
+    structured_outputs: Any = None
 
     @model_validator(mode="before")
     @classmethod
@@ -137,11 +159,32 @@ class _SamplingRequest(BaseModel):
             value = getattr(self, field, None)
             if field == "best_of" and value == (self.n or 1):
                 continue  # best_of = n is plain sampling
-            if field == "response_format" and isinstance(value, dict) and value.get("type") == "text":
-                continue
             if not _is_neutral(value):
                 raise APIError(400, f"{field}={value!r:.80} is not supported by this server; "
                                     f"{advice}", param=field)
+
+    def structured(self) -> StructuredOutputs | None:
+        """The one output constraint the request asks for, or None; APIError 400 naming the field."""
+        given = {f: getattr(self, f) for f in ("response_format", "guided_json", "guided_regex", "guided_choice",
+                                                 "guided_grammar", "structured_outputs")
+                 if getattr(self, f) is not None}
+        if given.get("response_format") in ({"type": "text"},):
+            del given["response_format"]
+        if not given:
+            return None
+        if len(given) > 1:
+            raise APIError(400, f"{' and '.join(given)} each constrain the output; give one", param=list(given)[1])
+        field, value = next(iter(given.items()))
+        try:
+            if field == "response_format":
+                return _response_format(value)
+            if field == "structured_outputs":
+                if not isinstance(value, dict):
+                    raise TpDeployError("structured_outputs must be an object, e.g. {\"json\": {...}}")
+                return StructuredOutputs(**{k: v for k, v in value.items() if k in _STRUCTURED_KEYS})
+            return StructuredOutputs(**{field.removeprefix("guided_"): value})
+        except (TpDeployError, TypeError) as e:
+            raise APIError(400, f"{field}: {e}", param=field) from e
 
     def _max_tokens(self) -> int | None:
         raise NotImplementedError
@@ -158,7 +201,8 @@ class _SamplingRequest(BaseModel):
                       frequency_penalty=self.frequency_penalty, min_tokens=self.min_tokens, seed=self.seed,
                       stop=self.stop, stop_token_ids=self.stop_token_ids, ignore_eos=self.ignore_eos,
                       include_stop_str_in_output=self.include_stop_str_in_output,
-                      logprobs=self._logprobs(), skip_special_tokens=self.skip_special_tokens)
+                      logprobs=self._logprobs(), skip_special_tokens=self.skip_special_tokens,
+                      structured_outputs=self.structured())
         # None (absent or JSON null) leaves SamplingParams' own default in place.
         given = {k: v for k, v in fields.items() if v is not None or k in ("max_tokens", "logprobs")}
         try:
@@ -203,7 +247,11 @@ class ChatCompletionRequest(_SamplingRequest):
     logprobs: StrictBool | None = False
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     tools: Any = None
+    tool_choice: Any = None
+    parallel_tool_calls: StrictBool | None = True
     functions: Any = None
+    # vLLM extension: kwargs for the chat template (e.g. {"enable_thinking": false} for Qwen3)
+    chat_template_kwargs: dict[str, Any] | None = None
     # vLLM extensions: continue the last (assistant) message instead of opening a new turn
     add_generation_prompt: StrictBool = True
     continue_final_message: StrictBool = False
@@ -273,3 +321,21 @@ class CompletionRequest(_SamplingRequest):
 
     def _logprobs(self) -> int | None:
         return self.logprobs
+
+
+class TokenizeRequest(BaseModel):
+    """vLLM's ``/tokenize``: ``prompt`` or ``messages`` (with the chat template)."""
+
+    model_config = ConfigDict(extra="ignore")
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: StrictBool = True
+    add_generation_prompt: StrictBool = True
+    tools: Any = None
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    model: str | None = None
+    tokens: list[int]

@@ -6,6 +6,7 @@ import math
 from typing import Any
 
 from runtime.serve.contract import Delta, Usage
+from runtime.serve.tools import ToolPlan, ToolStream, parse_output
 
 # JSON has no -inf; a token the model rules out gets vLLM's floor instead of breaking the response.
 _LOGPROB_FLOOR = -9999.0
@@ -95,6 +96,11 @@ class Renderer:
 class ChatRenderer(Renderer):
     object_name, object_chunk = "chat.completion", "chat.completion.chunk"
 
+    def __init__(self, *args: Any, tools: ToolPlan | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.tools = tools if tools is not None and tools.mode != "none" else None
+        self._streams: dict[int, ToolStream] = {}  # per choice, when streaming with tools
+
     def _token(self, token_id: int, logprob: float) -> dict[str, Any]:
         text = self.token_text(token_id)
         return {"token": text, "logprob": _finite(logprob), "bytes": list(text.encode())}
@@ -107,8 +113,15 @@ class ChatRenderer(Renderer):
                             for e in entries]}
 
     def _choice(self, index: int, choice: _Choice) -> dict[str, Any]:
-        return {"index": index, "message": {"role": "assistant", "content": "".join(choice.text)},
-                "logprobs": self._logprobs(choice.logprobs), "finish_reason": choice.finish_reason}
+        text, reason = "".join(choice.text), choice.finish_reason
+        message: dict[str, Any] = {"role": "assistant", "content": text}
+        if self.tools is not None:
+            content, calls = parse_output(self.tools, text)
+            if calls:
+                message = {"role": "assistant", "content": content, "tool_calls": calls}
+                reason = "tool_calls" if reason == "stop" else reason
+        return {"index": index, "message": message, "logprobs": self._logprobs(choice.logprobs),
+                "finish_reason": reason}
 
     def opening_chunks(self, n: int, prefixes: list[str] | None = None) -> list[dict[str, Any]]:
         return [self.chunk([{"index": i, "delta": {"role": "assistant", "content": ""},
@@ -118,14 +131,26 @@ class ChatRenderer(Renderer):
         return self.chunk([{"index": index, "delta": {}, "logprobs": None, "finish_reason": reason}])
 
     def delta_chunks(self, delta: Delta) -> list[dict[str, Any]]:
-        out = []
-        if delta.text or delta.logprobs:
-            out.append(self.chunk([{"index": delta.index, "delta": {"content": delta.text},
-                                    "logprobs": self._logprobs(delta.logprobs),
-                                    "finish_reason": None}]))
-        if delta.finish_reason is not None:
+        out, text, reason = [], delta.text, delta.finish_reason
+        stream = None
+        if self.tools is not None:
+            stream = self._streams.setdefault(delta.index, ToolStream(self.tools))
+            text = stream.feed(text)
+        if text or delta.logprobs:
+            out.append(self.chunk([{"index": delta.index, "delta": {"content": text},
+                                    "logprobs": self._logprobs(delta.logprobs), "finish_reason": None}]))
+        if reason is not None and stream is not None:
+            rest, calls = stream.finish()
+            if rest:
+                out.append(self.chunk([{"index": delta.index, "delta": {"content": rest}, "logprobs": None,
+                                        "finish_reason": None}]))
+            if calls:
+                out.append(self.chunk([{"index": delta.index, "delta": {"tool_calls": [
+                    {"index": k, **c} for k, c in enumerate(calls)]}, "logprobs": None, "finish_reason": None}]))
+                reason = "tool_calls" if reason == "stop" else reason
+        if reason is not None:
             out.append(self.chunk([{"index": delta.index, "delta": {}, "logprobs": None,
-                                    "finish_reason": delta.finish_reason}]))
+                                    "finish_reason": reason}]))
         return out
 
 

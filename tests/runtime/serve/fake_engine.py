@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import sys
 from collections.abc import AsyncIterator
 
@@ -32,9 +33,11 @@ class FakeTokenizer:
         return "".join(chr(i) for i in ids if i != BOS)
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
-                            continue_final_message: bool = False) -> str:
+                            continue_final_message: bool = False, tools: list | None = None, **kwargs) -> str:
         # "</>" ends a turn, so continuing the final message has something to drop
         text = "".join(f"<{m['role']}>{m['content']}</>" for m in messages)
+        if tools:
+            text = f"<tools>{json.dumps(tools)}</>" + text
         if continue_final_message:
             return text.removesuffix("</>")
         return text + ("<assistant>" if add_generation_prompt else "")
