@@ -259,6 +259,9 @@ def inspect_cmd(workspace: Path, as_json: bool) -> None:
                f"{m['num_heads']} heads / {m['num_kv_heads']} KV heads, vocab {m['vocab_size']} "
                f"(padded {info['padded_vocab_size']}), tied embeddings: {m['tie_word_embeddings']}")
     click.echo(f"weights    {info['dtype']}, tp={info['tp']}, pp={info['pp']} ({len(info['bytes_per_rank'])} ranks)")
+    if q := info["quantization"]:
+        click.echo(f"quantized  {q['layout']} from {q['source_format']}: group {q['group_size']}, {q['scale_dtype']} scales"
+                   f"{', zero points' if q['zero_point'] else ', symmetric'}{', act-order' if q['act_order'] else ''}")
     if info["head_padding"]:
         c = info["head_padding"]
         click.echo(f"padding    {c['padded_heads']} heads / {c['padded_kv_heads']} KV heads from the checkpoint's "

@@ -110,7 +110,8 @@ def convert(opts: ConvertOptions, on_start: OnStart | None = None) -> ConvertSum
     try:
         if opts.pad_heads:
             src.pad_heads(opts.tp)
-        check_tp(src.config, opts.tp, src.int4.group_size if src.int4 else 0, PAD_HINT)
+        check_tp(src.config, opts.tp, src.int4.group_size if src.int4 else 0, PAD_HINT,
+                 data=src.tp_problem)
         stages = plan_stages(src, opts.tp, opts.pp, opts.pp_layers)
         groups = [g for s in stages for g in _groups(src, s, len(stages))]
         total = planned_bytes(src, opts.tp, stages)
@@ -200,10 +201,9 @@ def plan_stages(src: Source, tp: int, pp: int, pp_layers: str | None = None) -> 
         return stages_from_counts(parse_pp_layers(pp_layers, cfg.num_layers, pp))
     if pp == 1:
         return stages_from_counts([cfg.num_layers])
-    quantized = src.int4 is not None
-    first = file_groups(cfg, quantized, StageEntry(0, (0, 0)), pp)  # the embedding alone
-    last = file_groups(cfg, quantized, StageEntry(pp - 1, (0, 0)), pp)  # the head alone
-    layers = file_groups(cfg, quantized)[1:-1]
+    first = _groups(src, StageEntry(0, (0, 0)), pp)  # the embedding alone
+    last = _groups(src, StageEntry(pp - 1, (0, 0)), pp)  # the head alone
+    layers = _groups(src, StageEntry(0, (0, cfg.num_layers)), 1)[1:-1]
     counts = balance([_group_bytes(src, g, tp) for g in layers], sum(_group_bytes(src, g, tp) for g in first),
                      sum(_group_bytes(src, g, tp) for g in last), pp)
     return stages_from_counts(counts)
@@ -216,7 +216,7 @@ def planned_bytes(src: Source, tp: int, stages: tuple[StageEntry, ...] | None = 
 
 
 def _groups(src: Source, stage: StageEntry, pp: int):
-    return file_groups(src.config, src.int4 is not None, stage, pp)
+    return file_groups(src.config, src.int4 is not None, stage, pp, act_order=bool(src.int4 and src.int4.act_order))
 
 
 def _group_bytes(src: Source, group, tp: int) -> int:

@@ -81,7 +81,7 @@ def convert_many(opts: ConvertOptions, tps: list[int], on_start: OnStart | None 
     threads = one_thread()
     try:
         for tp in tps:
-            check_tp(src.config, tp, src.int4.group_size if src.int4 else 0, PAD_HINT)
+            check_tp(src.config, tp, src.int4.group_size if src.int4 else 0, PAD_HINT, data=src.tp_problem)
         stages = {tp: plan_stages(src, tp, 1) for tp in tps}
         total = sum(planned_bytes(src, tp, stages[tp]) for tp in tps)
         _check_space(root, total)
@@ -121,7 +121,8 @@ def _write_all(src: Source, tps: list[int], roots: list[Path], progress: Progres
     for tp, root in zip(tps, roots):
         for rank in range(tp):
             (root / layout.rank_dir(rank)).mkdir(exist_ok=True)  # exists when resumed
-    for group in file_groups(src.config, quantized=src.int4 is not None):  # one layer at a time, every tp
+    act_order = bool(src.int4 and src.int4.act_order)
+    for group in file_groups(src.config, src.int4 is not None, act_order=act_order):  # one layer at a time, every tp
         for tp, root in zip(tps, roots):
             for rank in range(tp):
                 entry, entries = write_group(src, group, tp, rank, root, journal=journals[tp])

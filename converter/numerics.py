@@ -95,11 +95,26 @@ class _SourceWeights:
             g = self.src.int4.group_size
             parts = [self.src.read(f"{base}.{p}", 0, 0, int4_source_shape(f"{base}.{p}", self.cfg, g)[0])
                      for p in int4.PARTS]
-            return int4.dequantize(*parts, g).float().t()
+            w = int4.dequantize(*parts, g).float().t()
+            if self.src.int4.act_order and base.rsplit(".", 1)[1] in _GATHERED_SOURCES:
+                w = _input_order(w, self.src.read(f"{base}.{int4.PERM}", 0, 0, w.shape[1]))
+            return w
         return self.rows(name, 0, source_shape(name, self.cfg)[0])
 
     def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
         return self.src.read(name, 0, start, stop).to(self.src.out_dtype(name)).float()
+
+
+# Act-order: these linears' rows were reordered and a gather restores the input order (w_down's order is
+# folded into w_gate/w_up on both sides alike, so it is compared as stored).
+_GATHERED_SOURCES = ("wq", "wk", "wv", "wo", "w_gate", "w_up")
+
+
+def _input_order(w: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+    """(N, K) weight whose column k multiplies input perm[k] -> the same weight in input order."""
+    out = torch.empty_like(w)
+    out[:, perm.long()] = w
+    return out
 
 
 class _RankWeights:
@@ -117,7 +132,9 @@ class _RankWeights:
         if qweight in self._entries:
             base = name.removesuffix(".weight")
             parts = [self._read(f"{base}.{p}") for p in int4.PARTS]
-            return int4.dequantize(*parts, self._entries[qweight].quant.group_size).float().t()
+            w = int4.dequantize(*parts, self._entries[qweight].quant.group_size).float().t()
+            perm = f"{base}.{int4.PERM}"
+            return _input_order(w, self._read(perm)) if perm in self._entries else w
         return self._read(name).float()
 
     def _read(self, name: str) -> torch.Tensor:

@@ -6,6 +6,7 @@ is one class here plus its test.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,6 +19,7 @@ from formats.errors import FormatError, TpDeployError
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # AutoAWQ GEMM: nibble i of a packed int32 holds column AWQ_ORDER[i]
 SUPPORTED_GROUPS = (32, 64, 128)  # what the W4A16 kernel tiles over K
+GPTQ_CHECKPOINT_FORMATS = {"gptq": False, "gptq_v2": True}  # name -> zeros stored true (v2) or minus one (v1)
 
 
 @dataclass(frozen=True)
@@ -102,6 +104,115 @@ class CompressedTensorsW4A16:
                 "zeros": zeros.T.contiguous()}
 
 
+@dataclass(frozen=True)
+class Gptq:
+    """GPTQ (AutoGPTQ, GPTQModel): qweight int32 (K/8, N) with input row k at bits 4*(k % 8) of word k // 8
+    (the canonical packing already); qzeros int32 (K/G, N/8) packed along N the same way, stored as zero - 1
+    in the v1 format and as the zero itself in ``gptq_v2``; scales (K/G, N); g_idx int32 (K,), the group of
+    each input row. Act-order (``desc_act``) scatters a group's rows over K: they are gathered here, groups
+    ordered by their first row, so each group is contiguous (see ``act_order_rows``)."""
+
+    group_size: int  # canonical group; a per-channel source is stored as repeated groups of this size
+    zero_point: bool
+    act_order: bool = False
+    v2: bool = False
+    per_channel: bool = False  # group_size -1 in the checkpoint: one group spans the whole K
+    scale_suffix: str = "scales"
+    suffixes: tuple[str, ...] = ("qweight", "qzeros", "scales", "g_idx")
+
+    @property
+    def name(self) -> str:
+        return "gptq-v2" if self.v2 else "gptq"
+
+    @classmethod
+    def from_config(cls, qc: dict[str, Any], where: str) -> Gptq:
+        fmt = qc.get("checkpoint_format", qc.get("format", "gptq"))
+        if fmt not in GPTQ_CHECKPOINT_FORMATS:
+            raise FormatError(f"{where}: GPTQ checkpoint_format {fmt!r} is not supported (its packing differs); "
+                              f"supported: {', '.join(GPTQ_CHECKPOINT_FORMATS)}")
+        _check_bits(qc.get("bits"), where)
+        if qc.get("dynamic"):
+            raise FormatError(f"{where}: GPTQ 'dynamic' per-module overrides (mixed bits or groups) are not "
+                              "supported; supported: one setting for every linear")
+        if qc.get("lm_head"):
+            raise FormatError(f"{where}: a quantized lm_head is not supported; supported: lm_head false")
+        if str(qc.get("pack_dtype", "int32")).removeprefix("torch.") != "int32":
+            raise FormatError(f"{where}: pack_dtype {qc['pack_dtype']!r} is not supported; supported: int32")
+        group = qc.get("group_size")
+        per_channel = group == -1
+        return cls(0 if per_channel else _check_group(group, where, "; or -1 (per-channel)"),
+                   zero_point=not qc.get("sym", True), act_order=bool(qc.get("desc_act")),
+                   v2=GPTQ_CHECKPOINT_FORMATS[fmt], per_channel=per_channel)
+
+    def for_inputs(self, ks: tuple[int, ...], where: str) -> Gptq:
+        """Per-channel: the largest supported group dividing every linear's K (scales repeated over it),
+        so the kernels see ordinary groups; the choice bounds --tp as any group size does."""
+        if not self.per_channel:
+            return self
+        for g in sorted(SUPPORTED_GROUPS, reverse=True):
+            if all(k % g == 0 for k in ks):
+                return dataclasses.replace(self, group_size=g)
+        raise FormatError(f"{where}: per-channel GPTQ needs every linear's input size {sorted(set(ks))} to be a "
+                          f"multiple of one of {', '.join(map(str, SUPPORTED_GROUPS))}")
+
+    def source_group(self, k: int) -> int:
+        return k if self.per_channel else self.group_size
+
+    def shapes(self, n: int, k: int) -> dict[str, tuple[int, ...]]:
+        g = self.source_group(k)
+        return {"qweight": (k // 8, n), "qzeros": (k // g, n // 8), "scales": (k // g, n), "g_idx": (k,)}
+
+    def rows(self, g_idx: torch.Tensor, where: str) -> torch.Tensor | None:
+        """The canonical row order of one linear (None: already in order), after checking ``g_idx``."""
+        k = g_idx.numel()
+        g = self.source_group(k)
+        g_idx = g_idx.long()
+        if g_idx.min() < 0 or g_idx.max() >= k // g or bool((torch.bincount(g_idx, minlength=k // g) != g).any()):
+            raise FormatError(f"{where}: g_idx does not assign exactly {g} input rows to each of {k // g} groups")
+        if torch.equal(g_idx, torch.arange(k) // g):
+            return None
+        if not self.act_order:
+            raise FormatError(f"{where}: g_idx is not in input order but desc_act is false")
+        return act_order_rows(g_idx)
+
+    def to_canonical(self, t: dict[str, torch.Tensor], where: str = "",
+                     columns: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """``columns``: an output order folded in (w_gate/w_up take w_down's input order)."""
+        k = t["g_idx"].numel()
+        order = self.rows(t["g_idx"], where)
+        zeros = _unpack_rows(t["qzeros"])[:, : t["scales"].shape[1]]  # (K/Gs, N)
+        if not self.v2:
+            zeros = zeros + 1  # v1 stored zero - 1; a stored 15 reads 16, as AutoGPTQ's kernels compute
+        scales = t["scales"]
+        qweight = t["qweight"]
+        if order is not None or columns is not None:
+            q = _unpack_rows(qweight.T.contiguous()).T  # (K, N) uint8
+            if order is not None:
+                groups = t["g_idx"].long()[order][:: self.source_group(k)]  # group of each canonical group
+                q, scales, zeros = q[order], scales[groups], zeros[groups]
+            if columns is not None:
+                q, scales, zeros = q[:, columns], scales[:, columns], zeros[:, columns]
+            qweight = int4.pack(q.contiguous())
+        repeat = self.source_group(k) // self.group_size
+        out = {"qweight": qweight, "scales": scales.repeat_interleave(repeat, 0).contiguous(),
+               "zeros": zeros.repeat_interleave(repeat, 0).contiguous()}
+        if self.act_order:
+            out[int4.PERM] = (torch.arange(k) if order is None else order).to(torch.int32)
+        return out
+
+
+def act_order_rows(g_idx: torch.Tensor) -> torch.Tensor:
+    """Rows sorted by group, groups ordered by their first row, rows in order within a group.
+
+    Ordering groups by first row keeps the order independent of tp: whenever every group lies inside one
+    rank's slice of K, the rows of rank r's groups land exactly in canonical rows [r K/tp, (r+1) K/tp).
+    """
+    k = g_idx.numel()
+    rows = torch.arange(k)
+    first = torch.full((int(g_idx.max()) + 1,), k).scatter_reduce(0, g_idx, rows, "amin")
+    return torch.argsort(first[g_idx] * k + rows)
+
+
 def _nibbles(packed: torch.Tensor, order: tuple[int, ...] = tuple(range(8))) -> torch.Tensor:
     """(R, C/8) int32 words -> (R, C) uint8 values; value 8j + m is nibble i where order[i] == m.
 
@@ -130,14 +241,14 @@ def _check_bits(bits: Any, where: str) -> None:
         raise FormatError(f"{where}: {bits}-bit weights are not supported; supported: 4 bits")
 
 
-def _check_group(group: Any, where: str) -> int:
+def _check_group(group: Any, where: str, also: str = " (per-channel quantization is not)") -> int:
     if group not in SUPPORTED_GROUPS:
         raise FormatError(f"{where}: group size {group} is not supported; supported: "
-                          f"{', '.join(map(str, SUPPORTED_GROUPS))} (per-channel quantization is not)")
+                          f"{', '.join(map(str, SUPPORTED_GROUPS))}{also}")
     return int(group)
 
 
-FORMATS = {"awq": AwqGemm, "compressed-tensors": CompressedTensorsW4A16}
+FORMATS = {"awq": AwqGemm, "compressed-tensors": CompressedTensorsW4A16, "gptq": Gptq}
 
 
 def detect(hf: dict[str, Any], model_format: str, where: str):
@@ -168,12 +279,21 @@ class QuantizedReader:
         self.fmt, self.ckpt = fmt, ckpt
         self._cache: dict[str, dict[str, torch.Tensor]] = {}
 
-    def part(self, hf_base: str, part: str) -> torch.Tensor:
+    def part(self, hf_base: str, part: str, fold_from: str | None = None) -> torch.Tensor:
+        """``fold_from``: the linear whose act-order input order this one's output columns take."""
         if hf_base not in self._cache:
-            raw = {s: self.ckpt.read(f"{hf_base}.{s}", 0, 0, self.ckpt.shape(f"{hf_base}.{s}")[0])
-                   for s in self.fmt.suffixes}
-            self._cache[hf_base] = self.fmt.to_canonical(raw)
+            raw = self._raw(hf_base)
+            if fold_from is None:
+                self._cache[hf_base] = self.fmt.to_canonical(raw)
+            else:
+                columns = self.fmt.rows(self.ckpt.read(f"{fold_from}.g_idx", 0, 0, self.ckpt.shape(
+                    f"{fold_from}.g_idx")[0]), fold_from)
+                self._cache[hf_base] = self.fmt.to_canonical(raw, hf_base, columns)
         return self._cache[hf_base][part]
+
+    def _raw(self, hf_base: str) -> dict[str, torch.Tensor]:
+        return {s: self.ckpt.read(f"{hf_base}.{s}", 0, 0, self.ckpt.shape(f"{hf_base}.{s}")[0])
+                for s in self.fmt.suffixes}
 
     def release(self) -> None:
         self._cache.clear()

@@ -25,11 +25,11 @@ from converter.quant import QuantizedReader, detect
 from converter.tokenizer import check_tokenizer
 from formats import int4
 from formats.config import ModelConfig
-from formats.errors import FormatError
+from formats.errors import FormatError, TpDeployError
 from formats.head_padding import pad_config
 from formats.int4 import Int4Format
 from formats.manifest import FLOAT_DTYPES
-from formats.shard_plan import source_names
+from formats.shard_plan import FOLDED_INTO, source_names
 from formats.sharding import source_shape
 
 
@@ -47,10 +47,25 @@ class Source:
     int4: Int4Format | None = None
     _reader: QuantizedReader | None = None
     checkpoint_config: ModelConfig | None = None  # set by pad_heads: the heads as stored, for reading
+    wo_groups: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # act-order: (first, last)
+    # input row of every group of every layer's wo, to tell which tp keeps each group on one rank
+
+    def tp_problem(self, tp: int) -> str | None:
+        """Act-order: a tp that cuts one of wo's scattered groups (w_down's are gathered by the fold)."""
+        for i, (first, last) in enumerate(self.wo_groups):
+            k = int(last.max()) + 1
+            if k % tp == 0 and bool((first // (k // tp) != last // (k // tp)).any()):
+                return (f"--tp {tp} would cut an act-order quantization group of layer {i}'s wo (o_proj) across "
+                        "ranks (its rows are scattered over the input by desc_act, and the attention output "
+                        "cannot be reordered across ranks)")
+        return None
 
     def pad_heads(self, tp: int) -> None:
         """Plan the workspace with zero heads added for ``tp`` (``formats.head_padding``); reads still
         address the checkpoint's own heads."""
+        if self.int4 is not None and self.int4.act_order:  # a perm's rank-local indices assume unpadded heads
+            raise TpDeployError(f"{self.path}: --pad-heads is not supported for act-order (desc_act) GPTQ "
+                                "checkpoints; use a --tp that divides the heads")
         self.checkpoint_config = self.checkpoint_config or self.config
         self.config = pad_config(self.checkpoint_config, tp)
 
@@ -76,7 +91,11 @@ class Source:
                 t = torch.nn.functional.normalize(t.float(), dim=1).to(t.dtype)
             return t
         base, _, part = source.rpartition(".")
-        full = self._reader.part(self._hf_base(base), part)
+        fold = FOLDED_INTO.get(base.split(".", 2)[2] + ".weight") if self.int4.act_order else None
+        fold_from = self._hf_base(base.rsplit(".", 2)[0] + "." + fold.removesuffix(".weight")) if fold else None
+        full = self._reader.part(self._hf_base(base), part, fold_from)
+        if part == int4.PERM:  # rank-local: the activation this rank holds starts at input feature `start`
+            return full[start:stop] - start
         return full.narrow(axis, start, stop - start).contiguous()
 
     def _read_fused(self, name: str, axis: int, start: int, stop: int) -> torch.Tensor:
@@ -90,7 +109,7 @@ class Source:
 
     def out_dtype(self, tensor: str) -> torch.dtype:
         part = tensor.rpartition(".")[2]
-        if part == "qweight":
+        if part in ("qweight", int4.PERM):
             return torch.int32
         if part == "zeros":
             return torch.uint8
@@ -110,7 +129,7 @@ def open_source(src: Path, model_format: str = "auto", dtype: str = "auto") -> S
     src = Path(src)
     if not src.is_dir():
         raise FormatError(f"source {src} is not a directory; pass a local Hugging Face checkpoint directory")
-    hf = text_model(_read_config(src))
+    hf = _with_quantize_config(text_model(_read_config(src)), src)
     check_tokenizer(src)
     where = str(src / "config.json")
     quant = detect(hf, model_format, where)
@@ -122,6 +141,9 @@ def open_source(src: Path, model_format: str = "auto", dtype: str = "auto") -> S
         raise FormatError(f"{where}: int4 {arch_name} checkpoints are not supported (their fused q/k/v linears); "
                           "convert the unquantized checkpoint")
     config = model_config(hf, where)
+    if quant is not None and hasattr(quant, "for_inputs"):
+        quant = quant.for_inputs((config.hidden_size, config.num_heads * config.head_dim,
+                                  config.intermediate_size), where)
     dense, quantized = _check_tensors(ckpt, config, arch, src, quant)
     unused = sorted(n for n in ckpt.names() - dense - quantized if not IGNORED.match(n))
     towers = [n for n in unused if SKIPPED_TOWERS.match(n)]
@@ -131,9 +153,53 @@ def open_source(src: Path, model_format: str = "auto", dtype: str = "auto") -> S
     source = Source(src, hf, config, arch, ckpt, _pick_dtype(dtype, ckpt, dense, hf, src), unused, notes, quant)
     if quant is not None:
         scale = ckpt.dtype(next(n for n in sorted(quantized) if n.endswith("." + quant.scale_suffix)))
-        source.int4 = Int4Format(quant.group_size, quant.zero_point, quant.name, str(scale).removeprefix("torch."))
+        source.int4 = Int4Format(quant.group_size, quant.zero_point, quant.name, str(scale).removeprefix("torch."),
+                                 act_order=getattr(quant, "act_order", False))
         source._reader = QuantizedReader(quant, ckpt)
+        if source.int4.act_order:
+            source.wo_groups = _check_act_order(source)
     return source
+
+
+def _with_quantize_config(hf: dict[str, Any], src: Path) -> dict[str, Any]:
+    """AutoGPTQ-era checkpoints keep their settings in quantize_config.json rather than config.json."""
+    path = src / "quantize_config.json"
+    if hf.get("quantization_config") or not path.is_file():
+        return hf
+    try:
+        qc = json.loads(path.read_text())
+    except ValueError as e:
+        raise FormatError(f"{path} is not valid JSON: {e}") from e
+    if not isinstance(qc, dict):
+        raise FormatError(f"{path}: expected a JSON object")
+    return {**hf, "quantization_config": {"quant_method": "gptq", **qc}}
+
+
+def _check_act_order(source: Source) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Linears fused on one input (q/k/v, gate/up) share one row order, since one gather (or one fold)
+    serves them all; returns wo's group spans for ``Source.tp_problem``."""
+    def g_idx(canonical: str) -> torch.Tensor:
+        name = source._hf_base(canonical) + ".g_idx"
+        return source.checkpoint.read(name, 0, 0, source.checkpoint.shape(name)[0]).long()
+
+    spans = []
+    for i in range(source.config.num_layers):
+        p = f"layers.{i}."
+        for fused in (("attention.wq", "attention.wk", "attention.wv"), ("feed_forward.w_gate", "feed_forward.w_up")):
+            first = g_idx(p + fused[0])
+            for other in fused[1:]:
+                if not torch.equal(first, g_idx(p + other)):
+                    raise FormatError(f"{source.path}: {source._hf_base(p + other)}.g_idx differs from "
+                                      f"{source._hf_base(p + fused[0])}.g_idx; act-order linears that read one input "
+                                      "must share one order (GPTQ gives them one, from the same inputs)")
+        for name in ("attention.wq", "attention.wo", "feed_forward.w_gate", "feed_forward.w_down"):
+            source.quant.rows(g_idx(p + name), source._hf_base(p + name))
+        wo = g_idx(p + "attention.wo")
+        rows = torch.arange(wo.numel())
+        n = int(wo.max()) + 1
+        spans.append((torch.full((n,), wo.numel()).scatter_reduce(0, wo, rows, "amin"),
+                      torch.zeros(n, dtype=torch.long).scatter_reduce(0, wo, rows, "amax")))
+    return spans
 
 
 def _read_config(src: Path) -> dict[str, Any]:

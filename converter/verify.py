@@ -1,6 +1,7 @@
 """``tpconv verify`` and ``tpconv inspect``: check a workspace against its manifest, and describe it."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from pathlib import Path
 from typing import Any
@@ -102,6 +103,7 @@ def inspect(workspace: Path) -> dict[str, Any]:
         "rank_stage": [[r.stage, r.tp_rank] for r in m.ranks],
         "tied_lm_head_copy": m.model.tie_word_embeddings and m.pp > 1,
         "dtype": m.weights.dtype,
+        "quantization": None if m.weights.quantization is None else dataclasses.asdict(m.weights.quantization),
         "padded_vocab_size": m.padded_vocab_size,
         "bytes_per_rank": per_rank,
         "rank_spread_percent": _spread(per_rank),

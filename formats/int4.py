@@ -5,7 +5,9 @@ For a linear layer y = x @ W with W of shape (K=in, N=out):
     qweight  int32  (K/8, N)   eight consecutive input rows per int32: row k of the block sits at
                                bits 4*(k % 8) .. 4*(k % 8)+3 (little-endian nibbles, no interleave)
     scales   fp16/bf16 (K/G, N)  one scale per group of G input rows and output column
-    zeros    uint8  (K/G, N)   zero point per group, 0..15 (symmetric sources store 8)
+    zeros    uint8  (K/G, N)   zero point per group, 0..15 (symmetric sources store 8; GPTQ v1 can give 16)
+    perm     int32  (K,)       act-order only (GPTQ ``desc_act``), wqkv, wo, w_gate_up: row k multiplies input
+                               feature perm[k] of this rank's activation, gathered before the GEMM
 
     W[k, n] = (q[k, n] - zeros[k // G, n]) * scales[k // G, n]     computed in the scales' dtype
 
@@ -13,7 +15,7 @@ Why this shape: a W4A16 kernel walks K in tiles and keeps N contiguous, so a (BL
 tile of ``qweight`` is one coalesced load unpacked with shifts along K; scales and zeros for a tile
 are one row per group. Column-parallel splits cut N (any multiple of 8 bytes is fine); row-parallel
 splits cut K and must fall on group boundaries (G is a multiple of 8). Sources (AutoAWQ GEMM,
-compressed-tensors pack-quantized) are repacked into this once, at conversion.
+compressed-tensors pack-quantized, GPTQ) are repacked into this once, at conversion.
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ from formats.errors import FormatError
 LAYOUT = "tpdeploy-int4-v1"
 PACK = 8  # int4 values per int32
 PARTS = ("qweight", "scales", "zeros")
+PERM = "perm"  # act-order: the activation gather index of a linear whose groups were made contiguous
 _SHIFTS = torch.arange(0, 32, 4, dtype=torch.int32)  # bit offset of row k % 8
 
 
@@ -36,15 +39,18 @@ class Int4Format:
 
     group_size: int
     zero_point: bool  # False: the source was symmetric (zeros are all 8)
-    source_format: str  # "awq-gemm" or "compressed-tensors"
+    source_format: str  # "awq-gemm", "compressed-tensors", "gptq" or "gptq-v2"
     scale_dtype: str = "float16"
     layout: str = LAYOUT
     bits: int = 4
+    # Since schema 6. Input rows were reordered so groups are contiguous: wqkv, wo, w_gate_up carry ``perm``
+    # part; w_down's reordering is folded into w_gate/w_up's output columns (no run-time gather).
+    act_order: bool = False
 
 
 def is_part(name: str) -> bool:
     """Whether a canonical tensor name is one of an int4 linear's parts (``...wqkv.qweight``)."""
-    return name.rpartition(".")[2] in PARTS
+    return name.rpartition(".")[2] in (*PARTS, PERM)
 
 
 def pack(values: torch.Tensor) -> torch.Tensor:

@@ -1,13 +1,15 @@
 """The manifest: the one file that describes a workspace, written last by the converter.
 
-Schema version 5 (versions 1, dense weights only, 2, without a digest, 3, without pipeline
+Schema version 6 (versions 1, dense weights only, 2, without a digest, 3, without pipeline
 stages, and 4, without a cache key, are still read: 1-3 are ``pp`` 1, one stage holding every layer). Readers
 reject unknown versions and unknown keys, so a workspace written by a newer converter fails loudly
 instead of half understood. Since version 3 the manifest carries ``digest``, the sha256 of its own
 canonical JSON: the model fields decide every answer, so an edit by hand must not pass as converted.
 Since version 4 it records ``pp``, each stage's layer range, and for every rank its stage and tensor
 rank (global rank = stage × tp + tp_rank, see ``formats.pipeline``). Since version 5 it records
-``cache_key``, the key of the conversion that wrote it (``converter.cachekey``).
+``cache_key``, the key of the conversion that wrote it (``converter.cachekey``). Since version 6 int4
+formats say ``act_order`` (GPTQ ``desc_act``: reordered input rows and ``perm`` tensors), so an older
+reader refuses a workspace whose activations it would not gather.
 """
 from __future__ import annotations
 
@@ -27,11 +29,12 @@ from formats.int4 import LAYOUT, Int4Format
 from formats.pipeline import StageEntry, global_rank
 from formats.shard_plan import Piece
 
-SCHEMA_VERSION = 5
-READABLE_VERSIONS = (1, 2, 3, 4, 5)
+SCHEMA_VERSION = 6
+READABLE_VERSIONS = (1, 2, 3, 4, 5, 6)
 DIGEST_SINCE = 3  # first schema version whose manifests carry their own digest
 PIPELINE_SINCE = 4  # first schema version with pp, stages and each rank's (stage, tp_rank)
 KEY_SINCE = 5  # first schema version with cache_key
+ACT_ORDER_SINCE = 6  # first schema version whose int4 formats carry act_order
 FORMAT_NAME = "tpdeploy-workspace"
 # Dense tensor dtypes by their manifest name; int4 parts are stored as int32 (qweight) and uint8 (zeros).
 FLOAT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -124,6 +127,10 @@ class Manifest:
                 del r["stage"], r["tp_rank"]
         if self.schema_version < KEY_SINCE:
             del d["cache_key"]
+        if self.schema_version < ACT_ORDER_SINCE:
+            for q in [d["weights"]["quantization"], *(t["quant"] for r in d["ranks"] for t in r["tensors"])]:
+                if q is not None:
+                    del q["act_order"]
         d["model"] = self.model.to_dict()
         if self.schema_version >= DIGEST_SINCE:
             d["digest"] = manifest_digest(d)
@@ -146,7 +153,7 @@ class Manifest:
             raise FormatError(f"{where}: format is {d['format']!r}, expected {FORMAT_NAME!r}")
         ranks = tuple(_rank(r, f"{where}: ranks[{i}]", version) for i, r in enumerate(d["ranks"]))
         w = dict(_strict_keys(d["weights"], WeightFormat, f"{where}: weights"))
-        w["quantization"] = _int4(w.get("quantization"), f"{where}: weights.quantization")
+        w["quantization"] = _int4(w.get("quantization"), f"{where}: weights.quantization", version)
         weights = WeightFormat(**w)
         if weights.dtype not in DTYPES:
             raise FormatError(f"{where}: weights.dtype {weights.dtype!r} not supported; one of {DTYPES}")
@@ -239,7 +246,7 @@ def _rank(d: Any, where: str, version: int) -> RankEntry:
     for i, t in enumerate(d["tensors"]):
         t = dict(_strict_keys(t, TensorEntry, f"{where}.tensors[{i}]"))
         t["shape"] = tuple(t["shape"])
-        t["quant"] = _int4(t.get("quant"), f"{where}.tensors[{i}].quant")
+        t["quant"] = _int4(t.get("quant"), f"{where}.tensors[{i}].quant", version)
         t["pieces"] = tuple(
             Piece(p["source"], p["axis"], tuple(p["src"]), tuple(p["dst"]))
             for p in (_strict_keys(p, Piece, f"{where}.tensors[{i}].pieces") for p in t["pieces"]))
@@ -248,9 +255,11 @@ def _rank(d: Any, where: str, version: int) -> RankEntry:
     return RankEntry(d["rank"], _files(d["files"], f"{where}.files"), tuple(tensors), stage, tp_rank)
 
 
-def _int4(d: Any, where: str) -> Int4Format | None:
+def _int4(d: Any, where: str, version: int) -> Int4Format | None:
     if d is None:
         return None
+    if isinstance(d, dict) and version < ACT_ORDER_SINCE and "act_order" in d:
+        raise FormatError(f"{where}: unknown key(s) ['act_order'] for schema_version {version}")
     fmt = Int4Format(**_strict_keys(d, Int4Format, where))
     if fmt.layout != LAYOUT or fmt.bits != 4:
         raise FormatError(f"{where}: int4 layout {fmt.layout!r} ({fmt.bits} bits) is not supported; expected {LAYOUT!r}")

@@ -28,6 +28,13 @@ from formats.sharding import (
 QUANTIZED_LINEARS = ("attention.wqkv.weight", "attention.wo.weight",
                      "feed_forward.w_gate_up.weight", "feed_forward.w_down.weight")
 
+# Act-order linears whose input gather cannot be folded into a neighbour: wqkv and w_gate_up read a
+# normed hidden state and wo the attention output, so they carry a ``perm`` part. w_down's input is
+# gate * up element-wise, so its reordering is folded into w_gate/w_up's output columns at conversion.
+GATHERED_LINEARS = ("attention.wqkv.weight", "attention.wo.weight", "feed_forward.w_gate_up.weight")
+FOLDED_INTO = {"feed_forward.w_gate.weight": "feed_forward.w_down.weight",
+               "feed_forward.w_up.weight": "feed_forward.w_down.weight"}
+
 _HEAD_KIND = {"wq": "q", "wo": "q", "wk": "kv", "wv": "kv"}  # linears whose split axis counts heads
 QK_NORMS = ("attention.q_norm.weight", "attention.k_norm.weight")
 SANDWICH_NORMS = ("post_attention_norm.weight", "post_ffn_norm.weight")
@@ -60,9 +67,10 @@ class FileGroup:
 
 
 def file_groups(cfg: ModelConfig, quantized: bool = False, stage: StageEntry | None = None,
-                pp: int = 1) -> list[FileGroup]:
+                pp: int = 1, act_order: bool = False) -> list[FileGroup]:
     """Files of every rank of ``stage`` (None: the whole model), in conversion order; int4 linears become
-    qweight/scales/zeros triples. Stage 0 holds the embedding, the last stage the head."""
+    qweight/scales/zeros triples (plus ``perm`` for act-order wqkv and wo). Stage 0 holds the embedding,
+    the last stage the head."""
     stage = stage or StageEntry(0, (0, cfg.num_layers))
     first, last = stage.stage == 0, stage.stage == pp - 1
     per_layer = []
@@ -71,6 +79,8 @@ def file_groups(cfg: ModelConfig, quantized: bool = False, stage: StageEntry | N
                 or (n in SANDWICH_NORMS and not cfg.sandwich_norms)):
             continue
         per_layer += _int4_names(n) if quantized and n in QUANTIZED_LINEARS else [n]
+        if quantized and act_order and n in GATHERED_LINEARS:
+            per_layer.append(_part_name(n, int4.PERM))
     groups = [FileGroup(layout.EMBED_FILE, ("tok_embeddings.weight",))] if first else []
     for i in range(*stage.layers):
         groups.append(FileGroup(layout.layer_file(i), tuple(f"layers.{i}.{n}" for n in per_layer)))
@@ -99,7 +109,10 @@ def rank_tensor(name: str, cfg: ModelConfig, tp: int, rank: int, group_size: int
     """The shape of ``name`` on ``rank`` and the source slices that fill it."""
     if int4.is_part(name):
         base, _, part = name.rpartition(".")
-        return _int4_rank_tensor(rank_tensor(base + ".weight", cfg, tp, rank), part, group_size)
+        dense = rank_tensor(base + ".weight", cfg, tp, rank)
+        if part == int4.PERM:
+            return _perm_rank_tensor(dense)
+        return _int4_rank_tensor(dense, part, group_size)
     prefix, rule = _rule(name, cfg)
     if isinstance(rule, Replicate):
         shape = source_shape(rule.source, cfg)
@@ -153,6 +166,18 @@ def _int4_rank_tensor(dense: RankTensor, part: str, group_size: int) -> RankTens
         pieces.append(Piece(_part_name(p.source, part), 0, (p.src[0] // div, p.src[1] // div),
                             (p.dst[0] // div, p.dst[1] // div)))
     return RankTensor(_part_name(dense.name, part), (k // div, n), tuple(pieces))
+
+
+def _perm_rank_tensor(dense: RankTensor) -> RankTensor:
+    """A ``perm`` follows its linear's input axis: cut like a row-parallel weight's input, whole (from the
+    first source: q, k and v share one order) for a column-parallel one. Values are rank-local."""
+    k = dense.shape[1]
+    rows = [p for p in dense.pieces if p.axis == 1]
+    if rows:
+        pieces = tuple(Piece(_part_name(p.source, int4.PERM), 0, p.src, p.dst) for p in rows)
+    else:
+        pieces = (Piece(_part_name(dense.pieces[0].source, int4.PERM), 0, (0, k), (0, k)),)
+    return RankTensor(_part_name(dense.name, int4.PERM), (k,), pieces)
 
 
 def _part_name(weight_name: str, part: str) -> str:

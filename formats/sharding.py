@@ -19,6 +19,7 @@ source it holds, which is also recorded in the manifest so shards can be reassem
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from formats.config import ModelConfig
@@ -127,7 +128,12 @@ def padded_size(n: int, tp: int) -> int:
     return -(-n // tp) * tp
 
 
-def _tp_problem(cfg: ModelConfig, tp: int, group_size: int = 0) -> str | None:
+# What the checkpoint's own data forbids beyond the shapes (act-order groups scattered over ranks):
+# tp -> the problem, or None.
+DataCheck = Callable[[int], "str | None"]
+
+
+def _tp_problem(cfg: ModelConfig, tp: int, group_size: int = 0, data: DataCheck | None = None) -> str | None:
     if tp < 1:
         return f"--tp must be a positive integer, got {tp}"
     if cfg.num_heads % tp:
@@ -143,19 +149,20 @@ def _tp_problem(cfg: ModelConfig, tp: int, group_size: int = 0) -> str | None:
             if (k // tp) % group_size:
                 return (f"--tp {tp} gives each rank {k // tp} of the {k} input features of {what}, not a multiple "
                         f"of the quantization group size {group_size} (row-parallel int4 layers split on groups)")
-    return None
+    return data(tp) if data else None
 
 
-def valid_tp_values(cfg: ModelConfig, group_size: int = 0) -> list[int]:
-    return [t for t in range(1, cfg.num_heads + 1) if _tp_problem(cfg, t, group_size) is None]
+def valid_tp_values(cfg: ModelConfig, group_size: int = 0, data: DataCheck | None = None) -> list[int]:
+    return [t for t in range(1, cfg.num_heads + 1) if _tp_problem(cfg, t, group_size, data) is None]
 
 
-def check_tp(cfg: ModelConfig, tp: int, group_size: int = 0, heads_hint: str = "") -> None:
+def check_tp(cfg: ModelConfig, tp: int, group_size: int = 0, heads_hint: str = "",
+             data: DataCheck | None = None) -> None:
     """Raise a ShardingError naming the problem and the tp values that would work (and ``heads_hint``
     when it is the attention heads that tp does not divide)."""
-    problem = _tp_problem(cfg, tp, group_size)
+    problem = _tp_problem(cfg, tp, group_size, data)
     if problem:
-        valid = ", ".join(map(str, valid_tp_values(cfg, group_size))) or "none"
+        valid = ", ".join(map(str, valid_tp_values(cfg, group_size, data))) or "none"
         hint = f"; {heads_hint}" if heads_hint and tp > 0 and _heads_problem(cfg, tp) else ""
         raise ShardingError(f"{problem}; valid --tp values: {valid}{hint}")
 

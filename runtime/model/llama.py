@@ -28,6 +28,15 @@ from runtime.model.rope import apply_rope, cos_sin, inv_frequencies
 
 
 @dataclass(frozen=True)
+class ActOrder:
+    """An act-order int4 linear (GPTQ ``desc_act``): its input rows were reordered at conversion so each
+    quantization group is contiguous; row k multiplies input feature ``perm[k]``, gathered before the GEMM."""
+
+    perm: torch.Tensor  # (K,) int64, rank-local
+    weight: object  # what kernels.prepare_int4 made of the reordered Int4Weight
+
+
+@dataclass(frozen=True)
 class Layer:
     attention_norm: torch.Tensor
     wqkv: torch.Tensor | Int4Weight
@@ -67,11 +76,13 @@ class Model:
     def _layer(self, w: dict[str, torch.Tensor], i: int) -> Layer:
         p = f"layers.{i}."
 
-        def lin(name: str) -> torch.Tensor | Int4Weight:
+        def lin(name: str) -> torch.Tensor | Int4Weight | ActOrder:
             if self.int4 is None:
                 return w[f"{p}{name}.weight"]
-            return self.kernels.prepare_int4(Int4Weight(w[f"{p}{name}.qweight"], w[f"{p}{name}.scales"],
-                                                        w[f"{p}{name}.zeros"], self.int4.group_size))
+            out = self.kernels.prepare_int4(Int4Weight(w[f"{p}{name}.qweight"], w[f"{p}{name}.scales"],
+                                                       w[f"{p}{name}.zeros"], self.int4.group_size))
+            perm = w.get(f"{p}{name}.perm")
+            return out if perm is None else ActOrder(perm.long(), out)
 
         return Layer(w[p + "attention_norm.weight"], lin("attention.wqkv"), w.get(p + "attention.wqkv.bias"),
                      lin("attention.wo"), w[p + "ffn_norm.weight"], lin("feed_forward.w_gate_up"),
@@ -141,6 +152,8 @@ class Model:
         the kernels prepared at load (dequantized once, it is dense too)."""
         if isinstance(w, torch.Tensor):
             return F.linear(x, w, bias)
+        if isinstance(w, ActOrder):
+            x, w = x.index_select(-1, w.perm), w.weight  # (T, K) in the weight's row order
         return self.kernels.w4a16_linear(x, w, bias)
 
 

@@ -77,8 +77,8 @@ def _refused(tmp_path, src, pattern, *extra, code=3):
     ({"version": "gemv"}, r"AWQ version 'gemv' is not supported .*supported: gemm"),
     ({"zero_point": False}, r"zero_point=false is not supported"),
     ({"group_size": 16}, r"group size 16 is not supported; supported: 32, 64, 128"),
-    ({"quant_method": "gptq"}, r"quant_method='gptq' is not supported; supported: awq, compressed-tensors"),
-], ids=["bits", "gemv", "no-zero-point", "group16", "gptq"])
+    ({"quant_method": "hqq"}, r"quant_method='hqq' is not supported; supported: awq, compressed-tensors, gptq"),
+], ids=["bits", "gemv", "no-zero-point", "group16", "hqq"])
 def test_awq_refusals(tmp_path, edit, pattern):
     src = make_tiny_awq(tmp_path / "src", **SHAPES)
     _edit_config(src, **edit)
