@@ -63,14 +63,17 @@ class LLM:
     Under torchrun every process creates the LLM: rank 0 gets it, every other rank serves rank 0's steps
     inside the constructor and then ends its process (``sys.exit``) when rank 0 closes."""
 
-    def __init__(self, workspace: str | Path, config: EngineConfig | None = None, *,
-                 cache: CacheConfig | None = None, **settings: Any):
-        """``config``, or its fields by name as vLLM users write them (``LLM(ws, max_model_len=4096,
-        kv_dtype="int8")``); ``cache`` gives the KV-cache fields at once. Later ones win."""
+    def __init__(self, workspace: str | Path | None = None, config: EngineConfig | None = None, *,
+                 model: str | Path | None = None, cache: CacheConfig | None = None, **settings: Any):
+        """``config``, or its fields by name as vLLM users write them (``LLM(model=ws, tensor_parallel_size=4,
+        gpu_memory_utilization=0.9, max_model_len=4096, kv_dtype="int8")``); ``cache`` gives the KV-cache fields
+        at once. Later ones win. ``model`` is vLLM's name for the workspace."""
+        if (workspace is None) == (model is None):
+            raise TpDeployError("give the workspace once: LLM(\"./ws\") or LLM(model=\"./ws\")")
         config = EngineConfig.of(cache, **{**(dataclasses.asdict(config) if config else {}), **settings})
-        ws = Path(workspace)
+        ws = Path(workspace if workspace is not None else model)
         self.config = config
-        self.manifest = open_workspace(ws)
+        self.manifest = open_workspace(ws, config.tensor_parallel_size)
         cfg = self.manifest.model
         device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.max_model_len = _max_model_len(config.max_model_len, cfg.max_position_embeddings)
@@ -142,6 +145,10 @@ class LLM:
         if params.max_tokens is None or not 0 < room < params.max_tokens:
             return params
         return dataclasses.replace(params, max_tokens=room, min_tokens=min(params.min_tokens, room))
+
+    def get_tokenizer(self) -> Tokenizer:
+        """The workspace tokenizer (vLLM's ``llm.get_tokenizer()``): encode, decode, apply_chat_template."""
+        return self.tokenizer
 
     def close(self) -> None:
         if getattr(self, "driver", None) is not None:

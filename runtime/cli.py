@@ -21,10 +21,11 @@ def main() -> None:
 
 # Which engine settings each command takes as flags (their help and defaults: runtime.config).
 LOAD = ("device", "dtype", "max_model_len", "kv_dtype", "quant_policy", "cache_max_entry_count", "kv_cache_tokens",
-        "block_size", "dist_timeout", "cpu_int4")
+        "gpu_memory_utilization", "block_size", "dist_timeout", "cpu_int4", "tensor_parallel_size")
 SERVE = (*LOAD, "gpu_mem", "max_batch_size", "max_prefill_tokens", "enable_prefix_caching", "seed", "pipeline_batches")
-PLAN = ("gpu_mem", "dtype", "kv_dtype", "quant_policy", "cache_max_entry_count", "kv_cache_tokens", "block_size",
-        "max_model_len", "max_batch_size", "max_prefill_tokens")
+PLAN = ("gpu_mem", "dtype", "kv_dtype", "quant_policy", "cache_max_entry_count", "kv_cache_tokens",
+        "gpu_memory_utilization", "block_size", "max_model_len", "max_batch_size", "max_prefill_tokens",
+        "tensor_parallel_size")
 
 
 def _torchrun_follower() -> bool:
@@ -168,20 +169,16 @@ def serve_cmd(workspace: Path, host: str, port: int, api_key: str | None, served
 @main.command("plan")
 @click.argument("workspace", type=click.Path(path_type=Path))
 @options(PLAN, gpu_mem={"required": True, "help": "Memory of one GPU, e.g. 24GiB, 80GB."})
-@click.option("--tp", type=int, default=None, help="Must match the workspace (it was converted for one tp).")
 @click.option("--png", type=click.Path(path_type=Path), default=None, help="Also draw the plan as a bar chart.")
 @click.option("--json", "as_json", is_flag=True)
 @user_errors("tprun")
-def plan_cmd(workspace: Path, tp: int | None, png: Path | None, as_json: bool, **settings) -> None:
+def plan_cmd(workspace: Path, png: Path | None, as_json: bool, **settings) -> None:
     """The per-rank memory table of `tprun serve` for WORKSPACE on a given GPU, without loading the model."""
     from runtime.serve.plan import format_table, plan_for
     from runtime.worker.workspace import open_workspace
 
     config = from_options(settings)
-    manifest = open_workspace(workspace)
-    if tp is not None and tp != manifest.tp:
-        raise TpDeployError(f"--tp {tp} does not match the workspace, converted for tp {manifest.tp}; "
-                            f"re-run `tpconv convert --tp {tp}` to plan for {tp} GPUs")
+    manifest = open_workspace(workspace, config.tensor_parallel_size)
     plan = plan_for(manifest, config)
     if png is not None:
         from runtime.serve.plan_png import draw

@@ -77,12 +77,15 @@ class CacheConfig:
     cache_max_entry_count: float = 0.8  # λ: fraction of the memory free after loading the weights
     kv_cache_tokens: int | None = None  # an exact size instead of λ (tests, CPU runs, reproducible plans)
     gpu_mem: int | None = None  # T: memory per rank to plan for, instead of measuring what is free
+    gpu_memory_utilization: float | None = None  # vLLM's: a share of ALL memory (weights included) instead of λ
 
     def __post_init__(self):
         if self.kv_dtype not in KV_DTYPES:
             raise TpDeployError(f"--kv-dtype {self.kv_dtype!r} is not supported; choose one of {', '.join(KV_DTYPES)}")
         if not 0 < self.cache_max_entry_count <= 1:
             raise TpDeployError(f"--cache-max-entry-count must be in (0, 1], got {self.cache_max_entry_count}")
+        if self.gpu_memory_utilization is not None and not 0 < self.gpu_memory_utilization <= 1:
+            raise TpDeployError(f"--gpu-memory-utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.kv_cache_tokens is not None and self.kv_cache_tokens < 1:
             raise TpDeployError(f"--kv-cache-tokens must be >= 1, got {self.kv_cache_tokens}")
         if self.gpu_mem is not None and self.gpu_mem < 1:
@@ -112,18 +115,25 @@ class EngineConfig:
     device: str | None = _opt(None, "cpu or cuda (default: cuda when available).", click.Choice(["cpu", "cuda"]))
     dtype: str = _opt("auto", "Compute dtype; auto = the workspace's.", click.Choice(DTYPES))
     max_model_len: int | None = _opt(None, "Context window (default: the model's).", int)
-    kv_dtype: str = _opt(_CACHE.kv_dtype, "KV cache precision; auto = the compute dtype.", click.Choice(KV_DTYPES))
+    kv_dtype: str = _opt(_CACHE.kv_dtype, "KV cache precision; auto = the compute dtype.", click.Choice(KV_DTYPES),
+                         aliases=("--kv-cache-dtype",))
     quant_policy: int | None = _opt(None, "LMDeploy's spelling of --kv-dtype: 0 (off), 8 (int8), 4 (int4).",
                                     click.Choice([str(k) for k in QUANT_POLICY]))
     cache_max_entry_count: float = _opt(_CACHE.cache_max_entry_count, "λ: the KV cache takes this fraction of the memory left after the "
                                              "weights and the reserve.", float)
     kv_cache_tokens: int | None = _opt(None, "An exact KV cache size in tokens instead of λ.", int)
+    gpu_memory_utilization: float | None = _opt(
+        None, "vLLM's knob, instead of λ: the share of ALL memory (weights and reserve included) the rank may use; "
+              "the KV cache gets what is left of it.", float)
     block_size: int = _opt(_CACHE.block_size, "Tokens per KV block (power of two).", int)
     gpu_mem: int | None = _opt(None, "Memory per rank to plan for (e.g. 24GiB) instead of measuring what is free.",
                                _Size())
-    max_batch_size: int = _opt(64, "Sequences per step.", int)
+    max_batch_size: int = _opt(64, "Sequences per step.", int, aliases=("--max-num-seqs",))
     max_prefill_tokens: int = _opt(2048, "New tokens per step; longer prompts are prefilled in chunks of this size.",
-                                   int)
+                                   int, aliases=("--max-num-batched-tokens",))
+    tensor_parallel_size: int | None = _opt(
+        None, "The tp you expect (vLLM: --tensor-parallel-size, LMDeploy: --tp); it must match the workspace, "
+              "which was converted for one.", int, aliases=("--tp", "-tp"))
     enable_prefix_caching: bool = _opt(False, "Share the KV blocks of repeated prompt prefixes.", bool)
     seed: int | None = _opt(None, "Seed of the sampler's shared stream (requests may bring their own).", int)
     dist_timeout: float = _opt(300.0, "Seconds every rank has to join, and the most any one collective or transfer "
@@ -154,6 +164,8 @@ class EngineConfig:
         for name in ("max_batch_size", "max_prefill_tokens"):
             if getattr(self, name) < 1:
                 raise TpDeployError(f"{_flag(name)} must be >= 1, got {getattr(self, name)}")
+        if self.tensor_parallel_size is not None and self.tensor_parallel_size < 1:
+            raise TpDeployError(f"--tensor-parallel-size must be >= 1, got {self.tensor_parallel_size}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise TpDeployError(f"--max-model-len must be >= 2, got {self.max_model_len}")
         self.cache  # noqa: B018 - validates the cache fields now, not at first use

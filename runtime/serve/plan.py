@@ -63,7 +63,7 @@ class MemoryPlan:
     pp: int
     gpu_mem: int  # T
     lam: float
-    kv_source: str  # "cache_max_entry_count" (λ) or "kv_cache_tokens"
+    kv_source: str  # "cache_max_entry_count" (λ), "gpu_memory_utilization" or "kv_cache_tokens"
     kv_cache_tokens: int | None  # requested, when kv_source says so
     compute_dtype: str
     weight_format: str
@@ -123,8 +123,10 @@ def plan_memory(manifest: Manifest, *, gpu_mem: int, cache: CacheConfig, compute
     shape = shapes[proposals.index(num_blocks)]
     kv_tokens = num_blocks * shape.block_size
     return MemoryPlan(
-        model=_summary(cfg), tp=tp, pp=manifest.pp, gpu_mem=gpu_mem, lam=cache.cache_max_entry_count,
-        kv_source="cache_max_entry_count" if cache.kv_cache_tokens is None else "kv_cache_tokens",
+        model=_summary(cfg), tp=tp, pp=manifest.pp, gpu_mem=gpu_mem,
+        lam=cache.gpu_memory_utilization or cache.cache_max_entry_count,
+        kv_source="kv_cache_tokens" if cache.kv_cache_tokens is not None else
+        "gpu_memory_utilization" if cache.gpu_memory_utilization is not None else "cache_max_entry_count",
         kv_cache_tokens=cache.kv_cache_tokens, compute_dtype=_dtype_name(compute_dtype),
         weight_format=_weight_format(manifest), max_batch_size=max_batch_size,
         max_prefill_tokens=max_prefill_tokens, ranks=ranks, num_blocks=num_blocks,
@@ -150,7 +152,8 @@ def _rank_budget(manifest: Manifest, rank: int, gpu_mem: int, cache: CacheConfig
             f"use a larger --tp or --pp, int4 weights (tpconv convert an AWQ/W4A16 checkpoint) or a smaller "
             f"--max-prefill-tokens (now {max_prefill_tokens})")
     if cache.kv_cache_tokens is None:
-        return weights, reserve, kv_bytes(gpu_mem - weights, reserve, cache.cache_max_entry_count)
+        return weights, reserve, kv_bytes(gpu_mem - weights, reserve, cache.cache_max_entry_count, gpu_mem,
+                                          cache.gpu_memory_utilization)
     kv = -(-cache.kv_cache_tokens // shape.block_size) * shape.bytes_per_block
     if weights + reserve + kv > gpu_mem:
         raise TpDeployError(
@@ -222,6 +225,10 @@ def _explain(plan: MemoryPlan) -> list[str]:
     if plan.kv_source == "kv_cache_tokens":
         lines.append(f"KV cache = --kv-cache-tokens {plan.kv_cache_tokens:,} rounded up to {plan.num_blocks:,} "
                      f"blocks = {_gib(r.kv_allocated)} GiB → {plan.kv_tokens:,} tokens (λ is not used)")
+    elif plan.kv_source == "gpu_memory_utilization":
+        lines.append(f"KV cache = {plan.lam:.2f} × {_gib(r.total)} − {_gib(r.weights)} − {_gib(r.reserve)} GiB "
+                     f"(--gpu-memory-utilization: a share of all memory, vLLM's meaning) = {_gib(r.kv_bytes)} GiB → "
+                     f"{plan.kv_tokens:,} tokens")
     else:
         lines.append(f"KV cache = λ {plan.lam:.2f} × ({_gib(r.total)} − {_gib(r.weights)} − {_gib(r.reserve)}) "
                      f"GiB = {_gib(r.kv_bytes)} GiB → {plan.kv_tokens:,} tokens")

@@ -67,8 +67,15 @@ def reserve_bytes(cfg: ModelConfig, tp: int, compute_dtype: torch.dtype, max_pre
     return layer + logits + ALLOCATOR_SLACK
 
 
-def kv_bytes(available_after_weights: int, reserve: int, lam: float) -> int:
-    """λ × (memory left after the weights − reserve), floored; the one formula `tprun plan` and the server share."""
+def kv_bytes(available_after_weights: int, reserve: int, lam: float, total: int = 0,
+             utilization: float | None = None) -> int:
+    """λ × (memory left after the weights − reserve), floored; the one formula `tprun plan` and the server share.
+
+    With ``utilization`` (vLLM's --gpu-memory-utilization: the share of ALL ``total`` memory the process may
+    use) the KV cache is what is left of it: utilization × total − weights − reserve."""
+    if utilization is not None:
+        weights = total - available_after_weights
+        return max(0, math.floor(utilization * total - weights - reserve))
     return max(0, math.floor(lam * (available_after_weights - reserve)))
 
 

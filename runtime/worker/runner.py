@@ -143,7 +143,8 @@ class ModelRunner:
         if spec.cache.kv_cache_tokens is not None:
             blocks = -(-spec.cache.kv_cache_tokens // shape.block_size)
         else:
-            blocks = shape.blocks_for(kv_bytes(free, reserve, spec.cache.cache_max_entry_count))
+            blocks = shape.blocks_for(kv_bytes(free, reserve, spec.cache.cache_max_entry_count, total,
+                                               spec.cache.gpu_memory_utilization))
         return RankMemory(self.rank, self.topo.stage, total, weights, reserve, blocks, shape.bytes_per_block,
                           shape.block_size)
 

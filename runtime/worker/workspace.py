@@ -12,16 +12,21 @@ from pathlib import Path
 import torch
 
 from formats import layout
-from formats.errors import FormatError
+from formats.errors import FormatError, TpDeployError
 from formats.manifest import STORED_DTYPES, Manifest, RankEntry, load_manifest
 from formats.safetensors_io import read_header
 
 
-def open_workspace(path: Path) -> Manifest:
-    """The manifest, after the tokenizer is found; shard sizes are checked by each rank on load."""
+def open_workspace(path: Path, expected_tp: int | None = None) -> Manifest:
+    """The manifest, after the tokenizer is found; shard sizes are checked by each rank on load.
+    ``expected_tp`` (``--tp``/``--tensor-parallel-size``) must be the tp the workspace was converted for."""
     manifest = load_manifest(Path(path))
     if not (Path(path) / layout.TOKENIZER_DIR / "tokenizer.json").is_file():
         raise FormatError(f"{path}: {layout.TOKENIZER_DIR}/tokenizer.json is missing; re-convert the workspace")
+    if expected_tp is not None and expected_tp != manifest.tp:
+        stages = f" (x pp {manifest.pp})" if manifest.pp > 1 else ""
+        raise TpDeployError(f"this workspace was converted for --tp {manifest.tp}{stages}; you asked for {expected_tp}: "
+                            f"convert again with `tpconv convert SRC -o WS --tp {expected_tp}`, or drop --tp")
     return manifest
 
 

@@ -54,4 +54,4 @@ def test_plan_command_prints_json_and_draws_the_chart(tiny, tmp_path):
     assert "tp 2 x pp 2" in staged and " stage " in staged.splitlines()[1]
     assert [line.split()[:2] for line in staged.splitlines()[2:6]] == [["0", "0"], ["1", "0"], ["2", "1"], ["3", "1"]]
     bad = CliRunner().invoke(main, args[:4] + ["--tp", "4"])
-    assert bad.exit_code == 2 and "--tp 4 does not match the workspace, converted for tp 2" in bad.output
+    assert bad.exit_code == 2 and "this workspace was converted for --tp 2; you asked for 4: convert again" in bad.output
