@@ -10,7 +10,15 @@ import click
 
 from formats.errors import TpDeployError
 from runtime import __version__
-from runtime.config import DEFAULT_MAX_N, TOOL_CALL_PARSERS, EngineConfig, from_options, options, user_errors
+from runtime.config import (
+    DEFAULT_MAX_N,
+    REASONING_PARSERS,
+    TOOL_CALL_PARSERS,
+    EngineConfig,
+    from_options,
+    options,
+    user_errors,
+)
 
 
 @click.group()
@@ -126,11 +134,13 @@ def perplexity_cmd(workspace: Path, text_file: Path, context: int, prefill_chunk
               help="On SIGTERM/SIGINT: seconds the requests in flight may take to finish; new ones get 503.")
 @click.option("--tool-call-parser", type=click.Choice(TOOL_CALL_PARSERS), default="auto", show_default=True,
               help="How tool calls are read from the output with tool_choice auto; auto: from the chat template.")
+@click.option("--reasoning-parser", type=click.Choice(REASONING_PARSERS), default="none", show_default=True,
+              help="Split <think>...</think> into reasoning_content (deepseek_r1: the template opens it; qwen3).")
 @options(SERVE)
 @user_errors("tprun")
 def serve_cmd(workspace: Path, host: str, port: int, api_key: str | None, served_model_name: str | None,
               max_concurrent_requests: int, max_queue: int, max_n: int, shutdown_timeout: float,
-              tool_call_parser: str, **settings) -> None:
+              tool_call_parser: str, reasoning_parser: str, **settings) -> None:
     """Serve WORKSPACE with an OpenAI-compatible API (continuous batching over the paged KV cache)."""
     import uvicorn
 
@@ -151,7 +161,7 @@ def serve_cmd(workspace: Path, host: str, port: int, api_key: str | None, served
     engine = AsyncEngine(llm, metrics, max_concurrent_requests, max_queue)
     name = served_model_name or Path(workspace).resolve().name
     app = create_app(engine, served_model_name=name, api_key=api_key, metrics=metrics, max_n=max_n,
-                     lifecycle=lifecycle, tool_call_parser=tool_call_parser)
+                     lifecycle=lifecycle, tool_call_parser=tool_call_parser, reasoning_parser=reasoning_parser)
     server = GracefulServer(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5), engine,
                             lifecycle, shutdown_timeout)
     llm.driver.on_rank_death = server.rank_died

@@ -26,6 +26,7 @@ from runtime.kv.format import BLOCK_SIZE, KV_DTYPES, QUANT_POLICY, from_quant_po
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 TOOL_CALL_PARSERS = ("auto", "hermes", "llama3_json", "mistral", "none")  # serve --tool-call-parser (serve.tools)
+REASONING_PARSERS = ("none", "deepseek_r1", "qwen3")  # serve --reasoning-parser (serve.reasoning)
 DEFAULT_MAX_N = 16  # samples per request (serve --max-n): each is a sequence in the batch with its own KV blocks
 
 # One letter (80g) is binary, as in Docker and the JVM; "GB" is decimal, "GiB" binary.

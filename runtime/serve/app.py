@@ -54,14 +54,14 @@ _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # no pr
 
 def create_app(engine: EngineClient, *, served_model_name: str, api_key: str | None,
                metrics: Metrics, max_n: int = DEFAULT_MAX_N, lifecycle: Lifecycle | None = None,
-               tool_call_parser: str = "auto") -> FastAPI:
+               tool_call_parser: str = "auto", reasoning_parser: str = "none") -> FastAPI:
     """The ASGI app: ``/v1/models``, ``/v1/chat/completions``, ``/v1/completions``, ``/v1/responses``,
     ``/tokenize``, ``/detokenize``, ``/health``, ``/metrics``, ``/version``, ``/ping``. With ``api_key`` every ``/v1`` route needs
     ``Authorization: Bearer <api_key>``. Once ``lifecycle.draining`` is set, new generation requests
     and health checks get 503 while the requests in flight finish."""
     app = FastAPI(title="tprun", summary="tpdeploy's OpenAI-compatible server")
     lifecycle = lifecycle or Lifecycle()
-    server = _Server(engine, served_model_name, metrics, max_n, lifecycle, tool_call_parser)
+    server = _Server(engine, served_model_name, metrics, max_n, lifecycle, tool_call_parser, reasoning_parser)
     app.add_api_route("/v1/models", server.list_models, methods=["GET"])
     app.add_api_route("/v1/models/{model_id:path}", server.get_model, methods=["GET"])
     app.add_api_route("/v1/chat/completions", server.chat, methods=["POST"])
@@ -84,12 +84,13 @@ class _Server:
     """Route handlers; one instance per app, holding what every request needs."""
 
     def __init__(self, engine: EngineClient, model: str, metrics: Metrics, max_n: int,
-                 lifecycle: Lifecycle, tool_call_parser: str = "auto") -> None:
+                 lifecycle: Lifecycle, tool_call_parser: str = "auto", reasoning_parser: str = "none") -> None:
         self.engine, self.model, self._metrics = engine, model, metrics
         self.max_n, self.lifecycle = max_n, lifecycle
         self.created = int(time.time())
         template = getattr(engine.tokenizer, "chat_template", None)
         self.tool_parser = parser_for_template(template or "") if tool_call_parser == "auto" else tool_call_parser
+        self.reasoning_parser = reasoning_parser
 
     def _model_card(self) -> dict[str, Any]:
         return {"id": self.model, "object": "model", "created": self.created,
@@ -134,7 +135,7 @@ class _Server:
         # Rendering and tokenizing a long conversation takes milliseconds: off the event loop, so
         # the streams of other requests keep flowing meanwhile.
         prompt_ids = await run_in_threadpool(self._chat_ids, body, tools)
-        renderer = functools.partial(ChatRenderer, tools=tools)
+        renderer = functools.partial(ChatRenderer, tools=tools, reasoning=self.reasoning_parser)
         return await self._generate(request, body, params, [prompt_ids], renderer, "chatcmpl")
 
     async def responses(self, body: ResponsesRequest, request: Request) -> Response:

@@ -6,6 +6,8 @@ import math
 from typing import Any
 
 from runtime.serve.contract import Delta, Usage
+from runtime.serve.reasoning import ReasoningStream
+from runtime.serve.reasoning import split as split_reasoning
 from runtime.serve.tools import ToolPlan, ToolStream, parse_output
 
 # JSON has no -inf; a token the model rules out gets vLLM's floor instead of breaking the response.
@@ -96,10 +98,12 @@ class Renderer:
 class ChatRenderer(Renderer):
     object_name, object_chunk = "chat.completion", "chat.completion.chunk"
 
-    def __init__(self, *args: Any, tools: ToolPlan | None = None, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, tools: ToolPlan | None = None, reasoning: str = "none", **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.tools = tools if tools is not None and tools.mode != "none" else None
+        self.reasoning = reasoning
         self._streams: dict[int, ToolStream] = {}  # per choice, when streaming with tools
+        self._thinking: dict[int, ReasoningStream] = {}  # per choice, when streaming with a reasoning parser
 
     def _token(self, token_id: int, logprob: float) -> dict[str, Any]:
         text = self.token_text(token_id)
@@ -113,13 +117,16 @@ class ChatRenderer(Renderer):
                             for e in entries]}
 
     def _choice(self, index: int, choice: _Choice) -> dict[str, Any]:
-        text, reason = "".join(choice.text), choice.finish_reason
+        thought, text = split_reasoning(self.reasoning, "".join(choice.text))
+        reason = choice.finish_reason
         message: dict[str, Any] = {"role": "assistant", "content": text}
         if self.tools is not None:
             content, calls = parse_output(self.tools, text)
             if calls:
                 message = {"role": "assistant", "content": content, "tool_calls": calls}
                 reason = "tool_calls" if reason == "stop" else reason
+        if self.reasoning != "none":
+            message["reasoning_content"] = thought
         return {"index": index, "message": message, "logprobs": self._logprobs(choice.logprobs),
                 "finish_reason": reason}
 
@@ -131,26 +138,32 @@ class ChatRenderer(Renderer):
         return self.chunk([{"index": index, "delta": {}, "logprobs": None, "finish_reason": reason}])
 
     def delta_chunks(self, delta: Delta) -> list[dict[str, Any]]:
-        out, text, reason = [], delta.text, delta.finish_reason
-        stream = None
-        if self.tools is not None:
-            stream = self._streams.setdefault(delta.index, ToolStream(self.tools))
+        out, reason, i = [], delta.finish_reason, delta.index
+        thinking = self._thinking.setdefault(i, ReasoningStream(self.reasoning)) if self.reasoning != "none" else None
+        thought, text = thinking.feed(delta.text) if thinking else ("", delta.text)
+        if reason is not None and thinking is not None:
+            more_thought, more_text = thinking.finish()
+            thought, text = thought + more_thought, text + more_text
+        stream = self._streams.setdefault(i, ToolStream(self.tools)) if self.tools is not None else None
+        if stream is not None:
             text = stream.feed(text)
+        if thought:
+            out.append(self.chunk([{"index": i, "delta": {"reasoning_content": thought}, "logprobs": None,
+                                    "finish_reason": None}]))
         if text or delta.logprobs:
-            out.append(self.chunk([{"index": delta.index, "delta": {"content": text},
+            out.append(self.chunk([{"index": i, "delta": {"content": text},
                                     "logprobs": self._logprobs(delta.logprobs), "finish_reason": None}]))
         if reason is not None and stream is not None:
             rest, calls = stream.finish()
             if rest:
-                out.append(self.chunk([{"index": delta.index, "delta": {"content": rest}, "logprobs": None,
+                out.append(self.chunk([{"index": i, "delta": {"content": rest}, "logprobs": None,
                                         "finish_reason": None}]))
             if calls:
-                out.append(self.chunk([{"index": delta.index, "delta": {"tool_calls": [
+                out.append(self.chunk([{"index": i, "delta": {"tool_calls": [
                     {"index": k, **c} for k, c in enumerate(calls)]}, "logprobs": None, "finish_reason": None}]))
                 reason = "tool_calls" if reason == "stop" else reason
         if reason is not None:
-            out.append(self.chunk([{"index": delta.index, "delta": {}, "logprobs": None,
-                                    "finish_reason": reason}]))
+            out.append(self.chunk([{"index": i, "delta": {}, "logprobs": None, "finish_reason": reason}]))
         return out
 
 

@@ -236,7 +236,7 @@ class ToolStream:
         else:
             start = self._text.find(marker)
             if start < 0:  # hold back a tail that could still become the marker
-                start = len(self._text) - _partial_suffix(self._text, marker)
+                start = len(self._text) - partial_suffix(self._text, marker)
         out, self._sent = self._text[self._sent:max(start, self._sent)], max(start, self._sent)
         return out
 
@@ -247,7 +247,7 @@ class ToolStream:
         return ("", calls) if calls else (self._text[self._sent:], [])
 
 
-def _partial_suffix(text: str, marker: str) -> int:
+def partial_suffix(text: str, marker: str) -> int:
     """Length of the longest tail of ``text`` that is a proper prefix of ``marker``."""
     for n in range(min(len(marker) - 1, len(text)), 0, -1):
         if marker.startswith(text[-n:]):

@@ -143,3 +143,50 @@ def test_forced_tool_call_is_rendered_as_tool_calls(client, engine):
     prompt, params = only_request(engine)
     assert json.loads(params.structured_outputs.json)["items"]["properties"]["name"] == {"const": "get_weather"}
     assert engine.tokenizer.decode(prompt).startswith("<tools>")
+
+
+REASONED = ["<think>\nLet me see. 2+2</think>\n\nThe answer is 4.", "Plain answer.", "thought first</think>\nanswer",
+            "<think>unfinished thought", "<th", "\n<think>a</think>b</think>c", "</think>only content"]
+
+
+@pytest.mark.parametrize("parser", ["deepseek_r1", "qwen3"])
+def test_reasoning_streamed_in_any_pieces_equals_the_whole_split(parser):
+    import random
+
+    from runtime.serve.reasoning import ReasoningStream, split
+
+    for text in REASONED:
+        expected = split(parser, text)
+        for seed in range(30):
+            rng = random.Random(seed)
+            cuts = sorted(rng.sample(range(1, len(text)), min(len(text) - 1, rng.randint(0, 6))))
+            stream, got = ReasoningStream(parser), ["", ""]
+            for piece in [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)])] + [None]:
+                r, c = stream.finish() if piece is None else stream.feed(piece)
+                got = [got[0] + r, got[1] + c]
+            assert got == [expected[0] or "", expected[1]], (parser, text, cuts)
+    assert split("qwen3", REASONED[0]) == ("\nLet me see. 2+2", "The answer is 4.")
+    assert split("qwen3", "Plain answer.") == (None, "Plain answer.")  # thinking off
+    assert split("deepseek_r1", "thought first</think>\nanswer") == ("thought first", "answer")
+    assert split("deepseek_r1", "still thinking") == ("still thinking", "")
+
+
+def test_chat_renderer_splits_reasoning_from_content_and_tool_calls():
+    from runtime.serve.contract import Delta, Usage
+    from runtime.serve.render import ChatRenderer
+    from tests.runtime.serve.fake_engine import FakeTokenizer
+
+    text = '<think>need weather</think>\n<tool_call>{"name": "get_weather", "arguments": {"city": "Rome"}}</tool_call>'
+    plan = plan_tools([WEATHER], "auto", True, "hermes")
+    whole = ChatRenderer("r", 0, "m", FakeTokenizer(), False, False, tools=plan, reasoning="qwen3").response(
+        [Delta("r", 0, text, [1], finish_reason="stop")], 1, Usage(1, 1))
+    msg = whole["choices"][0]["message"]
+    assert msg["reasoning_content"] == "need weather" and msg["content"] is None
+    assert _args(msg["tool_calls"]) == [("get_weather", {"city": "Rome"})] and whole["choices"][0]["finish_reason"] == "tool_calls"
+    renderer = ChatRenderer("r", 0, "m", FakeTokenizer(), False, False, tools=plan, reasoning="qwen3")
+    chunks = [c for i in range(0, len(text), 7) for c in renderer.delta_chunks(
+        Delta("r", 0, text[i:i + 7], [1], finish_reason="stop" if i + 7 >= len(text) else None))]
+    deltas = [c["choices"][0]["delta"] for c in chunks]
+    assert "".join(d.get("reasoning_content", "") for d in deltas) == "need weather"
+    assert "".join(d.get("content", "") or "" for d in deltas).strip() == ""
+    assert [t["function"]["name"] for d in deltas for t in d.get("tool_calls", [])] == ["get_weather"]
