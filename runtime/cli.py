@@ -43,10 +43,25 @@ def _torchrun_follower() -> bool:
     return env is not None and env[0] != 0
 
 
+def resolve_workspace(path: Path, config: EngineConfig) -> Path:
+    """``path`` itself, or for a Hugging Face checkpoint its workspace, converted once by tpconv in a process
+    of its own (``runtime.worker.autoconvert``) for ``--tp`` (default 1)."""
+    from runtime.worker.autoconvert import is_checkpoint, workspace_for
+    from runtime.worker.parallel import env_rank
+
+    if not is_checkpoint(path):
+        return path
+    tp = config.tensor_parallel_size or 1
+    if env_rank() is not None:  # every node would convert at once, each for itself
+        raise TpDeployError(f"{path} is a Hugging Face checkpoint; under torchrun convert it first, on every node "
+                            f"(or on shared storage): tpconv convert {path} -o WS --tp {tp}, and pass WS")
+    return workspace_for(path, tp, say=lambda m: click.echo(m, err=True))
+
+
 def open_llm(workspace: Path, config: EngineConfig):
     from runtime.api import LLM
 
-    return LLM(workspace, config)
+    return LLM(resolve_workspace(workspace, config), config)
 
 
 @main.command("generate")
@@ -188,7 +203,7 @@ def plan_cmd(workspace: Path, png: Path | None, as_json: bool, **settings) -> No
     from runtime.worker.workspace import open_workspace
 
     config = from_options(settings)
-    manifest = open_workspace(workspace, config.tensor_parallel_size)
+    manifest = open_workspace(resolve_workspace(workspace, config), config.tensor_parallel_size)
     plan = plan_for(manifest, config)
     if png is not None:
         from runtime.serve.plan_png import draw
