@@ -8,7 +8,7 @@ MODEL := $(CACHE)/smollm2-135m-instruct
 DEMO_WS ?= workspace
 DEMO_TP ?= 3
 
-.PHONY: setup model demo test test-fast bench bench-convert bench-generate bench-kernels bench-serve bench-pipeline gpu-check peer-vllm clean
+.PHONY: setup model demo test test-fast bench bench-convert bench-generate bench-kernels bench-kv bench-serve bench-pipeline gpu-check peer-vllm clean
 
 setup: $(VENV)/.installed
 
@@ -53,6 +53,7 @@ bench-generate: model
 # when `make peer-vllm` has installed it, vLLM's CPU build driven the same way, one server at a time.
 bench-serve: model
 	TPDEPLOY_CACHE=$(CACHE) $(PY) -m tests.bench.bench_serve --markdown /tmp/bench_serve.md
+	TPDEPLOY_CACHE=$(CACHE) $(PY) -m tests.bench.bench_structured --markdown /tmp/bench_structured.md
 
 # Pipeline stages on CPU processes: pp 2 with 2 batches in flight against one batch at a time (and pp 1),
 # then rank 0's per-step message cost at tp 2 and 4 (the pickled Step of v0.1 against the wire message).
@@ -65,6 +66,10 @@ bench-pipeline: model
 bench-kernels: setup
 	$(PY) -m tests.bench.bench_attention --markdown /tmp/bench_attention.md
 	$(PY) -m tests.bench.bench_w4a16 --markdown /tmp/bench_w4a16.md
+
+# CPU: perplexity change vs fp32 KV of every 4-bit KV variant (issue 16), on three texts; ~30 min on 2 vCPUs.
+bench-kv: model
+	TPDEPLOY_CACHE=$(CACHE) $(PY) -m tests.bench.kv_study --contexts 512,2048 | tee /tmp/bench_kv.md
 
 # GPU only (without CUDA it says so and exits 0): device facts, the kernel tests compiled, bench-kernels,
 # SmolLM2 decode with fp16/int8/int4 KV beside transformers, decode vs copy bandwidth, and the planned
