@@ -70,7 +70,8 @@ STEPS = (  # run order
     StepSpec("reserve", "6 reserve vs measured", 60, 20, needs_model=True),
     StepSpec("bench_attention", "3a bench_attention", 120, 30, gpu_only=True),
     StepSpec("bench_w4a16", "3b bench_w4a16", 60, 20, gpu_only=True),
-    StepSpec("kernel_tests", "2 kernel tests (compiled)", 200, 30, gpu_only=True),
+    # A cold Triton cache on an H200 compiled 237 of 303 tests in 200 s (2026-11-29): the cap is what is left.
+    StepSpec("kernel_tests", "2 kernel tests (compiled)", 280, 30, gpu_only=True),
 )
 
 
