@@ -64,6 +64,13 @@ class Checkpoint:
             self._whole = (name, self._pread_rows(path, info, 0, info.shape[0]))
         return self._whole[1].narrow(axis, start, stop - start).contiguous()
 
+    def read_scalar(self, name: str) -> torch.Tensor:
+        """A 0-d tensor (an older per-tensor FP8 scale), which has no rows to slice."""
+        info, path = self._info[name], self._where[name]
+        if self.format == "pytorch-bin":
+            return self._bin_tensor(path, name).clone()
+        return self._pread_rows(path, TensorInfo(info.dtype, (1,), info.begin, info.end), 0, 1).reshape(())
+
     def release(self) -> None:
         """End of a layer: drop .bin memory maps and the kept whole tensor."""
         self._release_bins()

@@ -259,7 +259,12 @@ def inspect_cmd(workspace: Path, as_json: bool) -> None:
                f"{m['num_heads']} heads / {m['num_kv_heads']} KV heads, vocab {m['vocab_size']} "
                f"(padded {info['padded_vocab_size']}), tied embeddings: {m['tie_word_embeddings']}")
     click.echo(f"weights    {info['dtype']}, tp={info['tp']}, pp={info['pp']} ({len(info['bytes_per_rank'])} ranks)")
-    if q := info["quantization"]:
+    if (q := info["quantization"]) and "block_k" in q:
+        block = "x".join(map(str, q["source_block"])) + " " if q["strategy"] == "block" else ""
+        click.echo(f"quantized  {q['layout']} from {q['source_format']}: float8_e4m3fn weights, {q['strategy']} "
+                   f"{block}scales as float32 per row and {q['block_k']} input columns, activation scales "
+                   f"{q['activations']} (unused: W8A16)")
+    elif q:
         click.echo(f"quantized  {q['layout']} from {q['source_format']}: group {q['group_size']}, {q['scale_dtype']} scales"
                    f"{', zero points' if q['zero_point'] else ', symmetric'}{', act-order' if q['act_order'] else ''}")
     if info["head_padding"]:

@@ -216,12 +216,13 @@ def planned_bytes(src: Source, tp: int, stages: tuple[StageEntry, ...] | None = 
 
 
 def _groups(src: Source, stage: StageEntry, pp: int):
-    return file_groups(src.config, src.int4 is not None, stage, pp, act_order=bool(src.int4 and src.int4.act_order))
+    return file_groups(src.config, src.int4 is not None, stage, pp, act_order=bool(src.int4 and src.int4.act_order),
+                       fp8_linears=src.fp8 is not None)
 
 
 def _group_bytes(src: Source, group, tp: int) -> int:
     """Bytes of one file group over the tp ranks of a stage."""
-    group_size = src.int4.group_size if src.int4 else 0
+    group_size = src.split_unit(tp)
     return sum(math.prod(rank_tensor(t, src.config, tp, rank, group_size).shape) * src.out_dtype(t).itemsize
                for rank in range(tp) for t in group.tensors)
 
@@ -255,7 +256,7 @@ def _manifest(src: Source, tp: int, stages: tuple[StageEntry, ...], ranks: list[
               tokenizer: tuple[FileEntry, ...], source_files: tuple[FileEntry, ...], key: str) -> Manifest:
     return Manifest(pp=len(stages), stages=stages,
         model=src.config, tp=tp, padded_vocab_size=padded_size(src.config.vocab_size, tp),
-        weights=WeightFormat(dtype=str(src.dtype).removeprefix("torch."), quantization=src.int4),
+        weights=WeightFormat(dtype=str(src.dtype).removeprefix("torch."), quantization=src.quantization(tp)),
         source=SourceInfo(str(src.path.absolute()), src.checkpoint.format, source_files),
         tokenizer=tokenizer, ranks=tuple(ranks), converter_version=__version__, cache_key=key,
     )

@@ -85,7 +85,8 @@ def convert_many(opts: ConvertOptions, tps: list[int], on_start: OnStart | None 
         stages = {tp: plan_stages(src, tp, 1) for tp in tps}
         total = sum(planned_bytes(src, tp, stages[tp]) for tp in tps)
         _check_space(root, total)
-        progress = on_start(total, len(file_groups(src.config, src.int4 is not None))) if on_start else Progress()
+        progress = on_start(total, len(file_groups(src.config, src.int4 is not None,
+                                                      fp8_linears=src.fp8 is not None))) if on_start else Progress()
         with concurrent.futures.ThreadPoolExecutor(1) as pool, ExitStack() as stack:
             source_hashes = pool.submit(hash_source, src.path)
             keys = {tp: key_when_hashed(source_hashes, opts.key_options(tp)) for tp in tps}
@@ -122,7 +123,8 @@ def _write_all(src: Source, tps: list[int], roots: list[Path], progress: Progres
         for rank in range(tp):
             (root / layout.rank_dir(rank)).mkdir(exist_ok=True)  # exists when resumed
     act_order = bool(src.int4 and src.int4.act_order)
-    for group in file_groups(src.config, src.int4 is not None, act_order=act_order):  # one layer at a time, every tp
+    # one layer at a time, every tp
+    for group in file_groups(src.config, src.int4 is not None, act_order=act_order, fp8_linears=src.fp8 is not None):
         for tp, root in zip(tps, roots):
             for rank in range(tp):
                 entry, entries = write_group(src, group, tp, rank, root, journal=journals[tp])

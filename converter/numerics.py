@@ -11,8 +11,9 @@ The expectation is written here from the runtime's rules (rank t holds query hea
 its KV heads, intermediate rows and vocabulary rows in the same order; ``docs/workspace.md``), not from
 ``formats.shard_plan``, so a wrong split in the plan itself is caught too. Norms, RoPE and q/k norms act
 on every rank alike; the norm weights are compared directly. Source weights are first cast to the
-workspace dtype (int4: dequantized from the source's own codes), so a right workspace differs from its
-source by the order of float32 sums only.
+workspace dtype (int4: dequantized from the source's own codes; FP8: the source's weights times its own
+tensor, row or block scales, by the source format's rule, not through the canonical scale layout), so a
+right workspace differs from its source by the order of float32 sums only.
 """
 from __future__ import annotations
 
@@ -24,8 +25,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from converter.source import Source, open_source
-from formats import int4
+from converter.source import Source, open_source, read_whole
+from formats import fp8, int4
 from formats.config import ModelConfig
 from formats.head_padding import head_source
 from formats.manifest import Manifest, RankEntry, load_manifest
@@ -88,8 +89,14 @@ class _SourceWeights:
     def __init__(self, src: Source):
         self.src, self.cfg = src, src.checkpoint_config or src.config  # reads address the checkpoint's heads
         self._int4 = {n.rsplit(".", 1)[0] for n in source_names(src.config, src.int4 is not None) if int4.is_part(n)}
+        self._fp8 = {fp8.weight_name(n) for n in source_names(src.config, fp8_linears=src.fp8 is not None)
+                     if fp8.is_scale(n)}
 
     def __call__(self, name: str) -> torch.Tensor:
+        if name in self._fp8:
+            ckpt = self.src.checkpoint
+            weight, scale = (read_whole(ckpt, self.src.hf_name(n)) for n in (name, fp8.scale_name(name)))
+            return self.src.fp8.dequantize_source(weight, scale)
         base = name.removesuffix(".weight")
         if base in self._int4:
             g = self.src.int4.group_size
@@ -128,6 +135,9 @@ class _RankWeights:
         return name in self._entries or name.replace(".weight", ".qweight") in self._entries
 
     def __call__(self, name: str) -> torch.Tensor:
+        scale = fp8.scale_name(name)
+        if scale in self._entries:
+            return fp8.dequantize(self._read(name), self._read(scale), self._entries[scale].quant.block_k)
         qweight = name.removesuffix(".weight") + ".qweight"
         if qweight in self._entries:
             base = name.removesuffix(".weight")

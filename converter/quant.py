@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from converter.checkpoint import Checkpoint
+from converter.quant_fp8 import block_fp8, compressed_tensors_fp8
 from formats import int4
 from formats.errors import FormatError, TpDeployError
 
@@ -75,7 +76,8 @@ class CompressedTensorsW4A16:
         group = next(iter(groups.values()))
         fmt, w = group.get("format") or qc.get("format"), group.get("weights") or {}
         if fmt != "pack-quantized":
-            raise FormatError(f"{where}: format {fmt!r} is not supported; supported: pack-quantized")
+            raise FormatError(f"{where}: format {fmt!r} is not supported; supported: pack-quantized (int4), "
+                              "float-quantized (FP8)")
         if group.get("input_activations") or w.get("type", "int") != "int" or w.get("dynamic"):
             raise FormatError(f"{where}: only weight-only int quantization (W4A16) is supported")
         _check_bits(w.get("num_bits"), where)
@@ -248,7 +250,8 @@ def _check_group(group: Any, where: str, also: str = " (per-channel quantization
     return int(group)
 
 
-FORMATS = {"awq": AwqGemm, "compressed-tensors": CompressedTensorsW4A16, "gptq": Gptq}
+# quant_method -> int4 format class; "fp8" (and compressed-tensors float-quantized) go to converter.quant_fp8.
+FORMATS = {"awq": AwqGemm, "compressed-tensors": CompressedTensorsW4A16, "gptq": Gptq, "fp8": None}
 
 
 def detect(hf: dict[str, Any], model_format: str, where: str):
@@ -269,7 +272,18 @@ def detect(hf: dict[str, Any], model_format: str, where: str):
     if method not in FORMATS:
         raise FormatError(f"{where}: quantization_config.quant_method={method!r} is not supported; "
                           f"supported: {', '.join(FORMATS)}")
-    return FORMATS[method].from_config(qc, f"{where}: quantization_config")
+    where = f"{where}: quantization_config"
+    if method == "fp8":
+        return block_fp8(qc, where)
+    if method == "compressed-tensors" and _ct_format(qc) == "float-quantized":
+        return compressed_tensors_fp8(qc, where)
+    return FORMATS[method].from_config(qc, where)
+
+
+def _ct_format(qc: dict[str, Any]) -> Any:
+    """compressed-tensors names the format per config group, and globally (the groups' own wins)."""
+    groups = list((qc.get("config_groups") or {}).values())
+    return (groups[0].get("format") if len(groups) == 1 else None) or qc.get("format")
 
 
 class QuantizedReader:

@@ -22,14 +22,15 @@ from converter.archs import (
 )
 from converter.checkpoint import Checkpoint
 from converter.quant import QuantizedReader, detect
+from converter.quant_fp8 import IGNORED_SUFFIXES, check_scale_dtype, is_fp8
 from converter.tokenizer import check_tokenizer
-from formats import int4
+from formats import fp8, int4
 from formats.config import ModelConfig
 from formats.errors import FormatError, TpDeployError
 from formats.head_padding import pad_config
 from formats.int4 import Int4Format
 from formats.manifest import FLOAT_DTYPES
-from formats.shard_plan import FOLDED_INTO, source_names
+from formats.shard_plan import FOLDED_INTO, QUANTIZED_LINEARS, fp8_block, source_names
 from formats.sharding import source_shape
 
 
@@ -49,6 +50,21 @@ class Source:
     checkpoint_config: ModelConfig | None = None  # set by pad_heads: the heads as stored, for reading
     wo_groups: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # act-order: (first, last)
     # input row of every group of every layer's wo, to tell which tp keeps each group on one rank
+    fp8: Any = None  # a converter.quant_fp8 source format: linears' weights copied as FP8, scales made canonical
+    _fp8_scales: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict)  # this layer's, by block
+
+    def quantization(self, tp: int) -> Int4Format | fp8.Fp8Format | None:
+        """What the manifest records for a workspace of ``tp`` ranks (the FP8 block depends on tp)."""
+        return self.fp8.format(self.split_unit(tp)) if self.fp8 is not None else self.int4
+
+    def split_unit(self, tp: int) -> int:
+        """Input features per quantization unit the row splits respect: the int4 group, the FP8 block B, or 0."""
+        if self.fp8 is not None:
+            return fp8_block(self.config, tp, self.fp8.block[1])
+        return self.int4.group_size if self.int4 else 0
+
+    def is_fp8_weight(self, canonical: str) -> bool:
+        return self.fp8 is not None and canonical.split(".", 2)[-1] in QUANTIZED_LINEARS
 
     def tp_problem(self, tp: int) -> str | None:
         """Act-order: a tp that cuts one of wo's scattered groups (w_down's are gathered by the fold)."""
@@ -70,6 +86,8 @@ class Source:
         self.config = pad_config(self.checkpoint_config, tp)
 
     def hf_name(self, canonical: str) -> str:
+        if fp8.is_scale(canonical):
+            return f"{self._hf_base(canonical.removesuffix('.' + fp8.SCALE))}.{self.fp8.scale_suffix}"
         if not int4.is_part(canonical):
             return self.arch.hf_name(canonical)
         base, _, part = canonical.rpartition(".")
@@ -79,9 +97,12 @@ class Source:
         """HF module path of a linear (``model.layers.0.self_attn.q_proj``), whose suffixes the format knows."""
         return self.arch.hf_name(f"{canonical_base}.weight").removesuffix(".weight")
 
-    def read(self, source: str, axis: int, start: int, stop: int) -> torch.Tensor:
-        """Elements [start, stop) along ``axis`` of a canonical source tensor (int4 parts repacked; rows of a
-        fused q/k/v tensor gathered; Baichuan2's lm_head rows L2-normalised, as its NormHead does)."""
+    def read(self, source: str, axis: int, start: int, stop: int, block: int = 0) -> torch.Tensor:
+        """Elements [start, stop) along ``axis`` of a canonical source tensor (int4 parts repacked; FP8 scales
+        made canonical for ``block``, in whose units they are addressed; rows of a fused q/k/v tensor gathered;
+        Baichuan2's lm_head rows L2-normalised, as its NormHead does)."""
+        if fp8.is_scale(source):
+            return self._fp8_scale(source, block).narrow(axis, start, stop - start).contiguous()
         if not int4.is_part(source):
             name = self.hf_name(source)
             if "#" in name:
@@ -97,6 +118,14 @@ class Source:
         if part == int4.PERM:  # rank-local: the activation this rank holds starts at input feature `start`
             return full[start:stop] - start
         return full.narrow(axis, start, stop - start).contiguous()
+
+    def _fp8_scale(self, source: str, block: int) -> torch.Tensor:
+        """The whole canonical (N, K/B) scale of one source linear, kept until the layer is written."""
+        if (source, block) not in self._fp8_scales:
+            n, k = source_shape(fp8.weight_name(source), self.checkpoint_config or self.config)
+            raw = read_whole(self.checkpoint, self.hf_name(source))
+            self._fp8_scales[(source, block)] = self.fp8.to_canonical(raw, n, k, block)
+        return self._fp8_scales[(source, block)]
 
     def _read_fused(self, name: str, axis: int, start: int, stop: int) -> torch.Tensor:
         fused, part = name.split("#")
@@ -115,11 +144,14 @@ class Source:
             return torch.uint8
         if part == "scales":
             return getattr(torch, self.int4.scale_dtype)
-        return self.dtype
+        if fp8.is_scale(tensor):
+            return fp8.SCALE_DTYPE
+        return fp8.WEIGHT_DTYPE if self.is_fp8_weight(tensor) else self.dtype
 
     def release(self) -> None:
         """End of a layer: drop cached repacked tensors and .bin mappings."""
         self.checkpoint.release()
+        self._fp8_scales.clear()
         if self._reader is not None:
             self._reader.release()
 
@@ -133,24 +165,26 @@ def open_source(src: Path, model_format: str = "auto", dtype: str = "auto") -> S
     check_tokenizer(src)
     where = str(src / "config.json")
     quant = detect(hf, model_format, where)
+    fp8_source, quant = (quant, None) if is_fp8(quant) else (None, quant)
     arch_name, arch = architecture_of(hf, where)
     ckpt = Checkpoint(src)
     if hf.get("multimodal"):
         arch = with_prefix(arch, ckpt.names())
-    if quant is not None and arch.qkv_layout is not None:
-        raise FormatError(f"{where}: int4 {arch_name} checkpoints are not supported (their fused q/k/v linears); "
-                          "convert the unquantized checkpoint")
+    if (quant or fp8_source) is not None and arch.qkv_layout is not None:
+        raise FormatError(f"{where}: quantized {arch_name} checkpoints are not supported (their fused q/k/v "
+                          "linears); convert the unquantized checkpoint")
     config = model_config(hf, where)
     if quant is not None and hasattr(quant, "for_inputs"):
         quant = quant.for_inputs((config.hidden_size, config.num_heads * config.head_dim,
                                   config.intermediate_size), where)
-    dense, quantized = _check_tensors(ckpt, config, arch, src, quant)
+    dense, quantized = _check_tensors(ckpt, config, arch, src, quant, fp8_source)
     unused = sorted(n for n in ckpt.names() - dense - quantized if not IGNORED.match(n))
     towers = [n for n in unused if SKIPPED_TOWERS.match(n)]
     notes = [(f"{hf['multimodal']}: converting its text model; the vision tower and projector ({len(towers)} "
               "tensors) are left out (tprun serves text)")] if towers else []
     unused = [n for n in unused if n not in towers]
     source = Source(src, hf, config, arch, ckpt, _pick_dtype(dtype, ckpt, dense, hf, src), unused, notes, quant)
+    source.fp8 = fp8_source
     if quant is not None:
         scale = ckpt.dtype(next(n for n in sorted(quantized) if n.endswith("." + quant.scale_suffix)))
         source.int4 = Int4Format(quant.group_size, quant.zero_point, quant.name, str(scale).removeprefix("torch."),
@@ -216,10 +250,15 @@ def _read_config(src: Path) -> dict[str, Any]:
 
 
 def _check_tensors(ckpt: Checkpoint, cfg: ModelConfig, arch: Architecture, src: Path,
-                   quant) -> tuple[set[str], set[str]]:
-    """Every tensor the plan needs exists with the shape config.json implies: (dense, int4 source) names."""
+                   quant, fp8_source=None) -> tuple[set[str], set[str]]:
+    """Every tensor the plan needs exists with the shape config.json implies: (dense, quantized source) names."""
     needed, quantized = set(), set()
-    for canonical in source_names(cfg, quantized=quant is not None):
+    names = source_names(cfg, quantized=quant is not None, fp8_linears=fp8_source is not None)
+    scales = {n for n in names if fp8.is_scale(n)}
+    for canonical in names:
+        if canonical in scales or fp8.scale_name(canonical) in scales:
+            quantized |= _check_fp8(ckpt, cfg, arch, canonical, fp8_source)
+            continue
         if canonical.endswith(".qweight"):
             quantized |= _check_quantized(ckpt, cfg, arch, canonical, quant)
             continue
@@ -267,6 +306,40 @@ def _check_quantized(ckpt: Checkpoint, cfg: ModelConfig, arch: Architecture, can
                               f"{quant.name} with group size {quant.group_size} implies {list(want)}")
         names.add(name)
     return names
+
+
+def _check_fp8(ckpt: Checkpoint, cfg: ModelConfig, arch: Architecture, canonical: str, fmt) -> set[str]:
+    """An FP8 linear's weight (float8_e4m3fn, the dense shape) or its scale (the source format's shape), plus
+    the activation scales beside it, which are known and unused."""
+    weight = fp8.weight_name(canonical) if fp8.is_scale(canonical) else canonical
+    n, k = source_shape(weight, cfg)
+    base = arch.hf_name(weight).removesuffix(".weight")
+    name = f"{base}.{fmt.scale_suffix}" if fp8.is_scale(canonical) else f"{base}.weight"
+    if name not in ckpt.names():
+        raise FormatError(f"{ckpt.src}: tensor {name!r} is missing (expected for {fmt.name} FP8 linears)")
+    if not fp8.is_scale(canonical):
+        _check_shape(ckpt, name, ((n, k),), "config.json")
+        if ckpt.dtype(name) != fp8.WEIGHT_DTYPE:
+            raise FormatError(f"{ckpt.file_of(name)}: tensor {name!r} has dtype {ckpt.dtype(name)}; FP8 linears "
+                              "must be float8_e4m3fn (F8_E4M3)")
+        return {name} | {f"{base}.{s}" for s in IGNORED_SUFFIXES if f"{base}.{s}" in ckpt.names()}
+    _check_shape(ckpt, name, fmt.scale_shape(n, k), f"{fmt.name} FP8 ({fmt.strategy} scales)")
+    check_scale_dtype(ckpt.dtype(name), f"{ckpt.file_of(name)}: tensor {name!r}")
+    return {name}
+
+
+def _check_shape(ckpt: Checkpoint, name: str, allowed: tuple[tuple[int, ...], ...], what: str) -> None:
+    if ckpt.shape(name) not in allowed:
+        raise FormatError(f"{ckpt.file_of(name)}: tensor {name!r} has shape {list(ckpt.shape(name))}; {what} "
+                          f"implies {' or '.join(str(list(a)) for a in allowed)}")
+
+
+def read_whole(ckpt: Checkpoint, name: str) -> torch.Tensor:
+    """A whole source tensor, 0-d ones (an older per-tensor scale) included."""
+    shape = ckpt.shape(name)
+    if shape == ():
+        return ckpt.read_scalar(name)
+    return ckpt.read(name, 0, 0, shape[0])
 
 
 def _pick_dtype(dtype: str, ckpt: Checkpoint, needed: set[str], hf: dict[str, Any], src: Path) -> torch.dtype:

@@ -11,6 +11,7 @@ import torch
 from converter.writer import CHUNK
 from formats.errors import FormatError
 from formats.head_padding import padding_cost
+from formats.int4 import Int4Format
 from formats.manifest import FileEntry, Manifest, RankEntry, load_manifest, read_manifest
 from formats.safetensors_io import TORCH_TO_ST, read_header
 
@@ -120,7 +121,9 @@ def _padding(m: Manifest) -> dict[str, Any] | None:
     cost = padding_cost(m.model)
     if cost is None:
         return None
-    bytes_per_param = torch.finfo(getattr(torch, m.weights.dtype)).bits // 8 if not m.weights.quantization else 0.5
+    q = m.weights.quantization
+    dense = torch.finfo(getattr(torch, m.weights.dtype)).bits // 8
+    bytes_per_param = 0.5 if isinstance(q, Int4Format) else 1 if q else dense  # int4, FP8, dense
     return {**cost, "extra_bytes": int(cost["extra_params_per_layer"] * m.model.num_layers * bytes_per_param)}
 
 

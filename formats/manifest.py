@@ -1,7 +1,7 @@
 """The manifest: the one file that describes a workspace, written last by the converter.
 
-Schema version 6 (versions 1, dense weights only, 2, without a digest, 3, without pipeline
-stages, and 4, without a cache key, are still read: 1-3 are ``pp`` 1, one stage holding every layer). Readers
+Schema version 7 (versions 1, dense weights only, 2, without a digest, 3, without pipeline
+stages, 4, without a cache key, 5 and 6 are still read: 1-3 are ``pp`` 1, one stage holding every layer). Readers
 reject unknown versions and unknown keys, so a workspace written by a newer converter fails loudly
 instead of half understood. Since version 3 the manifest carries ``digest``, the sha256 of its own
 canonical JSON: the model fields decide every answer, so an edit by hand must not pass as converted.
@@ -9,7 +9,8 @@ Since version 4 it records ``pp``, each stage's layer range, and for every rank 
 rank (global rank = stage × tp + tp_rank, see ``formats.pipeline``). Since version 5 it records
 ``cache_key``, the key of the conversion that wrote it (``converter.cachekey``). Since version 6 int4
 formats say ``act_order`` (GPTQ ``desc_act``: reordered input rows and ``perm`` tensors), so an older
-reader refuses a workspace whose activations it would not gather.
+reader refuses a workspace whose activations it would not gather. Since version 7 the quantization may be
+FP8 (``formats.fp8``: float8_e4m3fn weights, float32 scales), told apart from int4 by its ``layout``.
 """
 from __future__ import annotations
 
@@ -22,23 +23,25 @@ from typing import Any
 
 import torch
 
-from formats import layout
+from formats import fp8, layout
 from formats.config import ModelConfig, _strict_keys
 from formats.errors import FormatError
+from formats.fp8 import Fp8Format
 from formats.int4 import LAYOUT, Int4Format
 from formats.pipeline import StageEntry, global_rank
 from formats.shard_plan import Piece
 
-SCHEMA_VERSION = 6
-READABLE_VERSIONS = (1, 2, 3, 4, 5, 6)
+SCHEMA_VERSION = 7
+READABLE_VERSIONS = (1, 2, 3, 4, 5, 6, 7)
 DIGEST_SINCE = 3  # first schema version whose manifests carry their own digest
 PIPELINE_SINCE = 4  # first schema version with pp, stages and each rank's (stage, tp_rank)
 KEY_SINCE = 5  # first schema version with cache_key
 ACT_ORDER_SINCE = 6  # first schema version whose int4 formats carry act_order
+FP8_SINCE = 7  # first schema version that may hold FP8 weights (an Fp8Format, float8_e4m3fn tensors)
 FORMAT_NAME = "tpdeploy-workspace"
 # Dense tensor dtypes by their manifest name; int4 parts are stored as int32 (qweight) and uint8 (zeros).
 FLOAT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-STORED_DTYPES = {**FLOAT_DTYPES, "int32": torch.int32, "uint8": torch.uint8}
+STORED_DTYPES = {**FLOAT_DTYPES, "int32": torch.int32, "uint8": torch.uint8, "float8_e4m3fn": fp8.WEIGHT_DTYPE}
 DTYPES = tuple(FLOAT_DTYPES)
 
 
@@ -59,7 +62,7 @@ class TensorEntry:
     shape: tuple[int, ...]
     sha256: str
     pieces: tuple[Piece, ...]
-    quant: Int4Format | None = None  # set on the qweight/scales/zeros parts of int4 linears
+    quant: Int4Format | Fp8Format | None = None  # on int4 linears' parts, FP8 linears' weight and scale
 
 
 @dataclass(frozen=True)
@@ -78,7 +81,7 @@ class RankEntry:
 @dataclass(frozen=True)
 class WeightFormat:
     dtype: str  # dtype of every dense tensor (embeddings, norms, biases, int4 scales)
-    quantization: Int4Format | None = None
+    quantization: Int4Format | Fp8Format | None = None
 
 
 @dataclass(frozen=True)
@@ -129,7 +132,7 @@ class Manifest:
             del d["cache_key"]
         if self.schema_version < ACT_ORDER_SINCE:
             for q in [d["weights"]["quantization"], *(t["quant"] for r in d["ranks"] for t in r["tensors"])]:
-                if q is not None:
+                if q is not None and "act_order" in q:
                     del q["act_order"]
         d["model"] = self.model.to_dict()
         if self.schema_version >= DIGEST_SINCE:
@@ -255,14 +258,32 @@ def _rank(d: Any, where: str, version: int) -> RankEntry:
     return RankEntry(d["rank"], _files(d["files"], f"{where}.files"), tuple(tensors), stage, tp_rank)
 
 
-def _int4(d: Any, where: str, version: int) -> Int4Format | None:
+def _int4(d: Any, where: str, version: int) -> Int4Format | Fp8Format | None:
     if d is None:
         return None
+    if isinstance(d, dict) and d.get("layout") == fp8.LAYOUT:
+        return _fp8(d, where, version)
     if isinstance(d, dict) and version < ACT_ORDER_SINCE and "act_order" in d:
         raise FormatError(f"{where}: unknown key(s) ['act_order'] for schema_version {version}")
     fmt = Int4Format(**_strict_keys(d, Int4Format, where))
     if fmt.layout != LAYOUT or fmt.bits != 4:
         raise FormatError(f"{where}: int4 layout {fmt.layout!r} ({fmt.bits} bits) is not supported; expected {LAYOUT!r}")
+    return fmt
+
+
+def _fp8(d: dict[str, Any], where: str, version: int) -> Fp8Format:
+    if version < FP8_SINCE:
+        raise FormatError(f"{where}: layout {fp8.LAYOUT!r} is unknown for schema_version {version} (FP8 weights "
+                          f"came with version {FP8_SINCE})")
+    d = dict(_strict_keys(d, Fp8Format, where))
+    block = d.get("source_block", (0, 0))
+    if not (isinstance(block, (list, tuple)) and len(block) == 2 and all(isinstance(b, int) for b in block)):
+        raise FormatError(f"{where}: source_block is {block!r}; expected two integers")
+    d["source_block"] = tuple(block)
+    fmt = Fp8Format(**d)
+    if not isinstance(fmt.block_k, int) or fmt.block_k < 1 or fmt.scale_dtype != "float32":
+        raise FormatError(f"{where}: FP8 block_k {fmt.block_k!r} with {fmt.scale_dtype!r} scales is not supported; "
+                          "expected a positive block_k and float32 scales")
     return fmt
 
 

@@ -23,7 +23,7 @@ from formats.errors import FormatError
 ST_TO_TORCH = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-    "U8": torch.uint8, "BOOL": torch.bool,
+    "U8": torch.uint8, "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn,
 }
 TORCH_TO_ST = {v: k for k, v in ST_TO_TORCH.items()}
 MAX_HEADER = 100 << 20  # the reference implementation's own limit

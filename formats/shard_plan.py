@@ -8,7 +8,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from formats import int4, layout
+from formats import fp8, int4, layout
 from formats.config import ModelConfig
 from formats.errors import ShardingError
 from formats.head_padding import head_runs
@@ -67,10 +67,10 @@ class FileGroup:
 
 
 def file_groups(cfg: ModelConfig, quantized: bool = False, stage: StageEntry | None = None,
-                pp: int = 1, act_order: bool = False) -> list[FileGroup]:
+                pp: int = 1, act_order: bool = False, fp8_linears: bool = False) -> list[FileGroup]:
     """Files of every rank of ``stage`` (None: the whole model), in conversion order; int4 linears become
-    qweight/scales/zeros triples (plus ``perm`` for act-order wqkv and wo). Stage 0 holds the embedding,
-    the last stage the head."""
+    qweight/scales/zeros triples (plus ``perm`` for act-order wqkv and wo), FP8 linears (``fp8_linears``)
+    their weight plus ``weight_scale``. Stage 0 holds the embedding, the last stage the head."""
     stage = stage or StageEntry(0, (0, cfg.num_layers))
     first, last = stage.stage == 0, stage.stage == pp - 1
     per_layer = []
@@ -79,6 +79,8 @@ def file_groups(cfg: ModelConfig, quantized: bool = False, stage: StageEntry | N
                 or (n in SANDWICH_NORMS and not cfg.sandwich_norms)):
             continue
         per_layer += _int4_names(n) if quantized and n in QUANTIZED_LINEARS else [n]
+        if fp8_linears and n in QUANTIZED_LINEARS:
+            per_layer.append(fp8.scale_name(n))
         if quantized and act_order and n in GATHERED_LINEARS:
             per_layer.append(_part_name(n, int4.PERM))
     groups = [FileGroup(layout.EMBED_FILE, ("tok_embeddings.weight",))] if first else []
@@ -92,8 +94,8 @@ def file_groups(cfg: ModelConfig, quantized: bool = False, stage: StageEntry | N
     return groups
 
 
-def source_names(cfg: ModelConfig, quantized: bool = False) -> list[str]:
-    """Every canonical source tensor the checkpoint must provide."""
+def source_names(cfg: ModelConfig, quantized: bool = False, fp8_linears: bool = False) -> list[str]:
+    """Every canonical source tensor the checkpoint must provide (FP8: each linear's weight, then its scale)."""
     names: list[str] = []
     for group in file_groups(cfg):
         for tensor in group.tensors:
@@ -102,11 +104,16 @@ def source_names(cfg: ModelConfig, quantized: bool = False) -> list[str]:
             for src in srcs:
                 linear = quantized and tensor.removeprefix(prefix) in QUANTIZED_LINEARS
                 names += _int4_names(prefix + src) if linear else [prefix + src]
+                if fp8_linears and tensor.removeprefix(prefix) in QUANTIZED_LINEARS:
+                    names.append(fp8.scale_name(prefix + src))
     return names
 
 
 def rank_tensor(name: str, cfg: ModelConfig, tp: int, rank: int, group_size: int = 0) -> RankTensor:
-    """The shape of ``name`` on ``rank`` and the source slices that fill it."""
+    """The shape of ``name`` on ``rank`` and the source slices that fill it; ``group_size`` is the int4 group,
+    or for an FP8 ``weight_scale`` the canonical block B (``fp8_block``)."""
+    if fp8.is_scale(name):
+        return _fp8_scale_rank_tensor(rank_tensor(fp8.weight_name(name), cfg, tp, rank), group_size)
     if int4.is_part(name):
         base, _, part = name.rpartition(".")
         dense = rank_tensor(base + ".weight", cfg, tp, rank)
@@ -141,6 +148,31 @@ def int4_source_shape(name: str, cfg: ModelConfig, group_size: int) -> tuple[int
     base, _, part = name.rpartition(".")
     n, k = source_shape(base + ".weight", cfg)
     return (k // (int4.PACK if part == "qweight" else group_size), n)
+
+
+def fp8_block(cfg: ModelConfig, tp: int, source_block_k: int) -> int:
+    """The canonical FP8 block B for ``tp``: it divides the source's block and the K every rank holds of every
+    linear (column-parallel ones hold all of hidden; wo and w_down a tp-th of theirs), and, with padded heads,
+    the head size, where zero heads are cut in."""
+    ks = [cfg.hidden_size, cfg.num_heads * cfg.head_dim // tp, cfg.intermediate_size // tp]
+    return fp8.canonical_block(source_block_k, ks + ([cfg.head_dim] if cfg.source_heads else []))
+
+
+def _fp8_scale_rank_tensor(dense: RankTensor, block_k: int) -> RankTensor:
+    """An FP8 scale (N, K/B) follows its weight's split: output rows as they are, input columns in blocks."""
+    n, k = dense.shape
+    pieces = []
+    for p in dense.pieces:
+        source = fp8.scale_name(p.source)
+        if p.axis == 0:
+            pieces.append(Piece(source, 0, p.src, p.dst))
+            continue
+        if any(x % block_k for x in (*p.src, *p.dst)):  # fp8_block makes this impossible; a guard, not a check
+            raise ShardingError(f"{dense.name}: a row-parallel split at input features {p.src} is not on an FP8 "
+                                f"scale block boundary (block {block_k})")
+        pieces.append(Piece(source, 1, (p.src[0] // block_k, p.src[1] // block_k),
+                            (p.dst[0] // block_k, p.dst[1] // block_k)))
+    return RankTensor(fp8.scale_name(dense.name), (n, k // block_k), tuple(pieces))
 
 
 def _int4_names(weight_name: str) -> list[str]:

@@ -15,10 +15,13 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
+from formats import fp8
 from formats.config import ModelConfig
+from formats.fp8 import Fp8Format
 from formats.int4 import Int4Format
 from formats.sharding import heads_per_rank, kv_heads_per_rank
 from runtime.kernels import Kernels
+from runtime.kernels.cpu_fp8 import Fp8Weight
 from runtime.kernels.paged import PagedBatch
 from runtime.kernels.reference import Int4Weight
 from runtime.kv.batch import StepBatch
@@ -39,12 +42,12 @@ class ActOrder:
 @dataclass(frozen=True)
 class Layer:
     attention_norm: torch.Tensor
-    wqkv: torch.Tensor | Int4Weight
+    wqkv: torch.Tensor | Int4Weight | Fp8Weight
     bqkv: torch.Tensor | None
-    wo: torch.Tensor | Int4Weight
+    wo: torch.Tensor | Int4Weight | Fp8Weight
     ffn_norm: torch.Tensor
-    w_gate_up: torch.Tensor | Int4Weight
-    w_down: torch.Tensor | Int4Weight
+    w_gate_up: torch.Tensor | Int4Weight | Fp8Weight
+    w_down: torch.Tensor | Int4Weight | Fp8Weight
     q_norm: torch.Tensor | None = None  # Qwen3, Gemma 3: (head_dim,), over each head of q and of k
     k_norm: torch.Tensor | None = None
     post_attention_norm: torch.Tensor | None = None  # Gemma 3's sandwich norms
@@ -54,9 +57,11 @@ class Layer:
 
 class Model:
     def __init__(self, cfg: ModelConfig, tp: int, rank: int, weights: dict[str, torch.Tensor], comm: Comm,
-                 kernels: Kernels, int4: Int4Format | None = None, layers: tuple[int, int] | None = None):
-        """``rank`` is the tensor rank; ``layers`` this stage's decoder layers (None: all of them)."""
-        self.cfg, self.comm, self.kernels, self.int4 = cfg, comm, kernels, int4
+                 kernels: Kernels, quant: Int4Format | Fp8Format | None = None,
+                 layers: tuple[int, int] | None = None):
+        """``rank`` is the tensor rank; ``quant`` the workspace's weight quantization; ``layers`` this stage's
+        decoder layers (None: all of them)."""
+        self.cfg, self.comm, self.kernels, self.quant = cfg, comm, kernels, quant
         self.hq, self.hkv, self.d = heads_per_rank(cfg, tp), kv_heads_per_rank(cfg, tp), cfg.head_dim
         start, stop = layers or (0, cfg.num_layers)
         self.first, self.last = "tok_embeddings.weight" in weights, "norm.weight" in weights
@@ -76,11 +81,14 @@ class Model:
     def _layer(self, w: dict[str, torch.Tensor], i: int) -> Layer:
         p = f"layers.{i}."
 
-        def lin(name: str) -> torch.Tensor | Int4Weight | ActOrder:
-            if self.int4 is None:
+        def lin(name: str) -> torch.Tensor | Int4Weight | Fp8Weight | ActOrder:
+            if self.quant is None:
                 return w[f"{p}{name}.weight"]
+            if isinstance(self.quant, Fp8Format):
+                return self.kernels.prepare_fp8(Fp8Weight(w[f"{p}{name}.weight"], w[f"{p}{name}.{fp8.SCALE}"],
+                                                          self.quant.block_k))
             out = self.kernels.prepare_int4(Int4Weight(w[f"{p}{name}.qweight"], w[f"{p}{name}.scales"],
-                                                       w[f"{p}{name}.zeros"], self.int4.group_size))
+                                                       w[f"{p}{name}.zeros"], self.quant.group_size))
             perm = w.get(f"{p}{name}.perm")
             return out if perm is None else ActOrder(perm.long(), out)
 
@@ -148,10 +156,12 @@ class Model:
         return self.comm.all_reduce(self._linear(self.act(gate) * up, layer.w_down))
 
     def _linear(self, x: torch.Tensor, w, bias: torch.Tensor | None = None) -> torch.Tensor:
-        """The one place the model multiplies by a weight: dense (N, K), or an int4 linear in the form
+        """The one place the model multiplies by a weight: dense (N, K), or an int4 or FP8 linear in the form
         the kernels prepared at load (dequantized once, it is dense too)."""
         if isinstance(w, torch.Tensor):
             return F.linear(x, w, bias)
+        if isinstance(w, Fp8Weight):
+            return self.kernels.w8a16_linear(x, w, bias)
         if isinstance(w, ActOrder):
             x, w = x.index_select(-1, w.perm), w.weight  # (T, K) in the weight's row order
         return self.kernels.w4a16_linear(x, w, bias)

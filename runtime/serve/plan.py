@@ -21,6 +21,7 @@ import torch
 
 from formats.config import ModelConfig
 from formats.errors import TpDeployError
+from formats.fp8 import Fp8Format
 from formats.manifest import Manifest
 from formats.sharding import kv_heads_per_rank
 from runtime.config import DEFAULTS, CacheConfig, EngineConfig, compute_dtype
@@ -177,6 +178,8 @@ def _weight_format(manifest: Manifest) -> str:
     q = manifest.weights.quantization
     if q is None:
         return manifest.weights.dtype
+    if isinstance(q, Fp8Format):
+        return f"fp8 e4m3 ({q.strategy} scales, float32 per row and {q.block_k} input columns)"
     return f"int4 (group {q.group_size}, {q.scale_dtype} scales)"
 
 

@@ -10,7 +10,7 @@ import math
 import psutil
 import torch
 
-from formats import int4
+from formats import fp8, int4
 from formats.config import ModelConfig
 from formats.manifest import FLOAT_DTYPES, STORED_DTYPES, Manifest
 from formats.sharding import heads_per_rank, kv_heads_per_rank, padded_size
@@ -26,19 +26,29 @@ GIB = 1 << 30
 _LOGIT_BYTES = 4  # the runner hands logits to sampling as float32, whatever the compute dtype
 
 def weights_bytes(manifest: Manifest, rank: int, compute_dtype: torch.dtype, int4_dense: bool = False) -> int:
-    """Bytes of ``rank``'s weights once loaded: dense float tensors in the compute dtype, int4 parts as
-    stored (the runner converts the former and keeps the latter, see ``runtime/runner.py``), or, with
-    ``int4_dense`` (CPU ``--cpu-int4 dequant-once``), each int4 linear as a dense weight."""
+    """Bytes of ``rank``'s weights once loaded: dense float tensors in the compute dtype, int4 parts and FP8
+    weights and scales as stored (the runner converts the former and keeps the latter, see
+    ``runtime/worker/runner.py``), or, with ``int4_dense`` (CPU: ``--cpu-int4 dequant-once``, and FP8
+    linears always), each quantized linear as a dense weight."""
     total = 0
     for t in manifest.ranks[rank].tensors:
         if int4_dense and int4.is_part(t.name):
             if t.name.endswith(".qweight"):  # (K/8, N) -> K x N dense values
                 total += t.shape[0] * int4.PACK * t.shape[1] * compute_dtype.itemsize
             continue
-        keeps_dtype = int4.is_part(t.name) or t.dtype not in FLOAT_DTYPES
-        itemsize = STORED_DTYPES[t.dtype].itemsize if keeps_dtype else compute_dtype.itemsize
+        if int4_dense and (fp8.is_scale(t.name) or t.dtype == "float8_e4m3fn"):
+            total += 0 if fp8.is_scale(t.name) else math.prod(t.shape) * compute_dtype.itemsize
+            continue
+        itemsize = STORED_DTYPES[t.dtype].itemsize if keeps_dtype(t.name, t.dtype) else compute_dtype.itemsize
         total += math.prod(t.shape) * itemsize
     return total
+
+
+def keeps_dtype(name: str, dtype: str | torch.dtype) -> bool:
+    """Whether a loaded tensor stays in its stored dtype: quantized weights and their scales do (they
+    dequantize exactly as stored); dense float tensors take the compute dtype."""
+    dtype = str(dtype).removeprefix("torch.")
+    return int4.is_part(name) or fp8.is_scale(name) or dtype not in FLOAT_DTYPES
 
 
 def reserve_bytes(cfg: ModelConfig, tp: int, compute_dtype: torch.dtype, max_prefill_tokens: int,

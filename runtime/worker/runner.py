@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from formats import int4
+from formats.fp8 import Fp8Format
 from formats.manifest import Manifest
 from formats.sharding import kv_heads_per_rank
 from runtime import kernels
@@ -22,7 +22,7 @@ from runtime.kv.cache import PagedKVCache
 from runtime.kv.format import KVShape, kv_format
 from runtime.model.comm import Comm
 from runtime.model.llama import Model
-from runtime.worker.memory import free_bytes, kv_bytes, reserve_bytes, weights_bytes
+from runtime.worker.memory import free_bytes, keeps_dtype, kv_bytes, reserve_bytes, weights_bytes
 from runtime.worker.parallel import Topology
 from runtime.worker.workspace import load_rank
 
@@ -102,8 +102,10 @@ class ModelRunner:
         shape = kv_shape(spec, topo.stage)  # before loading: a bad --kv-dtype fails fast
         self.kernels = kernels.select(self.device, spec.cpu_int4, spec.dtype)
         weights = load_rank(spec.workspace, spec.manifest, topo.rank, self.device)
-        # Dense tensors take the compute dtype; int4 parts keep theirs (scales dequantize exactly as stored).
-        weights = {k: w if int4.is_part(k) or w.dtype == spec.dtype else w.to(spec.dtype) for k, w in weights.items()}
+        # Dense tensors take the compute dtype; int4 parts and FP8 weights and scales keep theirs (they
+        # dequantize exactly as stored).
+        weights = {k: w if keeps_dtype(k, w.dtype) or w.dtype == spec.dtype else w.to(spec.dtype)
+                   for k, w in weights.items()}
         self.model = Model(cfg, tp, topo.tp_rank, weights, comm, self.kernels, spec.manifest.weights.quantization,
                            spec.manifest.stages[topo.stage].layers)
         self.spec, self.topo, self.rank, self.shape = spec, topo, topo.rank, shape
@@ -131,7 +133,9 @@ class ModelRunner:
 
     def _memory(self) -> RankMemory:
         spec, shape = self.spec, self.shape
-        dense = self.kernels.name == "torch" and loads_dense(kernels.cpu_int4_mode(spec.cpu_int4), spec.dtype)
+        fp8_model = isinstance(spec.manifest.weights.quantization, Fp8Format)  # dense on CPU (cpu_fp8)
+        dense = self.kernels.name == "torch" and (fp8_model or loads_dense(kernels.cpu_int4_mode(spec.cpu_int4),
+                                                                           spec.dtype))
         weights = weights_bytes(spec.manifest, self.rank, spec.dtype, int4_dense=dense)
         reserve = reserve_bytes(spec.manifest.model, spec.manifest.tp, spec.dtype, spec.max_prefill_tokens,
                                 spec.max_batch_size, rank=self.rank, pp=spec.manifest.pp)

@@ -74,7 +74,7 @@ def test_baichuan_13b_alibi_and_int4_fused_are_refused(tmp_path):
                                   "version": "gemm"}
     (src / "config.json").write_text(json.dumps(cfg))
     out = CliRunner().invoke(tpconv, ["convert", str(src), "-o", str(tmp_path / "ws")])
-    assert out.exit_code == 3 and "int4 BaichuanForCausalLM checkpoints are not supported" in out.output, out.output
+    assert out.exit_code == 3 and "quantized BaichuanForCausalLM checkpoints are not supported" in out.output, out.output
 
 
 def test_internlm2_with_biases_is_refused(tmp_path):
