@@ -108,7 +108,9 @@ def generate_cmd(workspace: Path, prompt: str, chat: bool, system: str | None, m
 @click.argument("workspace", type=click.Path(path_type=Path))
 @click.option("--file", "text_file", required=True, type=click.Path(path_type=Path), help="A plain-text (UTF-8) file.")
 @click.option("--context", type=int, default=512, show_default=True, help="Window length in tokens.")
-@click.option("--prefill-chunk", type=int, default=None, help="Prefill each window this many tokens per step.")
+@click.option("--prefill-chunk", type=int, default=None,
+              help="Prefill each window this many tokens per step; the device then holds this many positions of "
+                   "logits (x vocab x 4 B) at a time instead of the whole window's.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @options(LOAD)
 @user_errors("tprun")

@@ -142,8 +142,9 @@ class Engine:
                            sched.prefix_queried, sched.prefix_hit, sched.preemptions)
 
     def prompt_logits(self, prompt: list[int], chunk: int | None = None) -> torch.Tensor:
-        """(T, vocab) float32 logits at every prompt position, through the same path as generation;
-        with ``chunk``, the prompt is prefilled ``chunk`` tokens per step, each attending to the cache."""
+        """(T, vocab) float32 logits at every prompt position, on the host, through the same path as generation;
+        with ``chunk``, the prompt is prefilled ``chunk`` tokens per step, each attending to the cache (and the
+        device holds only ``chunk`` positions of logits at a time)."""
         check_prompt(prompt, self.max_model_len, self.vocab_size)
         self._next_id += 1
         seq_id, chunk = self._next_id, chunk or len(prompt)
@@ -156,7 +157,9 @@ class Engine:
             for a in range(0, len(prompt), chunk):
                 part = prompt[a:a + chunk]
                 batch = StepBatch((SeqSlice(seq_id, len(part), a + len(part), table),))
-                parts.append(self.driver.execute(Step(part, batch, all_logits=True)))
+                # On the host at once: the device holds one chunk's logits (chunk x vocab x 4 B), not the
+                # prompt's, which the plan's reserve (sized for server steps) does not cover.
+                parts.append(self.driver.execute(Step(part, batch, all_logits=True)).cpu())
         finally:
             self.blocks.free(seq_id)
         return torch.cat(parts)
