@@ -123,7 +123,7 @@ def convert(opts: ConvertOptions, on_start: OnStart | None = None) -> ConvertSum
             source_hashes = pool.submit(hash_source, src.path)
             key = key_when_hashed(source_hashes, opts.key_options())
             journal = Journal.open(tmp, key, opts.resume)
-            ranks = _write_ranks(src, opts.tp, stages, tmp, progress, journal)
+            ranks = write_targets(src, [Target(opts.tp, stages, tmp, journal)], progress)[0]
             tokenizer = _write_tokenizer(src, tmp)
             manifest = _manifest(src, opts.tp, stages, ranks, tokenizer,
                                  checkpoint_hashes(src, source_hashes.result()), key.result())
@@ -227,24 +227,39 @@ def _group_bytes(src: Source, group, tp: int) -> int:
                for rank in range(tp) for t in group.tensors)
 
 
-def _write_ranks(src: Source, tp: int, stages: tuple[StageEntry, ...], root: Path, progress: Progress,
-                 journal: Journal) -> list[RankEntry]:
-    world = tp * len(stages)
-    files: list[list[FileEntry]] = [[] for _ in range(world)]
-    tensors: list[list] = [[] for _ in range(world)]
-    for rank in range(world):
-        (root / layout.rank_dir(rank)).mkdir(exist_ok=True)  # exists when resumed
-    for stage in stages:
-        for group in _groups(src, stage, len(stages)):  # one layer at a time, all ranks of its stage
-            for tp_rank in range(tp):
-                rank = global_rank(stage.stage, tp_rank, tp)
-                entry, entries = write_group(src, group, tp, tp_rank, root, rank, journal)
-                files[rank].append(entry)
-                tensors[rank].extend(entries)
+@dataclass(frozen=True)
+class Target:
+    """One workspace being written: its tp, its stages, its temporary root and its journal."""
+
+    tp: int
+    stages: tuple[StageEntry, ...]
+    root: Path
+    journal: Journal
+
+
+def write_targets(src: Source, targets: list[Target], progress: Progress) -> list[list[RankEntry]]:
+    """Every target's rank files, one source file group at a time: a group (a decoder layer, the embedding,
+    the head) is read and released once and written for every rank of every target that holds it — the
+    ranks of its stage in one workspace, or every tp of a one-pass conversion."""
+    plans = [{g.file: (s, g) for s in t.stages for g in _groups(src, s, len(t.stages))} for t in targets]
+    files = [[[] for _ in range(t.tp * len(t.stages))] for t in targets]
+    tensors = [[[] for _ in range(t.tp * len(t.stages))] for t in targets]
+    for t in targets:
+        for rank in range(t.tp * len(t.stages)):
+            (t.root / layout.rank_dir(rank)).mkdir(exist_ok=True)  # exists when resumed
+    for name in [g.file for g in _groups(src, StageEntry(0, (0, src.config.num_layers)), 1)]:
+        for k, (t, plan) in enumerate(zip(targets, plans)):
+            stage, group = plan[name]
+            for tp_rank in range(t.tp):
+                rank = global_rank(stage.stage, tp_rank, t.tp)
+                entry, entries = write_group(src, group, t.tp, tp_rank, t.root, rank, t.journal)
+                files[k][rank].append(entry)
+                tensors[k][rank].extend(entries)
                 progress.wrote(entry.bytes)
-            src.release()
-            progress.group_done(group.file)
-    return [RankEntry(r, tuple(files[r]), tuple(tensors[r]), *divmod(r, tp)) for r in range(world)]
+        src.release()
+        progress.group_done(name)
+    return [[RankEntry(r, tuple(f[r]), tuple(x[r]), *divmod(r, t.tp)) for r in range(len(f))]
+            for t, f, x in zip(targets, files, tensors)]
 
 
 def _write_tokenizer(src: Source, root: Path) -> tuple[FileEntry, ...]:

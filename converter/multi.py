@@ -23,6 +23,7 @@ from converter.convert import (
     ConvertSummary,
     OnStart,
     Progress,
+    Target,
     _check_space,
     _manifest,
     _os_error,
@@ -34,14 +35,12 @@ from converter.convert import (
     planned_bytes,
     rank_digest,
     up_to_date,
+    write_targets,
 )
 from converter.resume import Journal
-from converter.shards import write_group
-from converter.source import Source, open_source
+from converter.source import open_source
 from converter.writer import peak_rss_bytes
-from formats import layout
 from formats.errors import TpDeployError
-from formats.manifest import RankEntry
 from formats.shard_plan import file_groups
 from formats.sharding import check_tp
 
@@ -92,7 +91,8 @@ def convert_many(opts: ConvertOptions, tps: list[int], on_start: OnStart | None 
             keys = {tp: key_when_hashed(source_hashes, opts.key_options(tp)) for tp in tps}
             tmps = [stack.enter_context(building(t, opts.force, src_dir, opts.resume)) for t in targets]
             journals = {tp: Journal.open(tmp, keys[tp], opts.resume) for tp, tmp in zip(tps, tmps)}
-            ranks = _write_all(src, tps, tmps, progress, journals)
+            written = [Target(tp, stages[tp], tmp, journals[tp]) for tp, tmp in zip(tps, tmps)]
+            ranks = dict(zip(tps, write_targets(src, written, progress)))
             summaries = []
             for tp, tmp, target in zip(tps, tmps, targets):
                 tokenizer = _write_tokenizer(src, tmp)
@@ -113,24 +113,3 @@ def convert_many(opts: ConvertOptions, tps: list[int], on_start: OnStart | None 
         torch.set_num_threads(threads)
     seconds, rss = round(time.perf_counter() - t0, 3), peak_rss_bytes()
     return [dataclasses.replace(s, seconds=seconds, peak_rss_bytes=rss) for s in summaries]
-
-
-def _write_all(src: Source, tps: list[int], roots: list[Path], progress: Progress,
-               journals: dict[int, Journal]) -> dict[int, list[RankEntry]]:
-    files = {tp: [[] for _ in range(tp)] for tp in tps}
-    tensors = {tp: [[] for _ in range(tp)] for tp in tps}
-    for tp, root in zip(tps, roots):
-        for rank in range(tp):
-            (root / layout.rank_dir(rank)).mkdir(exist_ok=True)  # exists when resumed
-    act_order = bool(src.int4 and src.int4.act_order)
-    # one layer at a time, every tp
-    for group in file_groups(src.config, src.int4 is not None, act_order=act_order, fp8_linears=src.fp8 is not None):
-        for tp, root in zip(tps, roots):
-            for rank in range(tp):
-                entry, entries = write_group(src, group, tp, rank, root, journal=journals[tp])
-                files[tp][rank].append(entry)
-                tensors[tp][rank].extend(entries)
-                progress.wrote(entry.bytes)
-        src.release()
-        progress.group_done(group.file)
-    return {tp: [RankEntry(r, tuple(files[tp][r]), tuple(tensors[tp][r]), 0, r) for r in range(tp)] for tp in tps}
