@@ -1,6 +1,6 @@
 """W4A16 linear in Triton: y = x @ dequant(W) (+ bias) over the canonical int4 layout, fp32 accumulation.
 
-Layouts (``formats/int4.py``, ``docs/int4.md``, layout ``tpdeploy-int4-v1``), W is (K, N), all row-major:
+Layouts (``formats/int4.py``, ``docs/quantization.md``, layout ``tpdeploy-int4-v1``), W is (K, N), all row-major:
 
     x        (M, K)    fp16 / bf16 / fp32
     qweight  (K/8, N)  int32: row k of W is nibble k % 8 (bits 4*(k % 8) .. +3) of packed row k // 8

@@ -34,7 +34,7 @@ FOLD_FROM = {"gate_proj": "down_proj", "up_proj": "down_proj"}  # output columns
 
 
 def canonical_rows(g_idx: torch.Tensor) -> torch.Tensor:
-    """docs/int4.md's rule, written independently: groups ordered by their first row, rows in order within."""
+    """docs/quantization.md's rule, written independently: groups ordered by their first row, rows in order within."""
     first = {}
     for k, g in enumerate(g_idx.tolist()):
         first.setdefault(g, k)
