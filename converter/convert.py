@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -27,8 +28,8 @@ from formats import layout
 from formats.errors import FormatError, OutOfSpaceError, TpDeployError
 from formats.manifest import FileEntry, Manifest, RankEntry, SourceInfo, WeightFormat, read_manifest
 from formats.pipeline import StageEntry, balance, check_pp, global_rank, parse_pp_layers, stages_from_counts
-from formats.shard_plan import file_groups, rank_tensor
-from formats.sharding import check_tp, padded_size
+from formats.shard_plan import FileGroup, file_groups, rank_tensor
+from formats.sharding import padded_size
 
 PAD_HINT = "or pass --pad-heads to add zero heads that tp divides (same outputs; `tpconv inspect` shows the cost)"
 FREE_SPACE_MARGIN = 64 << 20  # tokenizer, headers and manifest on top of the tensor bytes
@@ -110,13 +111,11 @@ def convert(opts: ConvertOptions, on_start: OnStart | None = None) -> ConvertSum
     try:
         if opts.pad_heads:
             src.pad_heads(opts.tp)
-        check_tp(src.config, opts.tp, src.int4.group_size if src.int4 else 0, PAD_HINT,
-                 data=src.tp_problem)
+        src.check_tp(opts.tp, PAD_HINT)
         stages = plan_stages(src, opts.tp, opts.pp, opts.pp_layers)
-        groups = [g for s in stages for g in _groups(src, s, len(stages))]
         total = planned_bytes(src, opts.tp, stages)
         _check_space(dst, total)
-        progress = on_start(total, len(groups)) if on_start else Progress()
+        progress = on_start(total, len(stage_groups(src, stages))) if on_start else Progress()
         with concurrent.futures.ThreadPoolExecutor(1) as pool, \
                 building(dst, opts.force, src_dir, opts.resume) as tmp:
             # Hashing the source overlaps with conversion: hashlib releases the GIL.
@@ -134,14 +133,8 @@ def convert(opts: ConvertOptions, on_start: OnStart | None = None) -> ConvertSum
     finally:
         src.checkpoint.close()
         torch.set_num_threads(threads)
-    return ConvertSummary(
-        workspace=str(dst.absolute()), tp=opts.tp, pp=len(stages), dtype=manifest.weights.dtype,
-        files=sum(len(r.files) for r in ranks) + len(tokenizer) + 1,
-        bytes_per_rank=[r.bytes for r in ranks], seconds=round(time.perf_counter() - t0, 3),
-        peak_rss_bytes=peak_rss_bytes(),
-        unused_source_tensors=src.unused, notes=src.notes, key=manifest.cache_key,
-        rank_sha256=[rank_digest(r) for r in ranks], resumed_files=journal.kept,
-    )
+    return summary_of(dst, manifest, seconds=round(time.perf_counter() - t0, 3), peak_rss_bytes=peak_rss_bytes(),
+                      unused_source_tensors=src.unused, notes=src.notes, resumed_files=journal.kept)
 
 
 def up_to_date(dst: Path, src_dir: Path, key_opts: KeyOptions, t0: float) -> ConvertSummary | str:
@@ -162,12 +155,17 @@ def up_to_date(dst: Path, src_dir: Path, key_opts: KeyOptions, t0: float) -> Con
     problems = verify(dst)
     if problems:
         return f"it no longer verifies: {problems[0]}"
+    return summary_of(dst, manifest, seconds=round(time.perf_counter() - t0, 3), peak_rss_bytes=peak_rss_bytes(),
+                      unused_source_tensors=[], status="up to date")
+
+
+def summary_of(dst: Path, manifest: Manifest, **run: Any) -> ConvertSummary:
+    """What a workspace is (from its manifest), with ``run``: how this conversion went (time, RSS, notes)."""
     return ConvertSummary(
-        workspace=str(dst.absolute()), tp=manifest.tp, pp=manifest.pp, dtype=manifest.weights.dtype,
+        workspace=str(Path(dst).absolute()), tp=manifest.tp, pp=manifest.pp, dtype=manifest.weights.dtype,
         files=sum(len(r.files) for r in manifest.ranks) + len(manifest.tokenizer) + 1,
-        bytes_per_rank=[r.bytes for r in manifest.ranks], seconds=round(time.perf_counter() - t0, 3),
-        peak_rss_bytes=peak_rss_bytes(), unused_source_tensors=[], key=key,
-        rank_sha256=[rank_digest(r) for r in manifest.ranks], status="up to date")
+        bytes_per_rank=[r.bytes for r in manifest.ranks], key=manifest.cache_key,
+        rank_sha256=[rank_digest(r) for r in manifest.ranks], **run)
 
 
 def rank_digest(rank: RankEntry) -> str:
@@ -212,7 +210,12 @@ def plan_stages(src: Source, tp: int, pp: int, pp_layers: str | None = None) -> 
 def planned_bytes(src: Source, tp: int, stages: tuple[StageEntry, ...] | None = None) -> int:
     """Tensor bytes the workspace will hold over all ranks (headers excluded)."""
     stages = stages or (StageEntry(0, (0, src.config.num_layers)),)
-    return sum(_group_bytes(src, g, tp) for s in stages for g in _groups(src, s, len(stages)))
+    return sum(_group_bytes(src, g, tp) for _, g in stage_groups(src, stages))
+
+
+def stage_groups(src: Source, stages: tuple[StageEntry, ...]) -> list[tuple[StageEntry, FileGroup]]:
+    """Every file group of a workspace with these stages, with its stage, in conversion order."""
+    return [(s, g) for s in stages for g in _groups(src, s, len(stages))]
 
 
 def _groups(src: Source, stage: StageEntry, pp: int):
@@ -241,7 +244,7 @@ def write_targets(src: Source, targets: list[Target], progress: Progress) -> lis
     """Every target's rank files, one source file group at a time: a group (a decoder layer, the embedding,
     the head) is read and released once and written for every rank of every target that holds it — the
     ranks of its stage in one workspace, or every tp of a one-pass conversion."""
-    plans = [{g.file: (s, g) for s in t.stages for g in _groups(src, s, len(t.stages))} for t in targets]
+    plans = [{g.file: (s, g) for s, g in stage_groups(src, t.stages)} for t in targets]
     files = [[[] for _ in range(t.tp * len(t.stages))] for t in targets]
     tensors = [[[] for _ in range(t.tp * len(t.stages))] for t in targets]
     for t in targets:

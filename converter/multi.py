@@ -33,7 +33,8 @@ from converter.convert import (
     one_thread,
     plan_stages,
     planned_bytes,
-    rank_digest,
+    stage_groups,
+    summary_of,
     up_to_date,
     write_targets,
 )
@@ -41,8 +42,6 @@ from converter.resume import Journal
 from converter.source import open_source
 from converter.writer import peak_rss_bytes
 from formats.errors import TpDeployError
-from formats.shard_plan import file_groups
-from formats.sharding import check_tp
 
 
 def parse_tps(text: str) -> list[int]:
@@ -80,12 +79,12 @@ def convert_many(opts: ConvertOptions, tps: list[int], on_start: OnStart | None 
     threads = one_thread()
     try:
         for tp in tps:
-            check_tp(src.config, tp, src.int4.group_size if src.int4 else 0, PAD_HINT, data=src.tp_problem)
+            src.check_tp(tp, PAD_HINT)
         stages = {tp: plan_stages(src, tp, 1) for tp in tps}
         total = sum(planned_bytes(src, tp, stages[tp]) for tp in tps)
         _check_space(root, total)
-        progress = on_start(total, len(file_groups(src.config, src.int4 is not None,
-                                                      fp8_linears=src.fp8 is not None))) if on_start else Progress()
+        # one group at a time for every tp: as many steps as one workspace has groups
+        progress = on_start(total, len(stage_groups(src, stages[tps[0]]))) if on_start else Progress()
         with concurrent.futures.ThreadPoolExecutor(1) as pool, ExitStack() as stack:
             source_hashes = pool.submit(hash_source, src.path)
             keys = {tp: key_when_hashed(source_hashes, opts.key_options(tp)) for tp in tps}
@@ -100,12 +99,9 @@ def convert_many(opts: ConvertOptions, tps: list[int], on_start: OnStart | None 
                                      checkpoint_hashes(src, source_hashes.result()), keys[tp].result())
                 journals[tp].close()
                 _write_manifest(tmp, manifest)
-                summaries.append(ConvertSummary(
-                    workspace=str(target.absolute()), tp=tp, pp=1, dtype=manifest.weights.dtype,
-                    files=sum(len(r.files) for r in ranks[tp]) + len(tokenizer) + 1,
-                    bytes_per_rank=[r.bytes for r in ranks[tp]], seconds=0.0, peak_rss_bytes=0,
-                    unused_source_tensors=src.unused, notes=src.notes, key=manifest.cache_key,
-                    rank_sha256=[rank_digest(r) for r in ranks[tp]], resumed_files=journals[tp].kept))
+                summaries.append(summary_of(target, manifest, seconds=0.0, peak_rss_bytes=0,
+                                            unused_source_tensors=src.unused, notes=src.notes,
+                                            resumed_files=journals[tp].kept))
     except OSError as e:
         raise _os_error(e, root) from e
     finally:

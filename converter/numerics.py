@@ -87,7 +87,7 @@ class _SourceWeights:
     """Full canonical tensors of the source, in the workspace dtype, as float32."""
 
     def __init__(self, src: Source):
-        self.src, self.cfg = src, src.checkpoint_config or src.config  # reads address the checkpoint's heads
+        self.src, self.cfg = src, src.stored_config  # reads address the checkpoint's heads
         self._int4 = {n.rsplit(".", 1)[0] for n in source_names(src.config, src.int4 is not None) if int4.is_part(n)}
         self._fp8 = {fp8.weight_name(n) for n in source_names(src.config, fp8_linears=src.fp8 is not None)
                      if fp8.is_scale(n)}

@@ -31,7 +31,7 @@ from formats.head_padding import pad_config
 from formats.int4 import Int4Format
 from formats.manifest import FLOAT_DTYPES
 from formats.shard_plan import FOLDED_INTO, QUANTIZED_LINEARS, fp8_block, source_names
-from formats.sharding import source_shape
+from formats.sharding import check_tp, source_shape
 
 
 @dataclass
@@ -76,13 +76,22 @@ class Source:
                         "cannot be reordered across ranks)")
         return None
 
+    @property
+    def stored_config(self) -> ModelConfig:
+        """The model as the checkpoint stores it: ``config`` before ``pad_heads`` added zero heads."""
+        return self.checkpoint_config or self.config
+
+    def check_tp(self, tp: int, heads_hint: str = "") -> None:
+        """What ``tp`` cannot split: the shapes, int4 groups, and act-order groups scattered over ranks."""
+        check_tp(self.config, tp, self.int4.group_size if self.int4 else 0, heads_hint, data=self.tp_problem)
+
     def pad_heads(self, tp: int) -> None:
         """Plan the workspace with zero heads added for ``tp`` (``formats.head_padding``); reads still
         address the checkpoint's own heads."""
         if self.int4 is not None and self.int4.act_order:  # a perm's rank-local indices assume unpadded heads
             raise TpDeployError(f"{self.path}: --pad-heads is not supported for act-order (desc_act) GPTQ "
                                 "checkpoints; use a --tp that divides the heads")
-        self.checkpoint_config = self.checkpoint_config or self.config
+        self.checkpoint_config = self.stored_config
         self.config = pad_config(self.checkpoint_config, tp)
 
     def hf_name(self, canonical: str) -> str:
@@ -122,7 +131,7 @@ class Source:
     def _fp8_scale(self, source: str, block: int) -> torch.Tensor:
         """The whole canonical (N, K/B) scale of one source linear, kept until the layer is written."""
         if (source, block) not in self._fp8_scales:
-            n, k = source_shape(fp8.weight_name(source), self.checkpoint_config or self.config)
+            n, k = source_shape(fp8.weight_name(source), self.stored_config)
             raw = read_whole(self.checkpoint, self.hf_name(source))
             self._fp8_scales[(source, block)] = self.fp8.to_canonical(raw, n, k, block)
         return self._fp8_scales[(source, block)]
@@ -130,10 +139,10 @@ class Source:
     def _read_fused(self, name: str, axis: int, start: int, stop: int) -> torch.Tensor:
         fused, part = name.split("#")
         if axis != 0:
-            cfg = self.checkpoint_config or self.config
+            cfg = self.stored_config
             rows = cfg.num_heads if part == "q" else cfg.num_kv_heads
             return self._read_fused(name, 0, 0, rows * cfg.head_dim).narrow(axis, start, stop - start)
-        ranges = fused_rows(self.arch.qkv_layout, part, self.checkpoint_config or self.config, start, stop)
+        ranges = fused_rows(self.arch.qkv_layout, part, self.stored_config, start, stop)
         return torch.cat([self.checkpoint.read(fused, 0, a, b) for a, b in ranges])
 
     def out_dtype(self, tensor: str) -> torch.dtype:
