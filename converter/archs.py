@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from converter.config_values import ROPE_REQUIRED, check_config, show
-from formats.config import ModelConfig, RopeScaling
+from formats.config import ModelConfig, MoeConfig, RopeScaling
 from formats.errors import FormatError
 
 _LLAMA_NAMES = {
@@ -63,6 +63,31 @@ _GEMMA3_NAMES = {
     "ffn_norm.weight": "model.layers.{i}.pre_feedforward_layernorm.weight",
     "post_ffn_norm.weight": "model.layers.{i}.post_feedforward_layernorm.weight",
 }
+# Mixture-of-experts layers: the router and each expert's three linears ({e}: the expert). Per-expert tensors
+# are how transformers 4 and 5 save; a fused checkpoint (transformers 5's in-memory layout, saved as is)
+# holds 3-D ``experts.gate_up_proj`` (E, 2I, H) and ``experts.down_proj`` (E, H, I): ``NAME@{e}:0`` names
+# expert e's gate rows of the first, ``:1`` its up rows, ``NAME@{e}`` its slice of the second.
+_QWEN3_MOE_NAMES = {
+    **_QWEN3_NAMES,
+    "feed_forward.router.weight": "model.layers.{i}.mlp.gate.weight",
+    "feed_forward.experts.{e}.w_gate.weight": "model.layers.{i}.mlp.experts.{e}.gate_proj.weight",
+    "feed_forward.experts.{e}.w_up.weight": "model.layers.{i}.mlp.experts.{e}.up_proj.weight",
+    "feed_forward.experts.{e}.w_down.weight": "model.layers.{i}.mlp.experts.{e}.down_proj.weight",
+}
+_MIXTRAL_NAMES = {
+    **_LLAMA_NAMES,
+    "feed_forward.router.weight": "model.layers.{i}.block_sparse_moe.gate.weight",
+    "feed_forward.experts.{e}.w_gate.weight": "model.layers.{i}.block_sparse_moe.experts.{e}.w1.weight",
+    "feed_forward.experts.{e}.w_up.weight": "model.layers.{i}.block_sparse_moe.experts.{e}.w3.weight",
+    "feed_forward.experts.{e}.w_down.weight": "model.layers.{i}.block_sparse_moe.experts.{e}.w2.weight",
+}
+_FUSED_EXPERT_NAMES = {
+    "feed_forward.router.weight": "model.layers.{i}.mlp.gate.weight",
+    "feed_forward.experts.{e}.w_gate.weight": "model.layers.{i}.mlp.experts.gate_up_proj@{e}:0",
+    "feed_forward.experts.{e}.w_up.weight": "model.layers.{i}.mlp.experts.gate_up_proj@{e}:1",
+    "feed_forward.experts.{e}.w_down.weight": "model.layers.{i}.mlp.experts.down_proj@{e}",
+}
+_EXPERT = re.compile(r"^feed_forward\.experts\.(\d+)\.(.+)$")
 # Tensors a checkpoint may carry that the runtime recomputes; ignored without a warning.
 IGNORED = re.compile(r"^model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq$")
 _LAYER = re.compile(r"^layers\.(\d+)\.(.+)$")
@@ -77,13 +102,17 @@ class Architecture:
     qkv_layout: str | None = None  # "stacked": [q; k; v] (Baichuan), "grouped": per KV head [q.., k, v] (InternLM2)
     normalize_lm_head: bool = False  # Baichuan2's NormHead: lm_head rows are L2-normalised at inference
     gemma: bool = False  # Gemma 3: (1 + w) norms, sandwich norms, GeGLU, scaled embeddings, local/global layers
+    moe: str | None = None  # "qwen3" or "mixtral": which config fields say where the experts are
 
     def hf_name(self, canonical: str) -> str:
         """The checkpoint's name for a canonical tensor; rows of a fused tensor are ``NAME#q`` / ``#k`` / ``#v``."""
         m = _LAYER.match(canonical)
-        if m:
-            return self.names[m.group(2)].format(i=m.group(1))
-        return self.names[canonical]
+        if not m:
+            return self.names[canonical]
+        e = _EXPERT.match(m.group(2))
+        if e:
+            return self.names["feed_forward.experts.{e}." + e.group(2)].format(i=m.group(1), e=e.group(1))
+        return self.names[m.group(2)].format(i=m.group(1))
 
 
 ARCHITECTURES: dict[str, Architecture] = {
@@ -96,6 +125,13 @@ ARCHITECTURES: dict[str, Architecture] = {
     "BaichuanForCausalLM": Architecture(qkv_bias=False, names=_BAICHUAN_NAMES, qkv_layout="stacked"),
     "InternLM2ForCausalLM": Architecture(qkv_bias=False, names=_INTERNLM2_NAMES, qkv_layout="grouped"),
     "Gemma3ForCausalLM": Architecture(qkv_bias=False, names=_GEMMA3_NAMES, qk_norm=True, gemma=True),
+    "Qwen3MoeForCausalLM": Architecture(qkv_bias=False, names=_QWEN3_MOE_NAMES, qk_norm=True, moe="qwen3"),
+    "MixtralForCausalLM": Architecture(qkv_bias=False, names=_MIXTRAL_NAMES, moe="mixtral"),
+}
+# Known and refused by name, with why (rather than "not supported" among the rest).
+REFUSED = {
+    "Qwen2MoeForCausalLM": "Qwen2-MoE adds a shared expert with its own gate to every layer, which tprun does not "
+                           "run; Qwen3-MoE and Mixtral are supported",
 }
 BAICHUAN2_VOCAB = 125696  # Baichuan2's vocabulary: its checkpoints use NormHead (as vLLM tells them apart)
 
@@ -166,6 +202,8 @@ def architecture_of(hf: dict[str, Any], where: str) -> tuple[str, Architecture]:
     archs = hf.get("architectures") or []
     supported = ", ".join(ARCHITECTURES)
     one_name = isinstance(archs, list) and len(archs) == 1 and isinstance(archs[0], str)
+    if one_name and archs[0] in REFUSED:
+        raise FormatError(f"{where}: architectures {archs}: {REFUSED[archs[0]]}")
     if not one_name or archs[0] not in ARCHITECTURES:
         raise FormatError(f"{where}: architectures {archs} is not supported; supported: {supported}")
     arch = ARCHITECTURES[archs[0]]
@@ -212,7 +250,54 @@ def model_config(hf: dict[str, Any], where: str) -> ModelConfig:
         sliding_window=_sliding_window(hf),
         bos_token_id=hf.get("bos_token_id"),
         eos_token_ids=tuple(eos if isinstance(eos, list) else [] if eos is None else [eos]),
+        moe=_moe(hf, arch, where),
     )
+
+
+def _moe(hf: dict[str, Any], arch: Architecture, where: str) -> MoeConfig | None:
+    """Where the experts are and how tokens pick them; values already type-checked."""
+    if arch.moe is None:
+        return None
+    n, layers = hf["num_hidden_layers"], list(range(hf["num_hidden_layers"]))
+    experts_key = "num_experts" if hf.get("num_experts") is not None else "num_local_experts"
+    experts = hf.get(experts_key)
+    if arch.moe == "qwen3":
+        if hf.get("shared_expert_intermediate_size"):
+            raise FormatError(f"{where}: field 'shared_expert_intermediate_size' is "
+                              f"{show(hf['shared_expert_intermediate_size'])}: shared experts are not supported")
+        step, dense = hf.get("decoder_sparse_step") or 1, set(hf.get("mlp_only_layers") or [])
+        if dense - set(layers):
+            raise FormatError(f"{where}: field 'mlp_only_layers' names layers {sorted(dense - set(layers))} "
+                              f"beyond the model's {n}")
+        layers = [i for i in layers if i not in dense and (i + 1) % step == 0]
+        inter_key, norm = "moe_intermediate_size", hf.get("norm_topk_prob", False)
+    else:  # Mixtral: every layer, experts as wide as intermediate_size, the two weights renormalised
+        inter_key, norm = "intermediate_size", True
+    for key in (experts_key, "num_experts_per_tok", inter_key):
+        if hf.get(key) is None:
+            raise FormatError(f"{where}: required field {key!r} is missing (a mixture-of-experts model needs it)")
+    if hf["num_experts_per_tok"] > experts:
+        raise FormatError(f"{where}: field 'num_experts_per_tok' is {hf['num_experts_per_tok']}, more than the "
+                          f"{experts} experts ({experts_key})")
+    if not layers:
+        return None  # every layer dense: a plain decoder
+    return MoeConfig(experts, hf["num_experts_per_tok"], hf[inter_key], norm, tuple(layers))
+
+
+def with_expert_layout(arch: Architecture, cfg: ModelConfig, names: set[str]) -> Architecture:
+    """The architecture reading fused 3-D expert tensors when the checkpoint stores them so."""
+    if cfg.moe is None:
+        return arch
+    fused = _FUSED_EXPERT_NAMES["feed_forward.experts.{e}.w_down.weight"].split("@")[0]
+    if fused.format(i=cfg.moe.layers[0]) not in names:
+        return arch
+    return dataclasses.replace(arch, names={**arch.names, **_FUSED_EXPERT_NAMES})
+
+
+def fused_expert_shape(name: str, cfg: ModelConfig) -> tuple[int, int, int]:
+    """The 3-D shape a fused expert tensor (``...gate_up_proj`` or ``...down_proj``) must have."""
+    e, i, h = cfg.moe.num_experts, cfg.moe.intermediate_size, cfg.hidden_size
+    return (e, 2 * i, h) if name.endswith("gate_up_proj") else (e, h, i)
 
 
 def _global_rope(hf: dict[str, Any]) -> dict[str, Any]:

@@ -38,6 +38,7 @@ class KeyOptions:
     model_format: str = "auto"
     dtype: str = "auto"
     pad_heads: bool = False
+    ep: bool = False
 
 
 def source_files(src: Path) -> list[Path]:
@@ -63,7 +64,7 @@ def cache_key(files: tuple[FileEntry, ...], opts: KeyOptions) -> str:
     body = {
         "scheme": KEY_SCHEME, "converter": __version__, "schema": SCHEMA_VERSION,
         "options": {"tp": opts.tp, "pp": opts.pp, "pp_layers": opts.pp_layers, "model_format": opts.model_format,
-                    "dtype": opts.dtype, "pad_heads": opts.pad_heads},
+                    "dtype": opts.dtype, "pad_heads": opts.pad_heads, "ep": opts.ep},
         "files": [[f.path, f.bytes, f.sha256] for f in files],
     }
     return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()

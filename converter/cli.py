@@ -65,6 +65,9 @@ def _byte_options(fn):
         click.option("--model-format", type=click.Choice(["auto", "hf", "awq"]), default="auto", show_default=True),
         click.option("--dtype", type=click.Choice(["auto", "float16", "bfloat16", "float32"]), default="auto",
                      show_default=True, help="Output dtype; auto keeps the checkpoint's."),
+        click.option("--ep", is_flag=True,
+                     help="Mixture-of-experts models: each rank holds num_experts/tp whole experts (expert "
+                          "parallel) instead of a 1/tp slice of every expert."),
     ]
     for option in reversed(options):
         fn = option(fn)
@@ -90,14 +93,14 @@ def _options(src: Path, dst_path: Path, tp: str, pp: int, pp_layers: str | None,
 @click.option("--json", "as_json", is_flag=True, help="Print one machine-readable object at the end.")
 @_exits("as_json")
 def convert_cmd(src: Path, dst_path: Path, tp: str, pp: int, pp_layers: str | None, model_format: str, dtype: str,
-                pad_heads: bool, force: bool, resume: bool, as_json: bool) -> None:
+                ep: bool, pad_heads: bool, force: bool, resume: bool, as_json: bool) -> None:
     """Convert SRC (a local HF checkpoint directory) into a workspace with one shard per rank.
 
     A --dst-path that already holds this conversion's workspace (same cache key, verifies) is left as
     it is and the command exits 0 at once.
     """
     tps, opts = _options(src, dst_path, tp, pp, pp_layers, model_format, dtype, pad_heads=pad_heads, force=force,
-                         resume=resume)
+                         resume=resume, ep=ep)
     drawn: list[LineProgress] = []
 
     def on_start(total: int, groups: int) -> LineProgress:
@@ -186,14 +189,14 @@ class LineProgress(Progress):
 @click.option("--pad-heads", is_flag=True, help="As for convert.")
 @click.option("--json", "as_json", is_flag=True, help="Also print the hashed files and options.")
 @_exits("as_json")
-def key_cmd(src: Path, tp: str, pp: int, pp_layers: str | None, model_format: str, dtype: str, pad_heads: bool,
-            as_json: bool) -> None:
+def key_cmd(src: Path, tp: str, pp: int, pp_layers: str | None, model_format: str, dtype: str, ep: bool,
+            pad_heads: bool, as_json: bool) -> None:
     """Print the cache key of converting SRC with these options (the manifest records it).
 
     Derived from the sha256 of every file at the top of SRC, every option that changes bytes and the
     converter's version; no tensor is read. Use it as a CI cache key (docs/ci.md).
     """
-    tps, opts = _options(src, Path("."), tp, pp, pp_layers, model_format, dtype, pad_heads=pad_heads)
+    tps, opts = _options(src, Path("."), tp, pp, pp_layers, model_format, dtype, pad_heads=pad_heads, ep=ep)
     files = hash_source(src)
     keys = [cache_key(files, opts.key_options(t)) for t in tps]
     key = keys[0] if len(keys) == 1 else combined_key(keys)
@@ -243,6 +246,15 @@ def verify_cmd(workspace: Path, src: Path | None, numerics: bool, as_json: bool)
                    f"(largest relative error {report.worst:.2g}) in {report.seconds:.1f}s")
 
 
+def _show_experts(x: dict) -> None:
+    click.echo(f"experts    {x['num_experts']} per MoE layer ({x['layers']} layers), top-{x['top_k']}, intermediate "
+               f"{x['intermediate_size']}; {x['mode']}")
+    for r in x["per_rank"]:
+        a, b = r["experts"]
+        holds = f"experts {a}..{b - 1} whole" if x["mode"] == "expert parallel" else f"a slice of experts {a}..{b - 1}"
+        click.echo(f"  rank{r['rank']:<4} {holds}, {r['expert_bytes'] / 1e6:.2f} MB of expert weights")
+
+
 @main.command("inspect")
 @click.argument("workspace", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True)
@@ -273,6 +285,8 @@ def inspect_cmd(workspace: Path, as_json: bool) -> None:
                    f"{c['heads']} / {c['kv_heads']} (zero heads, same outputs): +{c['extra_bytes'] / 1e6:.2f} MB of "
                    f"weights over all ranks, +{c['attention_weights_percent']}% attention projection bytes and "
                    f"FLOPs (+{c['layer_weights_percent']}% of a layer's), +{c['kv_cache_percent']}% KV cache per token")
+    if info["experts"]:
+        _show_experts(info["experts"])
     for s in info["stages"]:
         click.echo(f"stage {s['stage']:<4} layers {s['layers'][0]}..{s['layers'][1] - 1} ({s['num_layers']}), "
                    f"{s['bytes'] / 1e6:10.2f} MB{'  ' + s['holds'] if s['holds'] else ''}")

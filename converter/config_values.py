@@ -42,6 +42,8 @@ STRING = Expect(lambda v: isinstance(v, str), "a string")
 TOKEN_ID = Expect(lambda v: _is_int(v) and v >= 0, "a token id (a non-negative integer)")
 TOKEN_IDS = Expect(lambda v: TOKEN_ID.ok(v) or isinstance(v, list) and all(map(TOKEN_ID.ok, v)),
                    "a token id or a list of token ids (non-negative integers)")
+LAYER_LIST = Expect(lambda v: isinstance(v, list) and all(_is_int(i) and i >= 0 for i in v),
+                    "a list of layer indexes (non-negative integers)")
 WINDOW = Expect(lambda v: _is_int(v) and v >= 0, "a non-negative integer (0 or null: full attention)")
 
 # field -> (what it must be, required). null counts as absent, as transformers reads it.
@@ -67,6 +69,13 @@ CONFIG_FIELDS: dict[str, tuple[Expect, bool]] = {
     "rope_local_base_freq": (POSITIVE_NUMBER, False),
     "sliding_window_pattern": (POSITIVE_INT, False),
     "hidden_activation": (STRING, False),
+    "num_experts": (POSITIVE_INT, False),  # mixture of experts: Qwen3-MoE (transformers 4)
+    "num_local_experts": (POSITIVE_INT, False),  # Mixtral; Qwen3-MoE in transformers 5
+    "num_experts_per_tok": (POSITIVE_INT, False),
+    "moe_intermediate_size": (POSITIVE_INT, False),
+    "decoder_sparse_step": (POSITIVE_INT, False),
+    "mlp_only_layers": (LAYER_LIST, False),
+    "norm_topk_prob": (BOOL, False),
     "bos_token_id": (TOKEN_ID, False),
     "eos_token_id": (TOKEN_IDS, False),
 }

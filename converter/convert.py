@@ -47,10 +47,12 @@ class ConvertOptions:
     pp_layers: str | None = None  # "10,10,8,2": layers per stage instead of the balance by bytes
     pad_heads: bool = False  # zero heads added so that tp divides them (formats.sharding.HeadPadding)
     resume: bool = False  # keep what a killed conversion of the same key wrote and verified
+    ep: bool = False  # mixture of experts: whole experts per rank (expert parallel) instead of slices of each
 
     def key_options(self, tp: int | None = None) -> KeyOptions:
         layers = ",".join(x.strip() for x in self.pp_layers.split(",")) if self.pp_layers else None
-        return KeyOptions(tp or self.tp, self.pp, layers, self.model_format, self.dtype, self.pad_heads)
+        return KeyOptions(tp or self.tp, self.pp, layers, self.model_format, self.dtype, self.pad_heads,
+                          self.ep)
 
 
 @dataclass(frozen=True)
@@ -111,6 +113,8 @@ def convert(opts: ConvertOptions, on_start: OnStart | None = None) -> ConvertSum
     try:
         if opts.pad_heads:
             src.pad_heads(opts.tp)
+        if opts.ep:
+            src.expert_parallel()
         src.check_tp(opts.tp, PAD_HINT)
         stages = plan_stages(src, opts.tp, opts.pp, opts.pp_layers)
         total = planned_bytes(src, opts.tp, stages)

@@ -78,6 +78,8 @@ def convert_many(opts: ConvertOptions, tps: list[int], on_start: OnStart | None 
     src = open_source(src_dir, opts.model_format, opts.dtype)
     threads = one_thread()
     try:
+        if opts.ep:
+            src.expert_parallel()
         for tp in tps:
             src.check_tp(tp, PAD_HINT)
         stages = {tp: plan_stages(src, tp, 1) for tp in tps}

@@ -62,6 +62,8 @@ def verify_numerics(workspace: Path, src_dir: Path | None = None) -> Report:
     try:
         if manifest.model.source_heads is not None:
             src.pad_heads(manifest.tp)  # the padded model is what the workspace must compute
+        if manifest.model.moe is not None and manifest.model.moe.expert_parallel:
+            src.expert_parallel()
         if src.config != manifest.model:
             report.problems.append(f"the source at {src.path} is not the model this workspace was converted from "
                                    "(its config differs); pass the right SRC")
@@ -168,10 +170,12 @@ def _check_layer(cfg: ModelConfig, i: int, ref: _SourceWeights, ranks: list[_Ran
                for w, kind in (("wq", "q"), ("wk", "kv"), ("wv", "kv")))
     o = _attend(q, k, v)
     wo = _pad(cfg, "q", ref(p + "attention.wo.weight").view(cfg.hidden_size, -1, d)).flatten(1)
-    gate, up = (_linear(x, ref, p + f"feed_forward.{w}") for w in ("w_gate", "w_up"))
-    act = _act(cfg.hidden_act, gate) * up
-    down = ref(p + "feed_forward.w_down.weight")
-    per = cfg.intermediate_size // tp
+    moe = cfg.is_moe(i)
+    if not moe:
+        gate, up = (_linear(x, ref, p + f"feed_forward.{w}") for w in ("w_gate", "w_up"))
+        act = _act(cfg.hidden_act, gate) * up
+        down = ref(p + "feed_forward.w_down.weight")
+        per = cfg.intermediate_size // tp
     attn_sum, mlp_sum = torch.zeros(TOKENS, cfg.hidden_size), torch.zeros(TOKENS, cfg.hidden_size)
     for t, rank in enumerate(ranks):
         qh, kvh = _heads(cfg, tp, t)
@@ -187,6 +191,9 @@ def _check_layer(cfg: ModelConfig, i: int, ref: _SourceWeights, ranks: list[_Ran
         cols = slice(qh.start * d, qh.stop * d)
         report.compare(f"{name}attention.wo.weight", partial, o.reshape(TOKENS, -1)[:, cols] @ wo[:, cols].t())
         attn_sum += partial
+        _check_replicated(rank, p, ref, report)
+        if moe:
+            continue
         rgate, rup = (x @ rank(p + "feed_forward.w_gate_up.weight").t()).split(per, dim=1)
         rows = slice(t * per, (t + 1) * per)
         report.compare(f"{name}feed_forward.w_gate_up.weight (gate rows)", rgate, gate[:, rows])
@@ -194,9 +201,49 @@ def _check_layer(cfg: ModelConfig, i: int, ref: _SourceWeights, ranks: list[_Ran
         partial = (_act(cfg.hidden_act, rgate) * rup) @ rank(p + "feed_forward.w_down.weight").t()
         report.compare(f"{name}feed_forward.w_down.weight", partial, act[:, rows] @ down[:, rows].t())
         mlp_sum += partial
-        _check_replicated(rank, p, ref, report)
     report.compare(f"{p}attention after the all-reduce over {tp} ranks", attn_sum, o.reshape(TOKENS, -1) @ wo.t())
-    report.compare(f"{p}MLP after the all-reduce over {tp} ranks", mlp_sum, act @ down.t())
+    if moe:
+        _check_experts(cfg, i, x, ref, ranks, report)
+    else:
+        report.compare(f"{p}MLP after the all-reduce over {tp} ranks", mlp_sum, act @ down.t())
+
+
+def _check_experts(cfg: ModelConfig, i: int, x: torch.Tensor, ref: _SourceWeights, ranks: list[_RankWeights],
+                   report: Report) -> None:
+    """A mixture-of-experts layer: the router on every rank, then each rank's share of the routed sum (a slice
+    of every expert, or its whole experts with --ep) and the all-reduced sum, against the source's experts."""
+    p, moe, tp = f"layers.{i}.", cfg.moe, len(ranks)
+    probs = (x @ ref(p + "feed_forward.router.weight").t()).softmax(-1)
+    weights, ids = probs.topk(moe.top_k, dim=-1)
+    if moe.norm_topk_prob:
+        weights = weights / weights.sum(-1, keepdim=True)
+    per = moe.intermediate_size if moe.expert_parallel else moe.intermediate_size // tp
+
+    def ffn(w: dict[str, torch.Tensor], rows: slice) -> torch.Tensor:
+        """An expert's output for every token (routed or not, so every expert is checked), from ``rows`` of it."""
+        h = _act(cfg.hidden_act, x @ w["w_gate"][rows].t()) * (x @ w["w_up"][rows].t())
+        return h @ w["w_down"][:, rows].t()
+
+    def source(e: int) -> dict[str, torch.Tensor]:
+        return {w: ref(f"{p}feed_forward.experts.{e}.{w}.weight") for w in ("w_gate", "w_up", "w_down")}
+
+    def routing(e: int) -> torch.Tensor:
+        return (weights * (ids == e)).sum(-1, keepdim=True)  # (tokens, 1): the weight of e for each token, or 0
+
+    total = torch.zeros(TOKENS, cfg.hidden_size)
+    for t, rank in enumerate(ranks):
+        report.compare(f"rank{rank.rank} {p}feed_forward.router.weight", rank(p + "feed_forward.router.weight"),
+                       ref(p + "feed_forward.router.weight"))
+        experts = moe.expert_range(tp, t)
+        gate_up = rank(p + "feed_forward.experts.w_gate_up.weight").view(len(experts), 2, per, -1)
+        down = rank(p + "feed_forward.experts.w_down.weight").view(cfg.hidden_size, len(experts), per)
+        rows = slice(0, per) if moe.expert_parallel else slice(t * per, (t + 1) * per)
+        for j, e in enumerate(experts):
+            got = ffn({"w_gate": gate_up[j, 0], "w_up": gate_up[j, 1], "w_down": down[:, j]}, slice(None))
+            report.compare(f"rank{rank.rank} {p}expert {e}", got, ffn(source(e), rows))
+            total += got * routing(e)
+    full = sum(ffn(source(e), slice(None)) * routing(e) for e in range(moe.num_experts))
+    report.compare(f"{p}experts after the all-reduce over {tp} ranks", total, full)
 
 
 def _pad(cfg: ModelConfig, kind: str, x: torch.Tensor) -> torch.Tensor:

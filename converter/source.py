@@ -1,6 +1,7 @@
 """Open and validate a source checkpoint before a single byte is written."""
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,10 +15,12 @@ from converter.archs import (
     Architecture,
     architecture_of,
     declared_dtype,
+    fused_expert_shape,
     fused_rows,
     fused_shape,
     model_config,
     text_model,
+    with_expert_layout,
     with_prefix,
 )
 from converter.checkpoint import Checkpoint
@@ -52,6 +55,7 @@ class Source:
     # input row of every group of every layer's wo, to tell which tp keeps each group on one rank
     fp8: Any = None  # a converter.quant_fp8 source format: linears' weights copied as FP8, scales made canonical
     _fp8_scales: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict)  # this layer's, by block
+    _expert: tuple[tuple[str, str], torch.Tensor] | None = None  # the last expert read from a fused 3-D tensor
 
     def quantization(self, tp: int) -> Int4Format | fp8.Fp8Format | None:
         """What the manifest records for a workspace of ``tp`` ranks (the FP8 block depends on tp)."""
@@ -94,6 +98,13 @@ class Source:
         self.checkpoint_config = self.stored_config
         self.config = pad_config(self.checkpoint_config, tp)
 
+    def expert_parallel(self) -> None:
+        """Plan the workspace with whole experts per rank (``tpconv convert --ep``)."""
+        if self.config.moe is None:
+            raise TpDeployError(f"{self.path}: --ep shards the experts of a mixture-of-experts model; "
+                                f"{self.config.architecture} has none")
+        self.config = dataclasses.replace(self.config, moe=dataclasses.replace(self.config.moe, expert_parallel=True))
+
     def hf_name(self, canonical: str) -> str:
         if fp8.is_scale(canonical):
             return f"{self._hf_base(canonical.removesuffix('.' + fp8.SCALE))}.{self.fp8.scale_suffix}"
@@ -116,6 +127,8 @@ class Source:
             name = self.hf_name(source)
             if "#" in name:
                 return self._read_fused(name, axis, start, stop)
+            if "@" in name:
+                return self._read_expert(name).narrow(axis, start, stop - start).contiguous()
             t = self.checkpoint.read(name, axis, start, stop)
             if source == "lm_head.weight" and self.arch.normalize_lm_head:
                 t = torch.nn.functional.normalize(t.float(), dim=1).to(t.dtype)
@@ -145,6 +158,20 @@ class Source:
         ranges = fused_rows(self.arch.qkv_layout, part, self.stored_config, start, stop)
         return torch.cat([self.checkpoint.read(fused, 0, a, b) for a, b in ranges])
 
+    def _read_expert(self, name: str) -> torch.Tensor:
+        """One expert's gate, up or down weight out of a fused 3-D expert tensor (``NAME@e:part``, see archs);
+        the expert is read once for its gate and up rows and every rank's slices."""
+        fused, _, which = name.partition("@")
+        e, _, part = which.partition(":")
+        if self._expert is None or self._expert[0] != (fused, e):
+            self._expert = None
+            self._expert = ((fused, e), self.checkpoint.read(fused, 0, int(e), int(e) + 1)[0])
+        t = self._expert[1]
+        if part:
+            rows = t.shape[0] // 2
+            t = t.narrow(0, int(part) * rows, rows)
+        return t
+
     def out_dtype(self, tensor: str) -> torch.dtype:
         part = tensor.rpartition(".")[2]
         if part in ("qweight", int4.PERM):
@@ -161,6 +188,7 @@ class Source:
         """End of a layer: drop cached repacked tensors and .bin mappings."""
         self.checkpoint.release()
         self._fp8_scales.clear()
+        self._expert = None
         if self._reader is not None:
             self._reader.release()
 
@@ -183,9 +211,12 @@ def open_source(src: Path, model_format: str = "auto", dtype: str = "auto") -> S
         raise FormatError(f"{where}: quantized {arch_name} checkpoints are not supported (their fused q/k/v "
                           "linears); convert the unquantized checkpoint")
     config = model_config(hf, where)
+    arch = with_expert_layout(arch, config, ckpt.names())
+    _check_moe_format(config, arch, quant, fp8_source, where)
     if quant is not None and hasattr(quant, "for_inputs"):
+        moe = (config.moe.intermediate_size,) if config.moe else ()
         quant = quant.for_inputs((config.hidden_size, config.num_heads * config.head_dim,
-                                  config.intermediate_size), where)
+                                  config.intermediate_size, *moe), where)
     dense, quantized = _check_tensors(ckpt, config, arch, src, quant, fp8_source)
     unused = sorted(n for n in ckpt.names() - dense - quantized if not IGNORED.match(n))
     towers = [n for n in unused if SKIPPED_TOWERS.match(n)]
@@ -202,6 +233,21 @@ def open_source(src: Path, model_format: str = "auto", dtype: str = "auto") -> S
         if source.int4.act_order:
             source.wo_groups = _check_act_order(source)
     return source
+
+
+def _check_moe_format(config: ModelConfig, arch: Architecture, quant, fp8_source, where: str) -> None:
+    """Mixture-of-experts weight formats tprun runs: dense (per-expert or fused 3-D) and int4 per-expert."""
+    if config.moe is None:
+        return
+    if fp8_source is not None:
+        raise FormatError(f"{where}: FP8 mixture-of-experts checkpoints are not supported yet; convert the "
+                          "unquantized (or AWQ / compressed-tensors W4A16) checkpoint")
+    if quant is not None and getattr(quant, "act_order", False):
+        raise FormatError(f"{where}: act-order (desc_act) GPTQ mixture-of-experts checkpoints are not supported; "
+                          "use one quantized without desc_act")
+    if quant is not None and any("@" in v for v in arch.names.values()):
+        raise FormatError(f"{where}: int4 experts stored as fused 3-D tensors are not supported; per-expert "
+                          "int4 linears (AutoAWQ, compressed-tensors) are")
 
 
 def _with_quantize_config(hf: dict[str, Any], src: Path) -> dict[str, Any]:
@@ -274,9 +320,10 @@ def _check_tensors(ckpt: Checkpoint, cfg: ModelConfig, arch: Architecture, src: 
         if canonical.endswith((".scales", ".zeros")):
             continue  # checked with their qweight
         name = arch.hf_name(canonical)
-        if "#" in name:  # rows of a fused q/k/v tensor: check the fused tensor itself
-            name, want = name.split("#")[0], fused_shape(cfg)
-            _check_dense(ckpt, name, want, src)
+        if "#" in name or "@" in name:  # rows of a fused q/k/v or expert tensor: check the fused tensor itself
+            name = name.split("#")[0].split("@")[0]
+            _check_dense(ckpt, name, fused_shape(cfg) if "@" not in arch.hf_name(canonical)
+                         else fused_expert_shape(name, cfg), src)
             needed.add(name)
             continue
         if name not in ckpt.names():

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,7 @@ from converter.writer import CHUNK
 from formats.errors import FormatError
 from formats.head_padding import padding_cost
 from formats.int4 import Int4Format
-from formats.manifest import FileEntry, Manifest, RankEntry, load_manifest, read_manifest
+from formats.manifest import STORED_DTYPES, FileEntry, Manifest, RankEntry, load_manifest, read_manifest
 from formats.safetensors_io import TORCH_TO_ST, read_header
 
 
@@ -110,11 +111,27 @@ def inspect(workspace: Path) -> dict[str, Any]:
         "rank_spread_percent": _spread(per_rank),
         "tensors_per_rank": [len(r.tensors) for r in m.ranks],
         "head_padding": _padding(m),
+        "experts": _experts(m),
         "source": {"path": m.source.path, "format": m.source.format,
                    "files": [{"path": f.path, "bytes": f.bytes, "sha256": f.sha256} for f in m.source.files]},
         "schema_version": m.schema_version,
         "converter_version": m.converter_version,
     }
+
+
+def _experts(m: Manifest) -> dict[str, Any] | None:
+    """Where a mixture of experts lives: which experts each rank holds, and their bytes on it."""
+    moe = m.model.moe
+    if moe is None:
+        return None
+    per_rank = []
+    for r in m.ranks:
+        experts = moe.expert_range(m.tp, r.tp_rank)
+        nbytes = sum(math.prod(t.shape) * STORED_DTYPES[t.dtype].itemsize for t in r.tensors if ".experts." in t.name)
+        per_rank.append({"rank": r.rank, "experts": [experts.start, experts.stop], "expert_bytes": nbytes})
+    return {"num_experts": moe.num_experts, "top_k": moe.top_k, "intermediate_size": moe.intermediate_size,
+            "layers": len(moe.layers), "mode": "expert parallel" if moe.expert_parallel else "tensor parallel",
+            "per_rank": per_rank}
 
 
 def _padding(m: Manifest) -> dict[str, Any] | None:

@@ -24,6 +24,30 @@ class RopeScaling:
 
 
 @dataclass(frozen=True)
+class MoeConfig:
+    """A mixture-of-experts MLP (Qwen3-MoE, Mixtral): a softmax router picks ``top_k`` of ``num_experts``
+    SwiGLU experts per token; ``layers`` are the decoder layers that have it (the others keep the dense MLP
+    of ``ModelConfig.intermediate_size``)."""
+
+    num_experts: int
+    top_k: int
+    intermediate_size: int  # of each expert
+    norm_topk_prob: bool  # the chosen experts' weights renormalised to sum to 1 (Mixtral always; Qwen3 by flag)
+    layers: tuple[int, ...]
+    # How the workspace shards the experts (`tpconv convert --ep`): False, every rank holds a slice of every
+    # expert (tensor parallel); True, each rank holds num_experts / tp whole experts (expert parallel)
+    expert_parallel: bool = False
+
+    def experts_per_rank(self, tp: int) -> int:
+        return self.num_experts // tp if self.expert_parallel else self.num_experts
+
+    def expert_range(self, tp: int, rank: int) -> range:
+        """The experts ``rank`` holds (whole or in slices)."""
+        per = self.experts_per_rank(tp)
+        return range(rank * per, (rank + 1) * per) if self.expert_parallel else range(per)
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """Shapes and hyper-parameters of a Llama-family decoder, independent of tensor parallelism."""
 
@@ -56,6 +80,7 @@ class ModelConfig:
     # (heads, KV heads) of the checkpoint when `tpconv --pad-heads` added zero heads (formats.head_padding);
     # num_heads / num_kv_heads are then the padded counts the runtime runs with
     source_heads: tuple[int, int] | None = None
+    moe: MoeConfig | None = None  # since manifest schema 8
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -65,7 +90,19 @@ class ModelConfig:
             del d["source_heads"]  # manifests without padding read as before
         else:
             d["source_heads"] = list(self.source_heads)
+        if self.moe is None:
+            del d["moe"]  # dense manifests read as before
+        else:
+            d["moe"]["layers"] = list(self.moe.layers)
         return d
+
+    def is_moe(self, layer: int) -> bool:
+        return self.moe is not None and layer in self.moe.layers
+
+    @property
+    def has_dense_mlp(self) -> bool:
+        """Whether any decoder layer keeps the dense MLP (so its intermediate size must split)."""
+        return self.moe is None or len(self.moe.layers) < self.num_layers
 
     @property
     def checkpoint_heads(self) -> tuple[int, int]:
@@ -93,6 +130,8 @@ class ModelConfig:
         d["layer_types"] = tuple(d.get("layer_types", ()))
         if d.get("source_heads") is not None:
             d["source_heads"] = _source_heads(d["source_heads"], d, where)
+        if d.get("moe") is not None:
+            d["moe"] = _moe(d["moe"], d.get("num_layers", 0), f"{where}.moe")
         return cls(**d)
 
 
@@ -103,6 +142,21 @@ def _source_heads(v: Any, d: dict[str, Any], where: str) -> tuple[int, int]:
         raise FormatError(f"{where}: source_heads {v!r} must be [heads, kv_heads] of the checkpoint, at most the "
                           "padded num_heads and num_kv_heads")
     return tuple(v)
+
+
+def _moe(v: Any, num_layers: int, where: str) -> MoeConfig:
+    d = dict(_strict_keys(v, MoeConfig, where))
+    layers = d.get("layers")
+    if not (isinstance(layers, list) and all(isinstance(i, int) and 0 <= i < num_layers for i in layers)
+            and layers == sorted(set(layers))):
+        raise FormatError(f"{where}: layers {layers!r} must list distinct decoder layers in order")
+    d["layers"] = tuple(layers)
+    moe = MoeConfig(**d)
+    ints = (moe.num_experts, moe.top_k, moe.intermediate_size)
+    if not all(isinstance(n, int) and n > 0 for n in ints) or moe.top_k > moe.num_experts:
+        raise FormatError(f"{where}: num_experts {moe.num_experts!r}, top_k {moe.top_k!r} and intermediate_size "
+                          f"{moe.intermediate_size!r} must be positive integers with top_k <= num_experts")
+    return moe
 
 
 def _strict_keys(d: Any, cls: type, where: str) -> dict[str, Any]:

@@ -10,7 +10,8 @@ rank (global rank = stage × tp + tp_rank, see ``formats.pipeline``). Since vers
 ``cache_key``, the key of the conversion that wrote it (``converter.cachekey``). Since version 6 int4
 formats say ``act_order`` (GPTQ ``desc_act``: reordered input rows and ``perm`` tensors), so an older
 reader refuses a workspace whose activations it would not gather. Since version 7 the quantization may be
-FP8 (``formats.fp8``: float8_e4m3fn weights, float32 scales), told apart from int4 by its ``layout``.
+FP8 (``formats.fp8``: float8_e4m3fn weights, float32 scales), told apart from int4 by its ``layout``. Since
+version 8 the model may be a mixture of experts (``model.moe``: router and expert tensors, ``formats.sharding``).
 """
 from __future__ import annotations
 
@@ -31,13 +32,14 @@ from formats.int4 import LAYOUT, Int4Format
 from formats.pipeline import StageEntry, global_rank
 from formats.shard_plan import Piece
 
-SCHEMA_VERSION = 7
-READABLE_VERSIONS = (1, 2, 3, 4, 5, 6, 7)
+SCHEMA_VERSION = 8
+READABLE_VERSIONS = (1, 2, 3, 4, 5, 6, 7, 8)
 DIGEST_SINCE = 3  # first schema version whose manifests carry their own digest
 PIPELINE_SINCE = 4  # first schema version with pp, stages and each rank's (stage, tp_rank)
 KEY_SINCE = 5  # first schema version with cache_key
 ACT_ORDER_SINCE = 6  # first schema version whose int4 formats carry act_order
 FP8_SINCE = 7  # first schema version that may hold FP8 weights (an Fp8Format, float8_e4m3fn tensors)
+MOE_SINCE = 8  # first schema version whose model may be a mixture of experts (``model.moe``)
 FORMAT_NAME = "tpdeploy-workspace"
 # Dense tensor dtypes by their manifest name; int4 parts are stored as int32 (qweight) and uint8 (zeros).
 FLOAT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -160,6 +162,8 @@ class Manifest:
         weights = WeightFormat(**w)
         if weights.dtype not in DTYPES:
             raise FormatError(f"{where}: weights.dtype {weights.dtype!r} not supported; one of {DTYPES}")
+        if version < MOE_SINCE and isinstance(d["model"], dict) and "moe" in d["model"]:
+            raise FormatError(f"{where}: model: unknown key(s) ['moe'] for schema_version {version}")
         model = ModelConfig.from_dict(d["model"], f"{where}: model")
         tp, pp = d["tp"], d.get("pp", 1)
         stages = _stages(d.get("stages"), pp, model.num_layers, where)

@@ -14,19 +14,24 @@ from formats.errors import ShardingError
 from formats.head_padding import head_runs
 from formats.pipeline import StageEntry
 from formats.sharding import (
+    DENSE_MLP,
     GLOBAL_RULES,
     LAYER_RULES,
+    MOE_MLP,
     TIED_LM_HEAD,
+    Experts,
     Replicate,
+    expert_split,
     padded_size,
     rank_range,
     source_shape,
     source_units,
 )
 
-# Linear layers that int4 checkpoints quantize; embeddings, norms, biases and lm_head stay dense.
+# Linear layers that int4 checkpoints quantize; embeddings, norms, biases, routers and lm_head stay dense.
 QUANTIZED_LINEARS = ("attention.wqkv.weight", "attention.wo.weight",
-                     "feed_forward.w_gate_up.weight", "feed_forward.w_down.weight")
+                     "feed_forward.w_gate_up.weight", "feed_forward.w_down.weight",
+                     "feed_forward.experts.w_gate_up.weight", "feed_forward.experts.w_down.weight")
 
 # Act-order linears whose input gather cannot be folded into a neighbour: wqkv and w_gate_up read a
 # normed hidden state and wo the attention output, so they carry a ``perm`` part. w_down's input is
@@ -73,19 +78,10 @@ def file_groups(cfg: ModelConfig, quantized: bool = False, stage: StageEntry | N
     their weight plus ``weight_scale``. Stage 0 holds the embedding, the last stage the head."""
     stage = stage or StageEntry(0, (0, cfg.num_layers))
     first, last = stage.stage == 0, stage.stage == pp - 1
-    per_layer = []
-    for n in LAYER_RULES:
-        if ((n == "attention.wqkv.bias" and not cfg.qkv_bias) or (n in QK_NORMS and not cfg.qk_norm)
-                or (n in SANDWICH_NORMS and not cfg.sandwich_norms)):
-            continue
-        per_layer += _int4_names(n) if quantized and n in QUANTIZED_LINEARS else [n]
-        if fp8_linears and n in QUANTIZED_LINEARS:
-            per_layer.append(fp8.scale_name(n))
-        if quantized and act_order and n in GATHERED_LINEARS:
-            per_layer.append(_part_name(n, int4.PERM))
     groups = [FileGroup(layout.EMBED_FILE, ("tok_embeddings.weight",))] if first else []
     for i in range(*stage.layers):
-        groups.append(FileGroup(layout.layer_file(i), tuple(f"layers.{i}.{n}" for n in per_layer)))
+        names = _layer_tensors(cfg, cfg.is_moe(i), quantized, act_order, fp8_linears)
+        groups.append(FileGroup(layout.layer_file(i), tuple(f"layers.{i}.{n}" for n in names)))
     if last:
         # A tied model's single stage reuses the embedding shard as lm_head (same vocab split, stored
         # once); a last stage without the embedding holds its own copy, made from the same source.
@@ -94,12 +90,30 @@ def file_groups(cfg: ModelConfig, quantized: bool = False, stage: StageEntry | N
     return groups
 
 
+def _layer_tensors(cfg: ModelConfig, moe: bool, quantized: bool, act_order: bool, fp8_linears: bool) -> list[str]:
+    """A decoder layer's tensors (relative names); a mixture-of-experts layer has a router and experts instead of
+    the dense MLP."""
+    out = []
+    for n in LAYER_RULES:
+        if ((n == "attention.wqkv.bias" and not cfg.qkv_bias) or (n in QK_NORMS and not cfg.qk_norm)
+                or (n in SANDWICH_NORMS and not cfg.sandwich_norms) or n in (DENSE_MLP if moe else MOE_MLP)):
+            continue
+        out += _int4_names(n) if quantized and n in QUANTIZED_LINEARS else [n]
+        if fp8_linears and n in QUANTIZED_LINEARS:
+            out.append(fp8.scale_name(n))
+        if quantized and act_order and n in GATHERED_LINEARS:
+            out.append(_part_name(n, int4.PERM))
+    return out
+
+
 def source_names(cfg: ModelConfig, quantized: bool = False, fp8_linears: bool = False) -> list[str]:
     """Every canonical source tensor the checkpoint must provide (FP8: each linear's weight, then its scale)."""
     names: list[str] = []
     for group in file_groups(cfg):
         for tensor in group.tensors:
             prefix, rule = _rule(tensor, cfg)
+            if isinstance(rule, Experts):
+                rule, _ = expert_split(rule, cfg, 1, 0)  # every expert, whole
             srcs = (rule.source,) if isinstance(rule, Replicate) else rule.sources
             for src in srcs:
                 linear = quantized and tensor.removeprefix(prefix) in QUANTIZED_LINEARS
@@ -124,10 +138,13 @@ def rank_tensor(name: str, cfg: ModelConfig, tp: int, rank: int, group_size: int
     if isinstance(rule, Replicate):
         shape = source_shape(rule.source, cfg)
         return RankTensor(name, shape, (Piece(prefix + rule.source, 0, (0, shape[0]), (0, shape[0])),))
+    whole = False
+    if isinstance(rule, Experts):
+        rule, whole = expert_split(rule, cfg, tp, rank)
     pieces, offset = [], 0
     for src in rule.sources:
         units = source_units(src, rule.axis, cfg)
-        start, stop = rank_range(units, tp, rank)
+        start, stop = (0, units.count * units.size) if whole else rank_range(units, tp, rank)
         kind = _HEAD_KIND.get(src.split(".")[-2]) if cfg.source_heads else None
         if kind:  # padded heads: the checkpoint heads among them, the zero ones left uncovered
             d = units.size

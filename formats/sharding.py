@@ -11,6 +11,17 @@ Canonical per-layer tensors (names below are relative to ``layers.{i}.``):
     attention_norm.weight, ffn_norm.weight                           replicated
     post_attention_norm.weight, post_ffn_norm.weight                 replicated (Gemma 3 only)
 
+A mixture-of-experts layer (``cfg.is_moe(i)``) has, instead of the dense MLP's two tensors:
+
+    feed_forward.router.weight           num_experts, hidden              replicated
+    feed_forward.experts.w_gate_up.weight  E_r * 2 * I_r, hidden           per expert [gate_r; up_r], stacked
+    feed_forward.experts.w_down.weight     hidden, E_r * I_r               per expert its I_r input columns
+
+built from per-expert sources ``feed_forward.experts.{e}.w_gate/w_up/w_down.weight``. Tensor parallel
+(default): E_r = num_experts and I_r = I / tp, every expert split like a dense MLP; expert parallel
+(``MoeConfig.expert_parallel``): E_r = num_experts / tp whole experts (I_r = I), rank r holds experts
+[r E_r, (r + 1) E_r). Either way one all-reduce after the layer sums the ranks' partial outputs.
+
 plus ``tok_embeddings.weight`` and ``lm_head.weight`` (vocab-parallel: rows split, the vocabulary
 padded with zero rows to a multiple of tp, so no rank holds a full copy) and ``norm.weight``
 (replicated). A fused tensor is built from unfused *source* tensors (``wq``, ``wk``, ``wv``,
@@ -52,7 +63,16 @@ class Replicate:
     source: str
 
 
-Rule = Split | Replicate
+@dataclass(frozen=True)
+class Experts:
+    """Per-expert ``parts`` (``w_gate``...) of every expert a rank holds, each split along ``axis`` (tensor
+    parallel) or whole (expert parallel), concatenated expert by expert (``expert_split`` resolves it)."""
+
+    axis: int
+    parts: tuple[str, ...]
+
+
+Rule = Split | Replicate | Experts
 
 # The rules, once. Keys and sources are relative to "layers.{i}." for per-layer tensors.
 LAYER_RULES: dict[str, Rule] = {
@@ -67,7 +87,23 @@ LAYER_RULES: dict[str, Rule] = {
     "post_ffn_norm.weight": Replicate("post_ffn_norm.weight"),
     "feed_forward.w_gate_up.weight": Split(0, ("feed_forward.w_gate.weight", "feed_forward.w_up.weight")),
     "feed_forward.w_down.weight": Split(1, ("feed_forward.w_down.weight",)),
+    "feed_forward.router.weight": Replicate("feed_forward.router.weight"),
+    "feed_forward.experts.w_gate_up.weight": Experts(0, ("w_gate", "w_up")),
+    "feed_forward.experts.w_down.weight": Experts(1, ("w_down",)),
 }
+DENSE_MLP = ("feed_forward.w_gate_up.weight", "feed_forward.w_down.weight")
+MOE_MLP = ("feed_forward.router.weight", "feed_forward.experts.w_gate_up.weight", "feed_forward.experts.w_down.weight")
+
+
+def expert_source(e: int, part: str) -> str:
+    return f"feed_forward.experts.{e}.{part}.weight"
+
+
+def expert_split(rule: Experts, cfg: ModelConfig, tp: int, rank: int) -> tuple[Split, bool]:
+    """The Split a rank's expert tensor is made of, and whether its sources are taken whole (expert parallel)."""
+    experts = cfg.moe.expert_range(tp, rank)
+    return Split(rule.axis, tuple(expert_source(e, p) for e in experts for p in rule.parts)), cfg.moe.expert_parallel
+
 GLOBAL_RULES: dict[str, Rule] = {
     "tok_embeddings.weight": Split(0, ("tok_embeddings.weight",)),
     "norm.weight": Replicate("norm.weight"),
@@ -79,6 +115,8 @@ TIED_LM_HEAD = Split(0, ("tok_embeddings.weight",))  # lm_head of a tied model, 
 def source_units(source: str, axis: int, cfg: ModelConfig) -> Units:
     """How the split axis of one source tensor divides into units that must stay whole."""
     leaf = source.split(".")[-2] if "." in source else source
+    if ".experts." in source:
+        return Units(cfg.moe.intermediate_size, 1, "expert intermediate rows")
     if leaf in ("wq", "wo"):
         return Units(cfg.num_heads, cfg.head_dim, "attention heads")
     if leaf in ("wk", "wv"):
@@ -95,6 +133,11 @@ def source_shape(source: str, cfg: ModelConfig) -> tuple[int, ...]:
     h, d = cfg.hidden_size, cfg.head_dim
     heads, kv_heads = cfg.checkpoint_heads
     leaf, kind = source.split(".")[-2:]
+    if ".experts." in source:
+        inter = cfg.moe.intermediate_size
+        return (h, inter) if leaf == "w_down" else (inter, h)
+    if leaf == "router":
+        return (cfg.moe.num_experts, h)
     rows = {
         "wq": heads * d, "wk": kv_heads * d, "wv": kv_heads * d,
         "wo": h, "w_gate": cfg.intermediate_size, "w_up": cfg.intermediate_size, "w_down": h,
@@ -142,14 +185,37 @@ def _tp_problem(cfg: ModelConfig, tp: int, group_size: int = 0, data: DataCheck 
     if kv % tp and tp % kv:
         return (f"--tp {tp} neither divides nor is a multiple of the {kv} KV heads of this model "
                 "(KV heads are split when kv_heads % tp == 0 and replicated when tp % kv_heads == 0)")
-    if cfg.intermediate_size % tp:
+    if cfg.has_dense_mlp and cfg.intermediate_size % tp:
         return f"--tp {tp} does not divide the intermediate size {cfg.intermediate_size} of this model"
+    problem = _moe_problem(cfg, tp, group_size)
+    if problem:
+        return problem
     if group_size:  # int4 row-parallel layers (wo, w_down) split their input on group boundaries
-        for k, what in ((cfg.num_heads * cfg.head_dim, "wo (o_proj)"), (cfg.intermediate_size, "w_down (down_proj)")):
+        rows = [(cfg.num_heads * cfg.head_dim, "wo (o_proj)")]
+        rows += [(cfg.intermediate_size, "w_down (down_proj)")] if cfg.has_dense_mlp else []
+        for k, what in rows:
             if (k // tp) % group_size:
                 return (f"--tp {tp} gives each rank {k // tp} of the {k} input features of {what}, not a multiple "
                         f"of the quantization group size {group_size} (row-parallel int4 layers split on groups)")
     return data(tp) if data else None
+
+
+def _moe_problem(cfg: ModelConfig, tp: int, group_size: int) -> str | None:
+    moe = cfg.moe
+    if moe is None:
+        return None
+    if moe.expert_parallel:
+        if moe.num_experts % tp:
+            return f"--tp {tp} with --ep does not divide the {moe.num_experts} experts of this model"
+        return None
+    inter = moe.intermediate_size
+    if inter % tp:
+        return (f"--tp {tp} does not divide the expert intermediate size {inter} of this model "
+                "(or shard whole experts with --ep)")
+    if group_size and (inter // tp) % group_size:
+        return (f"--tp {tp} gives each rank {inter // tp} of the {inter} input features of each expert's w_down, "
+                f"not a multiple of the quantization group size {group_size} (or shard whole experts with --ep)")
+    return None
 
 
 def valid_tp_values(cfg: ModelConfig, group_size: int = 0, data: DataCheck | None = None) -> list[int]:

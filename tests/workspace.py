@@ -105,6 +105,6 @@ def int4_slices(ws: Path):
                 source = p.source.removesuffix(".qweight") + ".weight"
                 if p.axis == 1:  # column-parallel: output columns [dst) hold source rows [src)
                     yield rank.rank, source, w[:, p.dst[0]:p.dst[1]].T.float(), (0, p.src)
-                else:  # row-parallel: packs of 8 input rows
+                else:  # row-parallel: packs of 8 input rows (experts' down: one piece per expert, stacked)
                     rows = (p.src[0] * int4.PACK, p.src[1] * int4.PACK)
-                    yield rank.rank, source, w.T.float(), (1, rows)
+                    yield rank.rank, source, w[p.dst[0] * int4.PACK:p.dst[1] * int4.PACK].T.float(), (1, rows)

@@ -31,7 +31,7 @@ def test_key_changes_with_every_byte_changing_input_and_nothing_else(tiny, tmp_p
     base = key(src, "--tp", "2")
     assert len(base) == 64 and key(src, "--tp", "2") == base
     options = [["--tp", "1"], ["--tp", "2", "--pp", "2"], ["--tp", "2", "--pp-layers", "1,1"],
-               ["--tp", "2", "--dtype", "bfloat16"], ["--tp", "2", "--model-format", "hf"]]
+               ["--tp", "2", "--dtype", "bfloat16"], ["--tp", "2", "--model-format", "hf"], ["--tp", "2", "--ep"]]
     keys = {key(src, *o) for o in options}
     assert base not in keys and len(keys) == len(options)
     for name in ("model.safetensors", "config.json", "tokenizer.json"):

@@ -67,7 +67,7 @@ def test_manifest_inspect_and_plan_of_an_fp8_workspace(tmp_path):
     ws = tmp_path / "ws"
     convert(ConvertOptions(src, ws, 4))
     m = load_manifest(ws)
-    assert m.schema_version == 7
+    assert m.schema_version == 8
     t = {t.name: t for t in m.ranks[3].tensors}
     assert (t["layers.0.attention.wo.weight"].dtype, t["layers.0.attention.wo.weight"].shape) == ("float8_e4m3fn",
                                                                                                   (384, 96))

@@ -100,7 +100,7 @@ def test_manifest_records_gptq_act_order(tmp_path):
     names = {t.name: t for t in m.ranks[1].tensors}
     assert names["layers.0.attention.wo.perm"].dtype == "int32" and names["layers.0.attention.wo.perm"].shape == (64,)
     assert "layers.0.feed_forward.w_gate_up.perm" in names and "layers.0.feed_forward.w_down.perm" not in names
-    assert m.schema_version == 7
+    assert m.schema_version == 8
     shown = CliRunner().invoke(main, ["inspect", str(tmp_path / "ws")])
     assert "quantized  tpdeploy-int4-v1 from gptq: group 32, float16 scales, symmetric, act-order" in shown.output
 

@@ -97,7 +97,7 @@ def test_verify_catches_hand_edited_manifest(tiny, tmp_path):
     convert(ConvertOptions(src, tmp_path / "ws", 1))
     path = tmp_path / "ws" / "manifest.json"
     data = json.loads(path.read_text())
-    assert data["schema_version"] == SCHEMA_VERSION == 7 and len(data["digest"]) == 64
+    assert data["schema_version"] == SCHEMA_VERSION == 8 and len(data["digest"]) == 64
     assert CliRunner().invoke(main, ["verify", str(tmp_path / "ws")]).exit_code == 0
     data["model"]["rope_theta"] = data["model"]["rope_theta"] * 2
     path.write_text(json.dumps(data, indent=1))
