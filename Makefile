@@ -8,7 +8,7 @@ MODEL := $(CACHE)/smollm2-135m-instruct
 DEMO_WS ?= workspace
 DEMO_TP ?= 3
 
-.PHONY: setup model demo test test-fast bench bench-convert bench-generate bench-kernels bench-kv bench-serve bench-pipeline gpu-check peer-vllm clean
+.PHONY: setup model demo test test-fast bench bench-convert bench-generate bench-kernels bench-moe bench-kv bench-serve bench-pipeline gpu-check peer-vllm clean
 
 setup: $(VENV)/.installed
 
@@ -66,6 +66,11 @@ bench-pipeline: model
 bench-kernels: setup
 	$(PY) -m tests.bench.bench_attention --markdown /tmp/bench_attention.md
 	$(PY) -m tests.bench.bench_w4a16 --markdown /tmp/bench_w4a16.md
+
+# The fused MoE kernel vs a per-expert torch.matmul loop on Qwen3-30B-A3B's per-rank shapes (bf16; dense and
+# int4 experts) on a GPU; without CUDA it runs tiny shapes in Triton's interpreter and says it measured CPU.
+bench-moe: setup
+	$(PY) -m tests.bench.bench_moe --markdown /tmp/bench_moe.md
 
 # CPU: perplexity change vs fp32 KV of every 4-bit KV variant (issue 16), on three texts; ~30 min on 2 vCPUs.
 bench-kv: model

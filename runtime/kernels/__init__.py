@@ -26,30 +26,34 @@ class Kernels:
     prepare_int4: Callable = lambda w: w  # what an int4 linear becomes at load (CPU: ``cpu_int4.choose``)
     w8a16_linear: Callable | None = None  # FP8 linears kept FP8 (``cpu_fp8.Fp8Weight``)
     prepare_fp8: Callable = lambda w: w  # what an FP8 linear becomes at load (CPU: dense, ``cpu_fp8.dequant_once``)
+    fused_moe: Callable | None = None  # a rank's experts of an MoE layer (``moe.moe_reference`` is the math)
+    prepare_experts: Callable = lambda w: w  # what ``moe.Int4Experts`` become at load (CPU: dense, once)
 
 
 def select(device: torch.device, int4_mode: str = "auto", dtype: torch.dtype = torch.float32) -> Kernels:
     """``int4_mode``/``dtype``: how int4 linears run on CPU (``kernels.cpu_int4``) for this compute dtype."""
     choice = os.environ.get("TPDEPLOY_KERNELS", "triton" if device.type == "cuda" else "torch")
     if choice == "torch":
-        from runtime.kernels import cpu_fp8, cpu_int4
+        from runtime.kernels import cpu_fp8, cpu_int4, moe
         from runtime.kernels import reference as r
         from runtime.kernels import torch_attention as t
         return Kernels("torch", r.write_kv, t.prefill_attention, t.decode_attention, cpu_int4.linear,
-                       cpu_int4.choose(cpu_int4_mode(int4_mode), dtype), cpu_fp8.linear, cpu_fp8.dequant_once(dtype))
+                       cpu_int4.choose(cpu_int4_mode(int4_mode), dtype), cpu_fp8.linear, cpu_fp8.dequant_once(dtype),
+                       moe.moe_torch, moe.prepare_experts_cpu(dtype))
     if choice == "reference":
-        from runtime.kernels import cpu_fp8
+        from runtime.kernels import cpu_fp8, moe
         from runtime.kernels import reference as r
         return Kernels("reference", r.write_kv, r.prefill_attention, r.decode_attention, r.w4a16_linear,
-                       w8a16_linear=cpu_fp8.w8a16_linear)
+                       w8a16_linear=cpu_fp8.w8a16_linear, fused_moe=moe.moe_reference)
     if choice == "triton":
         try:
-            from runtime.kernels import decode_attention, prefill_attention, w4a16, w8a16
+            from runtime.kernels import decode_attention, fused_moe, prefill_attention, w4a16, w8a16
         except ImportError as e:
             raise TpDeployError(f"the Triton kernels need the `triton` package ({e}); install it, or set "
                                 "TPDEPLOY_KERNELS=torch to run the torch kernels") from e
         return Kernels("triton", prefill_attention.write_kv, prefill_attention.prefill_attention,
-                       decode_attention.decode_attention, w4a16.w4a16_linear, w8a16_linear=w8a16.w8a16_linear)
+                       decode_attention.decode_attention, w4a16.w4a16_linear, w8a16_linear=w8a16.w8a16_linear,
+                       fused_moe=fused_moe.fused_moe)  # int4 experts stay packed: prepare_experts is the identity
     raise TpDeployError(f"TPDEPLOY_KERNELS={choice!r} is not known; use triton, torch or reference")
 
 

@@ -2,7 +2,7 @@
 under 8 minutes on one GPU, written as Markdown (``--markdown``, default /tmp/gpu_check.md).
 
 Sections, in this order: 1 device facts; 2 the kernel tests compiled (TRITON_INTERPRET unset);
-3 ``bench-kernels`` (bench_attention, bench_w4a16); 4 end-to-end decode of SmolLM2-135M through
+3 ``bench-kernels`` (bench_attention, bench_w4a16) and ``bench-moe``; 4 end-to-end decode of SmolLM2-135M through
 ``runtime.api.LLM`` with fp16/int8/int4 KV beside transformers ``generate``, and their greedy
 agreement; 5 the decode steps' bytes over their time vs the device's copy bandwidth; 6 the plan's
 ``reserve_bytes`` for the largest step vs the peak memory measured around it. See docs/gpu-check.md.
@@ -70,6 +70,7 @@ STEPS = (  # run order
     StepSpec("reserve", "6 reserve vs measured", 60, 20, needs_model=True),
     StepSpec("bench_attention", "3a bench_attention", 120, 30, gpu_only=True),
     StepSpec("bench_w4a16", "3b bench_w4a16", 60, 20, gpu_only=True),
+    StepSpec("bench_moe", "3c bench_moe", 60, 20, gpu_only=True),
     # A cold Triton cache on an H200 compiled 237 of 303 tests in 200 s (2026-11-29): the cap is what is left.
     StepSpec("kernel_tests", "2 kernel tests (compiled)", 280, 30, gpu_only=True),
 )

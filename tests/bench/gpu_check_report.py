@@ -60,9 +60,9 @@ def kernel_tests(r: StepResult) -> list[str]:
     return out
 
 
-def bench_kernels(attention: StepResult, w4a16: StepResult) -> list[str]:
-    out = ["### 3. Kernel benchmarks (`make bench-kernels`)", ""]
-    for r in (attention, w4a16):
+def bench_kernels(*steps: StepResult) -> list[str]:
+    out = ["### 3. Kernel benchmarks (`make bench-kernels`, `make bench-moe`)", ""]
+    for r in steps:
         out += [f"**{r.title}**", "", *_status(r)]
         if r.data.get("table"):
             out += [r.data["table"].rstrip(), ""]
@@ -164,7 +164,8 @@ def render(results: dict[str, StepResult], meta: dict) -> str:
             f"`{meta['command']}`; model: {meta['model_label']}." + (" **Dry run on the CPU: tiny sizes, no figure "
                                                                       "here means anything.**" if meta["dry_run"] else ""),
             ""]
-    body = (device(r["device"]) + kernel_tests(r["kernel_tests"]) + bench_kernels(r["bench_attention"], r["bench_w4a16"])
+    body = (device(r["device"]) + kernel_tests(r["kernel_tests"]) + bench_kernels(r["bench_attention"], r["bench_w4a16"],
+                                                                       r["bench_moe"])
             + decode(r["decode_tprun"], r["decode_hf"], meta) + roofline(r["roofline"]) + reserve(r["reserve"])
             + summary(list(results.values())))
     return "\n".join(head + body).rstrip() + "\n"

@@ -29,6 +29,7 @@ def test_dry_run_reports_every_section_in_order(tmp_path):
     status = {k: r["status"] for k, r in raw.items()}
     assert status == {"device": "pass", "prepare": "pass", "decode_tprun": "pass", "decode_hf": "pass",
                       "roofline": "pass", "reserve": "pass", "bench_attention": "skip", "bench_w4a16": "skip",
+                      "bench_moe": "skip",
                       "kernel_tests": "skip"}
     decoded = raw["decode_tprun"]["data"]["rows"] + raw["decode_hf"]["data"]["rows"]
     assert {(r["kv"], r["batch"]) for r in decoded} >= {(kv, b) for kv in ("fp16", "int8", "int4") for b in (1, 2)}
