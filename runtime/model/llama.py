@@ -22,6 +22,7 @@ from formats.int4 import Int4Format
 from formats.sharding import heads_per_rank, kv_heads_per_rank
 from runtime.kernels import Kernels
 from runtime.kernels.cpu_fp8 import Fp8Weight
+from runtime.kernels.moe import Int4Experts
 from runtime.kernels.paged import PagedBatch
 from runtime.kernels.reference import Int4Weight
 from runtime.kv.batch import StepBatch
@@ -40,19 +41,31 @@ class ActOrder:
 
 
 @dataclass(frozen=True)
+class Experts:
+    """A mixture-of-experts MLP on one rank: the replicated router and this rank's experts (all of them, sliced, or
+    whole experts [start, start + E_r) with ``--ep``), as ``kernels.fused_moe`` takes them."""
+
+    router: torch.Tensor  # (num_experts, hidden)
+    gate_up: torch.Tensor | Int4Experts  # (E_r, 2 I_r, hidden): per expert [gate; up]
+    down: torch.Tensor | Int4Experts  # (E_r, hidden, I_r)
+    start: int  # global id of this rank's first expert
+
+
+@dataclass(frozen=True)
 class Layer:
     attention_norm: torch.Tensor
     wqkv: torch.Tensor | Int4Weight | Fp8Weight
     bqkv: torch.Tensor | None
     wo: torch.Tensor | Int4Weight | Fp8Weight
     ffn_norm: torch.Tensor
-    w_gate_up: torch.Tensor | Int4Weight | Fp8Weight
-    w_down: torch.Tensor | Int4Weight | Fp8Weight
+    w_gate_up: torch.Tensor | Int4Weight | Fp8Weight | None  # None in a mixture-of-experts layer
+    w_down: torch.Tensor | Int4Weight | Fp8Weight | None
     q_norm: torch.Tensor | None = None  # Qwen3, Gemma 3: (head_dim,), over each head of q and of k
     k_norm: torch.Tensor | None = None
     post_attention_norm: torch.Tensor | None = None  # Gemma 3's sandwich norms
     post_ffn_norm: torch.Tensor | None = None
     sliding: bool = False  # a sliding-window layer (Gemma 3: its own RoPE base)
+    experts: Experts | None = None
 
 
 class Model:
@@ -63,6 +76,7 @@ class Model:
         decoder layers (None: all of them)."""
         self.cfg, self.comm, self.kernels, self.quant = cfg, comm, kernels, quant
         self.hq, self.hkv, self.d = heads_per_rank(cfg, tp), kv_heads_per_rank(cfg, tp), cfg.head_dim
+        self.tp, self.rank = tp, rank
         start, stop = layers or (0, cfg.num_layers)
         self.first, self.last = "tok_embeddings.weight" in weights, "norm.weight" in weights
         self.embed = weights.get("tok_embeddings.weight")
@@ -92,11 +106,32 @@ class Model:
             perm = w.get(f"{p}{name}.perm")
             return out if perm is None else ActOrder(perm.long(), out)
 
+        moe = self.cfg.is_moe(i)
         return Layer(w[p + "attention_norm.weight"], lin("attention.wqkv"), w.get(p + "attention.wqkv.bias"),
-                     lin("attention.wo"), w[p + "ffn_norm.weight"], lin("feed_forward.w_gate_up"),
-                     lin("feed_forward.w_down"), w.get(p + "attention.q_norm.weight"),
+                     lin("attention.wo"), w[p + "ffn_norm.weight"], None if moe else lin("feed_forward.w_gate_up"),
+                     None if moe else lin("feed_forward.w_down"), w.get(p + "attention.q_norm.weight"),
                      w.get(p + "attention.k_norm.weight"), w.get(p + "post_attention_norm.weight"),
-                     w.get(p + "post_ffn_norm.weight"), self.cfg.is_sliding(i))
+                     w.get(p + "post_ffn_norm.weight"), self.cfg.is_sliding(i), self._experts(w, p) if moe else None)
+
+    def _experts(self, w: dict[str, torch.Tensor], p: str) -> Experts:
+        """The stored 2-D expert tensors (``formats.sharding``) viewed per expert, without a copy."""
+        moe = self.cfg.moe
+        e = moe.experts_per_rank(self.tp)
+        p += "feed_forward."
+        if self.quant is None:
+            gate_up, down = w[p + "experts.w_gate_up.weight"], w[p + "experts.w_down.weight"]
+            gate_up = gate_up.view(e, -1, gate_up.shape[1])
+            down = down.view(down.shape[0], e, -1).permute(1, 0, 2)
+        else:  # int4 (K, N) parts: gate_up's experts side by side on N, down's stacked on K
+            def part(name: str, stacked: bool) -> torch.Tensor:
+                t = w[f"{p}experts.{name}"]
+                return t.view(e, -1, t.shape[1]) if stacked else t.view(t.shape[0], e, -1).permute(1, 0, 2)
+
+            g = self.quant.group_size
+            gate_up, down = (Int4Experts(part(f"{n}.qweight", s), part(f"{n}.scales", s), part(f"{n}.zeros", s), g)
+                             for n, s in (("w_gate_up", False), ("w_down", True)))
+        prepare = self.kernels.prepare_experts
+        return Experts(w[p + "router.weight"], prepare(gate_up), prepare(down), moe.expert_range(self.tp, self.rank).start)
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, batch: StepBatch, cache: PagedKVCache,
@@ -152,8 +187,20 @@ class Model:
         return self.comm.all_reduce(self._linear(o.reshape(t, self.hq * self.d), layer.wo))
 
     def _mlp(self, layer: Layer, x: torch.Tensor) -> torch.Tensor:
+        if layer.experts is not None:
+            return self._moe(layer.experts, x)
         gate, up = self._linear(x, layer.w_gate_up).chunk(2, dim=-1)  # (T, I/tp) each
         return self.comm.all_reduce(self._linear(self.act(gate) * up, layer.w_down))
+
+    def _moe(self, e: Experts, x: torch.Tensor) -> torch.Tensor:
+        """Route each token to its top-k experts (softmax in float32, as the reference), then this rank's share of
+        their weighted sum; the all-reduce adds the other ranks' slices (or experts)."""
+        probs = torch.softmax(F.linear(x, e.router).float(), dim=-1)  # (T, num_experts)
+        weights, ids = torch.topk(probs, self.cfg.moe.top_k, dim=-1)
+        if self.cfg.moe.norm_topk_prob:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        out = self.kernels.fused_moe(x, e.gate_up, e.down, ids, weights, e.start, self.cfg.hidden_act)
+        return self.comm.all_reduce(out)
 
     def _linear(self, x: torch.Tensor, w, bias: torch.Tensor | None = None) -> torch.Tensor:
         """The one place the model multiplies by a weight: dense (N, K), or an int4 or FP8 linear in the form

@@ -168,9 +168,14 @@ def _rank_budget(manifest: Manifest, rank: int, gpu_mem: int, cache: CacheConfig
 def _summary(cfg: ModelConfig) -> ModelSummary:
     h, d = cfg.hidden_size, cfg.head_dim
     qkv = (cfg.num_heads + 2 * cfg.num_kv_heads) * d
-    layer = qkv * h + (qkv if cfg.qkv_bias else 0) + cfg.num_heads * d * h + 3 * h * cfg.intermediate_size + 2 * h
+    attention = qkv * h + (qkv if cfg.qkv_bias else 0) + cfg.num_heads * d * h + 2 * h
+    moe = cfg.moe
+    moe_layers = len(moe.layers) if moe else 0
+    mlp = (cfg.num_layers - moe_layers) * 3 * h * cfg.intermediate_size
+    if moe:  # every expert's three linears and the router
+        mlp += moe_layers * (moe.num_experts * 3 * h * moe.intermediate_size + moe.num_experts * h)
     embeddings = cfg.vocab_size * h * (1 if cfg.tie_word_embeddings else 2)
-    return ModelSummary(cfg.architecture, cfg.num_layers * layer + embeddings + h, cfg.num_layers, h,
+    return ModelSummary(cfg.architecture, cfg.num_layers * attention + mlp + embeddings + h, cfg.num_layers, h,
                         cfg.num_heads, cfg.num_kv_heads, d, cfg.vocab_size)
 
 

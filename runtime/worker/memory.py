@@ -65,8 +65,7 @@ def reserve_bytes(cfg: ModelConfig, tp: int, compute_dtype: torch.dtype, max_pre
     per_token = (2 * cfg.hidden_size  # hidden states and the residual sum being formed (replicated)
                  + (hq + 2 * hkv) * d  # fused qkv output, this rank's heads
                  + hq * d  # attention output before wo
-                 + 2 * inter  # gate_up output [gate; up]
-                 + inter)  # silu(gate) * up, the input of w_down
+                 + max(3 * inter, _moe_per_token(cfg, tp)))  # the MLP's gate_up output and act(gate) * up
     layer = tokens * per_token * c
     vocab = padded_size(cfg.vocab_size, tp)
     stage, tp_rank = divmod(rank, tp)
@@ -75,6 +74,17 @@ def reserve_bytes(cfg: ModelConfig, tp: int, compute_dtype: torch.dtype, max_pre
     if rank == 0 or (last and tp_rank == 0):  # the gathered full-vocabulary logits: gathered, sent, sampled
         logits += max_batch_size * vocab * _LOGIT_BYTES
     return layer + logits + ALLOCATOR_SLACK
+
+
+def _moe_per_token(cfg: ModelConfig, tp: int) -> int:
+    """A mixture-of-experts MLP's live values per token, in compute-dtype units: its k copies of the hidden state
+    sorted by expert, their gate_up and act(gate) * up outputs and down outputs, the float32 sum, and the router's
+    float32 logits and probabilities."""
+    moe = cfg.moe
+    if moe is None:
+        return 0
+    inter = moe.intermediate_size if moe.expert_parallel else moe.intermediate_size // tp
+    return moe.top_k * (2 * cfg.hidden_size + 3 * inter) + 2 * cfg.hidden_size + 4 * moe.num_experts
 
 
 def kv_bytes(available_after_weights: int, reserve: int, lam: float, total: int = 0,

@@ -34,6 +34,11 @@ from tests.bench.serve_proc import GIB, RSS_PERIOD_S, ServedProcess
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL = "SmolLM2-135M-Instruct (fp32)"
+# --moe: a small random Qwen3-MoE (every layer 16 experts, top 2), fp32, with the tiny fixtures' tokenizer
+MOE_SHAPE = dict(num_layers=4, hidden=256, heads=8, kv_heads=4, head_dim=32, intermediate=512, vocab=512, seed=3,
+                 extra_config={"num_experts": 16, "num_experts_per_tok": 2, "moe_intermediate_size": 128,
+                               "norm_topk_prob": True})
+MOE_MODEL = "random Qwen3-MoE, 4 layers, hidden 256, 16 experts of 128, top-2 (fp32)"
 MAX_MODEL_LEN = 1024
 LEVELS, QUICK_LEVELS = (1, 8, 32), (1, 4)
 REQUESTS, QUICK_REQUESTS = 32, 4
@@ -155,6 +160,8 @@ def main() -> None:
     ap.add_argument("--levels", type=parse_levels, default=None,
                     help=f"concurrency levels (default {','.join(map(str, LEVELS))})")
     ap.add_argument("--kv-dtype", default="auto", help="passed to tprun serve --kv-dtype")
+    ap.add_argument("--moe", action="store_true", help=f"serve a {MOE_MODEL} instead of SmolLM2 (no vLLM peer)")
+    ap.add_argument("--ep", action="store_true", help="with --moe: convert with --ep (whole experts per rank)")
     ap.add_argument("--quick", action="store_true", help=f"smoke run: {QUICK_REQUESTS} requests x {QUICK_MAX_TOKENS} "
                     f"tokens, concurrency {', '.join(map(str, QUICK_LEVELS))} (and short --long outputs)")
     ap.add_argument("--repeat", type=int, default=1, help="run the whole comparison this many times, a table each")
@@ -177,7 +184,7 @@ def main() -> None:
         raise SystemExit(f"bench_serve: --repeat {args.repeat} must be at least 1")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the finally blocks: stop the server
     levels = args.levels or (QUICK_LEVELS if args.quick else LEVELS)
-    run(args, make_prompts(n_requests), max_tokens, levels, peer_venv(args))
+    run(args, make_prompts(n_requests), max_tokens, levels, None if args.moe else peer_venv(args))
 
 
 def run(args: argparse.Namespace, prompts: list[str], max_tokens: int, levels: tuple[int, ...],
@@ -187,12 +194,14 @@ def run(args: argparse.Namespace, prompts: list[str], max_tokens: int, levels: t
     from converter.convert import ConvertOptions, convert
     from tests.fixtures.smollm2 import smollm2_path
 
-    src, lines, results = smollm2_path(), [], {"machine": machine(), "repetitions": [], "long": None}
+    lines, results = [], {"machine": machine(), "repetitions": [], "long": None}
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
+        src = _moe_checkpoint(Path(tmp) / "moe") if args.moe else smollm2_path()
         ws = Path(tmp) / f"tp{args.tp}"
-        convert(ConvertOptions(src, ws, args.tp))
+        convert(ConvertOptions(src, ws, args.tp, ep=args.ep))
         for i in range(0 if args.long_only else args.repeat):
             res = measure(ws, src, args.tp, args.kv_dtype, prompts, max_tokens, levels, venv)
+            res["model"] = (MOE_MODEL + (", --ep" if args.ep else "")) if args.moe else MODEL
             results["repetitions"].append(res)
             title = f"Repetition {i + 1} of {args.repeat}." if args.repeat > 1 else ""
             lines += _emit(([title, ""] if title else []) + report(res, results["machine"]))
@@ -203,6 +212,12 @@ def run(args: argparse.Namespace, prompts: list[str], max_tokens: int, levels: t
         args.markdown.write_text("\n".join(lines) + "\n")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
+
+
+def _moe_checkpoint(out: Path) -> Path:
+    from tests.fixtures.tiny import make_tiny
+
+    return make_tiny(out, "qwen3_moe", **MOE_SHAPE)
 
 
 def _emit(lines: list[str]) -> list[str]:

@@ -8,7 +8,7 @@ from converter.convert import ConvertOptions, convert
 
 
 def matches_dequantized(src: Path, dense_state: dict[str, torch.Tensor], tmp_path: Path, tps=(1, 2),
-                        atol: float = 1e-4) -> None:
+                        atol: float = 1e-4, ep: bool = False) -> None:
     """``dense_state``: the checkpoint's float tensors plus the dequantized linears, by HF name. Logits at
     every prompt position (within ``atol``: float32 on both sides, summed in other orders) and 6 greedy
     tokens must match at each tp."""
@@ -17,7 +17,8 @@ def matches_dequantized(src: Path, dense_state: dict[str, torch.Tensor], tmp_pat
     from runtime.api import LLM, SamplingParams
 
     hf = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(src)).float().eval()
-    hf.load_state_dict(dense_state, strict=False)
+    missing, unexpected = hf.load_state_dict(dense_state, strict=False)
+    assert not unexpected and all(n == "lm_head.weight" for n in missing), (missing, unexpected)
     prompt = list(range(3, 30))
     with torch.no_grad():
         ref = hf(torch.tensor([prompt])).logits[0]
@@ -26,7 +27,7 @@ def matches_dequantized(src: Path, dense_state: dict[str, torch.Tensor], tmp_pat
             greedy.append(int(hf(torch.tensor([greedy])).logits[0, -1].argmax()))
         greedy = greedy[len(prompt):]
     for tp in tps:
-        convert(ConvertOptions(src, tmp_path / f"ws{tp}", tp))
+        convert(ConvertOptions(src, tmp_path / f"ws{tp}", tp, ep=ep))
         with LLM(tmp_path / f"ws{tp}", device="cpu", dtype="float32") as llm:
             torch.testing.assert_close(llm.prompt_logits(prompt), ref, atol=atol, rtol=0)
             out = llm.generate([prompt], SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True))

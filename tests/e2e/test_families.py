@@ -25,7 +25,13 @@ FAMILIES = {  # name -> (checkpoint to convert, reference transformers checkpoin
                                                            "layer_types": ["sliding_attention", "full_attention"] * 2}),) * 2,
     "baichuan2": lambda d: make_remote(d, "baichuan", heads=4, seed=1, baichuan2=True),
     "internlm2": lambda d: make_remote(d, "internlm2", heads=4, kv_heads=2, seed=1),
+    "qwen3_moe": lambda d: (make_tiny(d, "qwen3_moe", num_layers=3, heads=4, kv_heads=2, vocab=301, seed=1,
+                                      extra_config={"num_experts": 8, "num_experts_per_tok": 2, "norm_topk_prob": True,
+                                                    "moe_intermediate_size": 32, "mlp_only_layers": [1]}),) * 2,
+    "mixtral": lambda d: (make_tiny(d, "mixtral", heads=4, kv_heads=2, vocab=301, seed=1,
+                                    extra_config={"num_local_experts": 4, "num_experts_per_tok": 2}),) * 2,
 }
+EXPERT_PARALLEL = {"mixtral"}  # converted with --ep: whole experts per rank (the others: a slice of each)
 
 
 @pytest.fixture(scope="module", params=list(FAMILIES))
@@ -33,7 +39,7 @@ def family(request, tmp_path_factory):
     root = tmp_path_factory.mktemp(request.param)
     src, ref_dir = FAMILIES[request.param](root / "ckpt")
     ws = root / "ws"
-    convert(ConvertOptions(src, ws, 2))
+    convert(ConvertOptions(src, ws, 2, ep=request.param in EXPERT_PARALLEL))
     prompt = Tokenizer.from_workspace(ws).encode(PROMPT)
     return ws, reference(ref_dir, prompt, NEW), src
 

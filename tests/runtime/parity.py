@@ -35,9 +35,11 @@ def random_prompt(n: int, seed: int, vocab: int = 301) -> list[int]:
     return torch.randint(3, vocab, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
-def check_parity(ref: Reference, ws: Path, tp: int, pp: int = 1, chunk: int | None = None, **settings) -> LLM:
-    """Convert at tp x pp, then logits (whole prompt, and chunked when asked) and greedy tokens as transformers."""
-    convert(ConvertOptions(ref.src, ws, tp, pp=pp))
+def check_parity(ref: Reference, ws: Path, tp: int, pp: int = 1, chunk: int | None = None, ep: bool = False,
+                 **settings) -> LLM:
+    """Convert at tp x pp (``ep``: experts whole per rank), then logits (whole prompt, and chunked when asked) and
+    greedy tokens as transformers."""
+    convert(ConvertOptions(ref.src, ws, tp, pp=pp, ep=ep))
     with LLM(ws, device="cpu", **settings) as llm:
         torch.testing.assert_close(llm.prompt_logits(ref.prompt), ref.logits, atol=LOGIT_ATOL, rtol=0)
         if chunk:

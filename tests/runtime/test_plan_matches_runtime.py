@@ -11,15 +11,19 @@ from runtime.worker.workspace import open_workspace
 MIB = 1 << 20
 
 
-@pytest.mark.parametrize("tp,kv,pp_layers", [(1, "auto", None), (2, "int8", None), (2, "int4", None),
-                                             (2, "auto", "3,1"), (1, "int8", "1,2,1")])
-def test_allocated_cache_equals_the_plan(tiny, tmp_path, tp, kv, pp_layers):
+@pytest.mark.parametrize("tp,kv,pp_layers,moe", [(1, "auto", None, ""), (2, "int8", None, ""), (2, "int4", None, ""),
+                                                 (2, "auto", "3,1", ""), (1, "int8", "1,2,1", ""),
+                                                 (2, "auto", None, "tp"), (2, "int8", "2,2", "ep")])
+def test_allocated_cache_equals_the_plan(tiny, tmp_path, tp, kv, pp_layers, moe):
     """Every (stage, rank) row: weights, reserve and proposed blocks as the ranks measure them; stages of
-    uneven layer counts take different bytes per block, and the agreed block count is the minimum."""
-    src = tiny("llama", heads=4, kv_heads=2, vocab=301, seed=2, num_layers=4)
+    uneven layer counts take different bytes per block, and the agreed block count is the minimum. Mixtures of
+    experts (a slice of every expert per rank, or whole experts with --ep) count their experts' bytes."""
+    moe_config = {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "mlp_only_layers": [1]}
+    src = tiny("qwen3_moe" if moe else "llama", heads=4, kv_heads=2, vocab=301, seed=2, num_layers=4,
+               extra_config=moe_config if moe else None)
     ws = tmp_path / "ws"
     pp = 1 if pp_layers is None else len(pp_layers.split(","))
-    convert(ConvertOptions(src, ws, tp, pp=pp, pp_layers=pp_layers))
+    convert(ConvertOptions(src, ws, tp, pp=pp, pp_layers=pp_layers, ep=moe == "ep"))
     cache = CacheConfig(kv, block_size=16, cache_max_entry_count=0.5, gpu_mem=300 * MIB)
     plan = plan_memory(open_workspace(ws), gpu_mem=cache.gpu_mem, cache=cache, compute_dtype=torch.float32,
                        max_model_len=128, max_batch_size=8, max_prefill_tokens=256)
