@@ -1,24 +1,29 @@
-"""Benchmark ``tpconv convert`` on AutoAWQ GEMM (int4) checkpoints, against a plain copy of the same bytes.
+"""Benchmark ``tpconv convert`` on quantized checkpoints (AWQ, GPTQ, FP8), against a plain copy of the same bytes.
 
 What is measured (the fp32 part is ``tests.bench.bench_convert``, whose helpers this reuses):
 
 * ``tpconv convert SRC -o DST --tp N --force --json`` in a fresh process: seconds (the converter's own
   ``seconds``), MB/s of the bytes it writes (``total_bytes``), peak RSS (its VmHWM, ``peak_rss_bytes``).
   The converter reads AutoAWQ's qweight/qzeros/scales, unpacks AWQ's interleaved nibbles and repacks
-  them into the canonical ``tpdeploy-int4-v1`` layout, sliced per rank; fp16 tensors are only sliced.
+  them into the canonical ``tpdeploy-int4-v1`` layout, sliced per rank; GPTQ's the same way (act-order:
+  rows reordered by g_idx, w_down's order folded into gate/up); FP8 weights are only sliced, their scales
+  made canonical (per row x per K block); fp16/bf16 tensors are only sliced.
 * Models: the real AutoAWQ-quantized SmolLM2-135M (``tests.fixtures.quantized.awq_smollm2_path()``;
   9 heads, so tp 1 and 3), read through a directory of symlinks holding the checkpoint's own files only
   (the fixture keeps a 425 MB ``dequant_reference.safetensors`` beside them, which the converter would
   take for a weight file); and a random Llama (hidden 2048, 16/8 heads, intermediate 5632, 8 layers,
   vocab 32000, group 64: ~466 MB of int4 + fp16 embeddings) made by ``make_tiny_awq`` once into
-  ``$TPDEPLOY_CACHE/bench-llama-awq/`` (tp 1 and 4).
+  ``$TPDEPLOY_CACHE/bench-llama-awq/`` (tp 1 and 4); the same random Llama as GPTQ with act-order
+  (``make_tiny_gptq``, group 64, random g_idx, ``bench-llama-gptq``) and as block FP8 (``make_tiny_fp8``,
+  128 x 128 blocks, ``bench-llama-fp8``); the real FP8_DYNAMIC SmolLM2 of llm-compressor
+  (``fp8_smollm2_path()``, tp 1 and 3).
 * Baseline: a plain copy (chunked read/write + fsync) of the same source weight files, right before
   each conversion -> convert MB/s / copy MB/s. The converter also repacks int4, so no target is set.
 * Peak RSS against 1.5 x largest layer (embedding, lm_head or one decoder layer, from the safetensors
   headers) + the interpreter baseline (a process that only imports ``converter.convert``).
 
 Median of 3 runs by default; nothing asserted. ``python -m tests.bench.bench_convert_int4
-[--markdown PATH [--append]] [--reps N] [--models smollm2-awq,llama-awq]``.
+[--markdown PATH [--append]] [--reps N] [--models smollm2-awq,llama-awq,...]`` (see ``MODELS``).
 """
 from __future__ import annotations
 
@@ -44,41 +49,54 @@ from tests.bench.bench_convert import (
     memory_table,
     throughput_table,
 )
-from tests.fixtures.quantized import REFERENCE_FILE, REPORT_FILE, awq_smollm2_path
+from tests.fixtures.quantized import REFERENCE_FILE, REPORT_FILE, awq_smollm2_path, fp8_smollm2_path
 from tests.fixtures.smollm2 import cache_dir
 
-LLAMA_AWQ_DIR = "bench-llama-awq"
-LLAMA_AWQ_SPEC: dict[str, Any] = {"arch": "llama", "num_layers": 8, "hidden": 2048, "heads": 16, "kv_heads": 8,
-                                  "intermediate": 5632, "vocab": 32000, "seed": 1234, "group_size": 64}
+LLAMA_SPEC: dict[str, Any] = {"arch": "llama", "num_layers": 8, "hidden": 2048, "heads": 16, "kv_heads": 8,
+                              "intermediate": 5632, "vocab": 32000, "seed": 1234}
+# name -> (generator in tests.fixtures, its format arguments); each cached as $TPDEPLOY_CACHE/bench-<name>
+GENERATED: dict[str, tuple[str, dict[str, Any]]] = {
+    "llama-awq": ("int4_pack.make_tiny_awq", {"group_size": 64}),
+    "llama-gptq": ("gptq_pack.make_tiny_gptq", {"group_size": 64, "desc_act": True, "wo_local": 4}),
+    "llama-fp8": ("fp8_pack.make_tiny_fp8", {"scheme": "block"}),
+}
+REAL = {"smollm2-awq": (awq_smollm2_path, "AutoAWQ 0.2.9 GEMM, group 64"),
+        "smollm2-fp8": (fp8_smollm2_path, "llm-compressor FP8_DYNAMIC (per-channel scales)")}
+MODELS = (*REAL, *GENERATED)
 NOT_CHECKPOINT = (REFERENCE_FILE, REPORT_FILE)  # test artefacts the quantized fixture keeps beside its files
 SPEC_FILE = "bench_spec.json"
 
 
-def _generate_llama_awq(tmp: Path) -> None:
-    """make_tiny_awq builds the fp32 model in memory (~2 GB, ~3 GB peak), quantizes RTN, writes one file."""
-    from tests.fixtures.int4_pack import make_tiny_awq
+def _generate(name: str, tmp: Path) -> None:
+    """The generator builds the fp32 model in memory (~2 GB, ~3 GB peak), quantizes RTN, writes one file."""
+    import importlib
 
-    make_tiny_awq(tmp, **LLAMA_AWQ_SPEC)  # writes tokenizer.json (a tiny BPE) too: the converter needs one
-    for f in tmp.iterdir():
-        os.chmod(f, 0o644)
-    (tmp / SPEC_FILE).write_text(json.dumps(LLAMA_AWQ_SPEC))
+    where, fmt = GENERATED[name]
+    module, func = where.split(".")
+    make = getattr(importlib.import_module(f"tests.fixtures.{module}"), func)
+    make(tmp, **LLAMA_SPEC, **fmt)  # writes tokenizer.json (a tiny BPE) too: the converter needs one
+    (tmp / SPEC_FILE).write_text(json.dumps(_spec(name)))
 
 
-def llama_awq_path() -> tuple[Path, float | None]:
-    """The generated AWQ Llama (temp dir + rename, under a lock), and its generation seconds if made now."""
-    final = cache_dir() / LLAMA_AWQ_DIR
+def _spec(name: str) -> dict[str, Any]:
+    return {**LLAMA_SPEC, **GENERATED[name][1], "generator": GENERATED[name][0]}
+
+
+def generated_path(name: str) -> tuple[Path, float | None]:
+    """A generated quantized Llama (temp dir + rename, under a lock), and its generation seconds if made now."""
+    final = cache_dir() / f"bench-{name}"
     final.parent.mkdir(parents=True, exist_ok=True)
-    with open(final.parent / f".{LLAMA_AWQ_DIR}.lock", "w") as lock:
+    with open(final.parent / f".{final.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # another run may be generating it right now
         marker = final / SPEC_FILE
-        if marker.is_file() and json.loads(marker.read_text()) == LLAMA_AWQ_SPEC:
+        if marker.is_file() and json.loads(marker.read_text()) in (_spec(name), _legacy_spec(name)):
             return final, None
-        for stale in [final, *final.parent.glob(f".{LLAMA_AWQ_DIR}.tmp-*")]:  # an old spec, a killed run's
+        for stale in [final, *final.parent.glob(f".{final.name}.tmp-*")]:  # an old spec, a killed run's
             shutil.rmtree(stale, ignore_errors=True)
-        tmp, t0 = Path(tempfile.mkdtemp(prefix=f".{LLAMA_AWQ_DIR}.tmp-", dir=final.parent)), time.perf_counter()
-        print(f"generating {final} ({LLAMA_AWQ_SPEC}) ...", flush=True)
+        tmp, t0 = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent)), time.perf_counter()
+        print(f"generating {final} ({_spec(name)}) ...", flush=True)
         try:
-            _generate_llama_awq(tmp)
+            _generate(name, tmp)
             os.chmod(tmp, 0o755)
             os.rename(tmp, final)
         finally:
@@ -86,6 +104,11 @@ def llama_awq_path() -> tuple[Path, float | None]:
     seconds = time.perf_counter() - t0
     print(f"generated in {seconds:.1f}s", flush=True)
     return final, seconds
+
+
+def _legacy_spec(name: str) -> dict[str, Any] | None:
+    """The marker an AWQ Llama generated before GPTQ and FP8 joined carries (same bytes: kept)."""
+    return {**LLAMA_SPEC, "group_size": 64} if name == "llama-awq" else None
 
 
 def checkpoint_view(src: Path, dst: Path) -> Path:
@@ -101,20 +124,21 @@ def load_models(keys: list[str], work: Path) -> tuple[list[Model], list[str]]:
     """The requested models, described from their headers, and notes on how they were obtained."""
     models, notes = [], []
     for key in keys:
-        if key == "smollm2-awq":
-            real = awq_smollm2_path()
-            models.append(describe("smollm2-awq", checkpoint_view(real, work / "smollm2-awq-src"), (1, 3)))
-            notes.append(f"smollm2-awq: AutoAWQ 0.2.9 GEMM, group 64, of SmolLM2-135M-Instruct ({real}); fp16 "
-                         "tied embedding; 9 heads, so tp 1 and 3. Read through symlinks to its own files "
-                         f"(without {REFERENCE_FILE}, a test artefact kept in the same directory).")
-        elif key == "llama-awq":
-            path, gen = llama_awq_path()
-            models.append(describe("llama-awq", path, (1, 4)))
+        if key in REAL:
+            build, what = REAL[key]
+            real = build()
+            models.append(describe(key, checkpoint_view(real, work / f"{key}-src"), (1, 3)))
+            notes.append(f"{key}: {what}, of SmolLM2-135M-Instruct ({real}); tied embedding; 9 heads, so tp 1 "
+                         f"and 3. Read through symlinks to its own files (without {REFERENCE_FILE}, a test "
+                         "artefact kept in the same directory).")
+        elif key in GENERATED:
+            path, gen = generated_path(key)
+            models.append(describe(key, path, (1, 4)))
             made = f"generated in this run in {gen:.0f}s" if gen is not None else "cached"
-            notes.append(f"llama-awq: random Llama {LLAMA_AWQ_SPEC}, RTN-quantized by make_tiny_awq, "
-                         f"fp16 untied embedding and lm_head ({made}, {path}).")
+            notes.append(f"{key}: random Llama {LLAMA_SPEC} made by {GENERATED[key][0]}({GENERATED[key][1]}), "
+                         f"RTN, untied embedding and lm_head ({made}, {path}).")
         else:
-            raise SystemExit(f"unknown model {key!r}; expected smollm2-awq, llama-awq")
+            raise SystemExit(f"unknown model {key!r}; expected some of {', '.join(MODELS)}")
     return models, notes
 
 
@@ -123,7 +147,8 @@ def int4_notes(reps: int, models: list[Model], load: list[float], how: list[str]
            f"Median of {reps} runs each. Each copy (of the same source files, + fsync) runs right before its "
            "conversion, so both read a warm page cache; both write to the same filesystem.",
            "convert s/MB/s: the converter's own timing (--json `seconds`, MB written / seconds), which "
-           "includes unpacking AWQ's interleaved nibbles and repacking into tpdeploy-int4-v1; wall s adds "
+           "includes unpacking AWQ's and GPTQ's nibbles and repacking into tpdeploy-int4-v1 (FP8: only scales "
+           "are rewritten); wall s adds "
            "interpreter start and imports; CPU s is user + system time of all its threads. No target is set "
            "for convert / copy.", *how]
     return out + [f"{m.name}: {len(m.files)} weight file(s), {m.source_bytes / MB:.0f} MB, largest layer "
@@ -133,8 +158,8 @@ def int4_notes(reps: int, models: list[Model], load: list[float], how: list[str]
 def tables(rows: list[Row], baseline: int) -> list[tuple[str, tuple[list[str], list[list[str]]]]]:
     head, body = throughput_table(rows)
     head = ["convert / copy (no target)" if h.startswith("convert / copy") else h for h in head]
-    return [("AWQ int4: throughput vs. plain file copy", (head, body)),
-            ("AWQ int4: peak RSS vs. the streaming bound", memory_table(rows, baseline))]
+    return [("Quantized checkpoints: throughput vs. plain file copy", (head, body)),
+            ("Quantized checkpoints: peak RSS vs. the streaming bound", memory_table(rows, baseline))]
 
 
 def report(rows: list[Row], baseline: int, lines: list[str], markdown: Path | None, append: bool) -> None:
@@ -155,7 +180,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--markdown", type=Path, help="also write the tables as Markdown to this file")
     p.add_argument("--append", action="store_true", help="append to --markdown (e.g. bench_convert's) instead")
     p.add_argument("--reps", type=int, default=3, help="repetitions per measurement (median reported)")
-    p.add_argument("--models", default="smollm2-awq,llama-awq", help="comma-separated subset of the default")
+    p.add_argument("--models", default=",".join(MODELS), help="comma-separated subset of the default")
     args = p.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="tpdeploy-bench-int4-", dir="/tmp"))  # DST and copies: same filesystem
     try:
