@@ -49,7 +49,7 @@ from tests.bench.bench_convert import (
     memory_table,
     throughput_table,
 )
-from tests.fixtures.quantized import REFERENCE_FILE, REPORT_FILE, awq_smollm2_path, fp8_smollm2_path
+from tests.fixtures.quantized import REFERENCE_FILE, REPORT_FILE, awq_smollm2_path, fp8_smollm2_path, gptq_smollm2_path
 from tests.fixtures.smollm2 import cache_dir
 
 LLAMA_SPEC: dict[str, Any] = {"arch": "llama", "num_layers": 8, "hidden": 2048, "heads": 16, "kv_heads": 8,
@@ -61,7 +61,8 @@ GENERATED: dict[str, tuple[str, dict[str, Any]]] = {
     "llama-fp8": ("fp8_pack.make_tiny_fp8", {"scheme": "block"}),
 }
 REAL = {"smollm2-awq": (awq_smollm2_path, "AutoAWQ 0.2.9 GEMM, group 64"),
-        "smollm2-fp8": (fp8_smollm2_path, "llm-compressor FP8_DYNAMIC (per-channel scales)")}
+        "smollm2-fp8": (fp8_smollm2_path, "llm-compressor FP8_DYNAMIC (per-channel scales)"),
+        "smollm2-gptq": (gptq_smollm2_path, "AutoRound 0.15.1 auto_gptq export, group 64, symmetric")}
 MODELS = (*REAL, *GENERATED)
 NOT_CHECKPOINT = (REFERENCE_FILE, REPORT_FILE)  # test artefacts the quantized fixture keeps beside its files
 SPEC_FILE = "bench_spec.json"
@@ -89,7 +90,7 @@ def generated_path(name: str) -> tuple[Path, float | None]:
     with open(final.parent / f".{final.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # another run may be generating it right now
         marker = final / SPEC_FILE
-        if marker.is_file() and json.loads(marker.read_text()) in (_spec(name), _legacy_spec(name)):
+        if marker.is_file() and json.loads(marker.read_text()) == _spec(name):
             return final, None
         for stale in [final, *final.parent.glob(f".{final.name}.tmp-*")]:  # an old spec, a killed run's
             shutil.rmtree(stale, ignore_errors=True)
@@ -104,11 +105,6 @@ def generated_path(name: str) -> tuple[Path, float | None]:
     seconds = time.perf_counter() - t0
     print(f"generated in {seconds:.1f}s", flush=True)
     return final, seconds
-
-
-def _legacy_spec(name: str) -> dict[str, Any] | None:
-    """The marker an AWQ Llama generated before GPTQ and FP8 joined carries (same bytes: kept)."""
-    return {**LLAMA_SPEC, "group_size": 64} if name == "llama-awq" else None
 
 
 def checkpoint_view(src: Path, dst: Path) -> Path:
