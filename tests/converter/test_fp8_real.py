@@ -1,6 +1,8 @@
-"""SmolLM2 quantized to FP8 by llm-compressor itself (FP8_DYNAMIC): every rank's weights dequantize bit for
-bit to compressed-tensors' own dequantization at tp 1 and 3, and tprun computes what transformers computes
-with those weights (logits and greedy tokens)."""
+"""SmolLM2 quantized to FP8 by llm-compressor itself (FP8_DYNAMIC: per-channel scales; FP8_BLOCK: 128 x 128
+blocks, SmolLM2's 576- and 192-wide dims ending in partial blocks): every rank's weights dequantize bit for bit
+to compressed-tensors' own dequantization at tp 1 and 3 (where a rank's share of o_proj, 192 columns, is not a
+multiple of 128), and tprun computes what transformers computes with those weights (logits and greedy
+tokens)."""
 from pathlib import Path
 
 import pytest
@@ -16,11 +18,11 @@ from tests.workspace import source_state
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def checkpoint():
+@pytest.fixture(scope="module", params=["dynamic", "block"])
+def checkpoint(request):
     from tests.fixtures.quantized import fp8_smollm2_path, reference_dequant
 
-    src = fp8_smollm2_path()
+    src = fp8_smollm2_path(block=request.param == "block")
     return src, reference_dequant(src)
 
 
