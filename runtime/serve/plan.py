@@ -39,6 +39,7 @@ class ModelSummary:
     kv_heads: int
     head_dim: int
     vocab_size: int
+    active_parameters: int | None = None  # a mixture of experts: those one token runs through (top-k experts)
 
 
 @dataclass(frozen=True)
@@ -168,15 +169,20 @@ def _rank_budget(manifest: Manifest, rank: int, gpu_mem: int, cache: CacheConfig
 def _summary(cfg: ModelConfig) -> ModelSummary:
     h, d = cfg.hidden_size, cfg.head_dim
     qkv = (cfg.num_heads + 2 * cfg.num_kv_heads) * d
-    attention = qkv * h + (qkv if cfg.qkv_bias else 0) + cfg.num_heads * d * h + 2 * h
+    norms = 2 * h + (2 * d if cfg.qk_norm else 0) + (2 * h if cfg.sandwich_norms else 0)
+    attention = qkv * h + (qkv if cfg.qkv_bias else 0) + cfg.num_heads * d * h + norms
     moe = cfg.moe
     moe_layers = len(moe.layers) if moe else 0
-    mlp = (cfg.num_layers - moe_layers) * 3 * h * cfg.intermediate_size
-    if moe:  # every expert's three linears and the router
-        mlp += moe_layers * (moe.num_experts * 3 * h * moe.intermediate_size + moe.num_experts * h)
-    embeddings = cfg.vocab_size * h * (1 if cfg.tie_word_embeddings else 2)
-    return ModelSummary(cfg.architecture, cfg.num_layers * attention + mlp + embeddings + h, cfg.num_layers, h,
-                        cfg.num_heads, cfg.num_kv_heads, d, cfg.vocab_size)
+    dense = cfg.num_layers * attention + (cfg.num_layers - moe_layers) * 3 * h * cfg.intermediate_size
+    dense += cfg.vocab_size * h * (1 if cfg.tie_word_embeddings else 2) + h  # embeddings, final norm
+    if moe is None:
+        return ModelSummary(cfg.architecture, dense, cfg.num_layers, h, cfg.num_heads, cfg.num_kv_heads, d,
+                            cfg.vocab_size)
+    expert = 3 * h * moe.intermediate_size
+    router = moe_layers * moe.num_experts * h
+    return ModelSummary(cfg.architecture, dense + router + moe_layers * moe.num_experts * expert, cfg.num_layers, h,
+                        cfg.num_heads, cfg.num_kv_heads, d, cfg.vocab_size,
+                        active_parameters=dense + router + moe_layers * moe.top_k * expert)
 
 
 def _weight_format(manifest: Manifest) -> str:
@@ -207,7 +213,8 @@ def _gib(n: float) -> str:
 def format_table(plan: MemoryPlan) -> str:
     """Per-rank table, then the totals in words: why the process takes the memory it takes."""
     m = plan.model
-    lines = [f"memory plan: {m.architecture}, {m.parameters / 1e6:,.1f}M parameters, tp {plan.tp} x pp {plan.pp}, "
+    active = "" if m.active_parameters is None else f" ({m.active_parameters / 1e6:,.1f}M active per token)"
+    lines = [f"memory plan: {m.architecture}, {m.parameters / 1e6:,.1f}M parameters{active}, tp {plan.tp} x pp {plan.pp}, "
              f"weights {plan.weight_format} (computing in {plan.compute_dtype}), KV {plan.kv_dtype}, "
              f"{_gib(plan.gpu_mem)} GiB per GPU",
              f"{'rank':>4} {'stage':>5} {'weights':>9} {'reserve':>9} {'KV cache':>9} {'KV tokens':>12} {'unused':>9} "

@@ -79,14 +79,24 @@ def test_int4_parts_keep_their_dtype(workspace):
         assert weights_bytes(manifest, rank, torch.float32) == _stored_bytes(ws, rank) + dense
 
 
-@pytest.mark.parametrize("arch,tie", [("llama", False), ("mistral", True), ("qwen2", False)], ids=str)
+MOE = {"num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "mlp_only_layers": [1]}
+
+
+@pytest.mark.parametrize("arch,tie", [("llama", False), ("mistral", True), ("qwen2", False), ("qwen3", False),
+                                      ("qwen3_moe", False)], ids=str)
 def test_parameter_count_matches_the_checkpoint(tmp_path, arch, tie):
-    src = make_tiny(tmp_path / "src", arch, tie=tie, vocab=301)
+    """Every tensor of the checkpoint counted once; a mixture of experts also states the parameters one token
+    runs through (6 of its 8 experts skipped in each of its 1 MoE layer here)."""
+    src = make_tiny(tmp_path / "src", arch, tie=tie, vocab=301, extra_config=MOE if arch == "qwen3_moe" else None)
     convert(ConvertOptions(src, tmp_path / "ws", 1))
     with safe_open(src / "model.safetensors", "pt") as sf:
         expected = sum(math.prod(sf.get_slice(k).get_shape()) for k in sf.keys())
     plan = plan_memory(load_manifest(tmp_path / "ws"), gpu_mem=GIB, cache=CacheConfig(), compute_dtype=torch.float32)
     assert plan.model.parameters == expected
+    skipped = 6 * 3 * 64 * 32 if arch == "qwen3_moe" else None  # experts x (gate, up, down) x hidden x I
+    assert plan.model.active_parameters == (None if skipped is None else expected - skipped)
+    if skipped:
+        assert f"({(expected - skipped) / 1e6:,.1f}M active per token)" in format_table(plan)
 
 
 def test_kv_bytes_formula():
