@@ -131,7 +131,8 @@ class Model:
             gate_up, down = (Int4Experts(part(f"{n}.qweight", s), part(f"{n}.scales", s), part(f"{n}.zeros", s), g)
                              for n, s in (("w_gate_up", False), ("w_down", True)))
         prepare = self.kernels.prepare_experts
-        return Experts(w[p + "router.weight"], prepare(gate_up), prepare(down), moe.expert_range(self.tp, self.rank).start)
+        start = moe.expert_range(self.tp, self.rank).start
+        return Experts(w[p + "router.weight"], prepare(gate_up), prepare(down), start)
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, batch: StepBatch, cache: PagedKVCache,

@@ -214,7 +214,8 @@ def format_table(plan: MemoryPlan) -> str:
     """Per-rank table, then the totals in words: why the process takes the memory it takes."""
     m = plan.model
     active = "" if m.active_parameters is None else f" ({m.active_parameters / 1e6:,.1f}M active per token)"
-    lines = [f"memory plan: {m.architecture}, {m.parameters / 1e6:,.1f}M parameters{active}, tp {plan.tp} x pp {plan.pp}, "
+    lines = [f"memory plan: {m.architecture}, {m.parameters / 1e6:,.1f}M parameters{active}, "
+             f"tp {plan.tp} x pp {plan.pp}, "
              f"weights {plan.weight_format} (computing in {plan.compute_dtype}), KV {plan.kv_dtype}, "
              f"{_gib(plan.gpu_mem)} GiB per GPU",
              f"{'rank':>4} {'stage':>5} {'weights':>9} {'reserve':>9} {'KV cache':>9} {'KV tokens':>12} {'unused':>9} "

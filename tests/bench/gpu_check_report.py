@@ -164,8 +164,8 @@ def render(results: dict[str, StepResult], meta: dict) -> str:
             f"`{meta['command']}`; model: {meta['model_label']}." + (" **Dry run on the CPU: tiny sizes, no figure "
                                                                       "here means anything.**" if meta["dry_run"] else ""),
             ""]
-    body = (device(r["device"]) + kernel_tests(r["kernel_tests"]) + bench_kernels(r["bench_attention"], r["bench_w4a16"],
-                                                                       r["bench_moe"])
+    kernels = bench_kernels(r["bench_attention"], r["bench_w4a16"], r["bench_moe"])
+    body = (device(r["device"]) + kernel_tests(r["kernel_tests"]) + kernels
             + decode(r["decode_tprun"], r["decode_hf"], meta) + roofline(r["roofline"]) + reserve(r["reserve"])
             + summary(list(results.values())))
     return "\n".join(head + body).rstrip() + "\n"

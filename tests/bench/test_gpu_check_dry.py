@@ -1,6 +1,7 @@
 """``make gpu-check`` without a GPU: the no-CUDA exit, the dry run's report (every section, every row),
 a budget too small to run anything, and the parsing of pytest's output."""
 import json
+import math
 
 from tests.bench import gpu_check
 
@@ -33,7 +34,8 @@ def test_dry_run_reports_every_section_in_order(tmp_path):
                       "kernel_tests": "skip"}
     decoded = raw["decode_tprun"]["data"]["rows"] + raw["decode_hf"]["data"]["rows"]
     assert {(r["kv"], r["batch"]) for r in decoded} >= {(kv, b) for kv in ("fp16", "int8", "int4") for b in (1, 2)}
-    assert all(r["short_rows"] == 0 and r["ms_step"] > 0 for r in decoded)
+    # ms_step is a difference of two timings: on a loaded CPU with the dry run's tiny sizes it can be <= 0
+    assert all(r["short_rows"] == 0 and math.isfinite(r["ms_step"]) for r in decoded)
     assert len(raw["roofline"]["data"]["rows"]) == len(decoded)
     assert [r["scenario"] for r in raw["reserve"]["data"]["rows"]] == ["prefill", "prompt_logits", "decode"]
     for text in ("transformers generate", "identical tokens", "Copy bandwidth", "one decode step of 2 sequences"):
