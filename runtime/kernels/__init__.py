@@ -28,18 +28,20 @@ class Kernels:
     prepare_fp8: Callable = lambda w: w  # what an FP8 linear becomes at load (CPU: dense, ``cpu_fp8.dequant_once``)
     fused_moe: Callable | None = None  # a rank's experts of an MoE layer (``moe.moe_reference`` is the math)
     prepare_experts: Callable = lambda w: w  # what ``moe.Int4Experts`` become at load (CPU: dense, once)
+    prepare_dense: Callable = lambda w: w  # what a dense linear weight becomes at load (CPU fp32: ``cpu_dense``)
+    dense_linear: Callable | None = None  # runs what prepare_dense made when it is not a plain tensor
 
 
 def select(device: torch.device, int4_mode: str = "auto", dtype: torch.dtype = torch.float32) -> Kernels:
     """``int4_mode``/``dtype``: how int4 linears run on CPU (``kernels.cpu_int4``) for this compute dtype."""
     choice = os.environ.get("TPDEPLOY_KERNELS", "triton" if device.type == "cuda" else "torch")
     if choice == "torch":
-        from runtime.kernels import cpu_fp8, cpu_int4, moe
+        from runtime.kernels import cpu_dense, cpu_fp8, cpu_int4, moe
         from runtime.kernels import reference as r
         from runtime.kernels import torch_attention as t
         return Kernels("torch", r.write_kv, t.prefill_attention, t.decode_attention, cpu_int4.linear,
                        cpu_int4.choose(cpu_int4_mode(int4_mode), dtype), cpu_fp8.linear, cpu_fp8.dequant_once(dtype),
-                       moe.moe_torch, moe.prepare_experts_cpu(dtype))
+                       moe.moe_torch, moe.prepare_experts_cpu(dtype), cpu_dense.choose(dtype), cpu_dense.linear)
     if choice == "reference":
         from runtime.kernels import cpu_fp8, moe
         from runtime.kernels import reference as r

@@ -9,6 +9,7 @@ follow Hugging Face's reference implementation: RMSNorm in float32, rotary table
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 
@@ -21,6 +22,7 @@ from formats.fp8 import Fp8Format
 from formats.int4 import Int4Format
 from formats.sharding import heads_per_rank, kv_heads_per_rank
 from runtime.kernels import Kernels
+from runtime.kernels.cpu_dense import PackedDense
 from runtime.kernels.cpu_fp8 import Fp8Weight
 from runtime.kernels.moe import Int4Experts
 from runtime.kernels.paged import PagedBatch
@@ -71,19 +73,24 @@ class Layer:
 class Model:
     def __init__(self, cfg: ModelConfig, tp: int, rank: int, weights: dict[str, torch.Tensor], comm: Comm,
                  kernels: Kernels, quant: Int4Format | Fp8Format | None = None,
-                 layers: tuple[int, int] | None = None):
+                 layers: tuple[int, int] | None = None, built: Callable[[int], None] | None = None):
         """``rank`` is the tensor rank; ``quant`` the workspace's weight quantization; ``layers`` this stage's
-        decoder layers (None: all of them)."""
+        decoder layers (None: all of them); ``built(i)`` is called once decoder layer i holds what it needs."""
         self.cfg, self.comm, self.kernels, self.quant = cfg, comm, kernels, quant
         self.hq, self.hkv, self.d = heads_per_rank(cfg, tp), kv_heads_per_rank(cfg, tp), cfg.head_dim
         self.tp, self.rank = tp, rank
         start, stop = layers or (0, cfg.num_layers)
         self.first, self.last = "tok_embeddings.weight" in weights, "norm.weight" in weights
         self.embed = weights.get("tok_embeddings.weight")
-        self.lm_head = weights.get("lm_head.weight", self.embed)  # a tied single stage: the embedding
+        lm_head = weights.get("lm_head.weight", self.embed)  # a tied single stage: the embedding
+        self.lm_head = None if lm_head is None else kernels.prepare_dense(lm_head)  # its own copy when packed
         self.vocab_start = rank * self.embed.shape[0] if self.first else 0  # vocab-parallel: this rank's first row
         self.norm = weights.get("norm.weight")
-        self.layers = [self._layer(weights, i) for i in range(start, stop)]
+        self.layers = []
+        for i in range(start, stop):
+            self.layers.append(self._layer(weights, i))
+            if built is not None:
+                built(i)
         device = self.layers[0].ffn_norm.device
         self.inv_freq = inv_frequencies(cfg).to(device)
         # Gemma 3: sliding layers rotate with their own, unscaled base
@@ -97,10 +104,11 @@ class Model:
 
         def lin(name: str) -> torch.Tensor | Int4Weight | Fp8Weight | ActOrder:
             if self.quant is None:
-                return w[f"{p}{name}.weight"]
+                return self.kernels.prepare_dense(w[f"{p}{name}.weight"])
             if isinstance(self.quant, Fp8Format):
-                return self.kernels.prepare_fp8(Fp8Weight(w[f"{p}{name}.weight"], w[f"{p}{name}.{fp8.SCALE}"],
-                                                          self.quant.block_k))
+                out = self.kernels.prepare_fp8(Fp8Weight(w[f"{p}{name}.weight"], w[f"{p}{name}.{fp8.SCALE}"],
+                                                         self.quant.block_k))
+                return self.kernels.prepare_dense(out) if isinstance(out, torch.Tensor) else out  # CPU: dense
             out = self.kernels.prepare_int4(Int4Weight(w[f"{p}{name}.qweight"], w[f"{p}{name}.scales"],
                                                        w[f"{p}{name}.zeros"], self.quant.group_size))
             perm = w.get(f"{p}{name}.perm")
@@ -155,7 +163,7 @@ class Model:
             return x
         if not all_logits:
             x = x[batch.last_token_index().to(x.device)]  # (B, hidden): only what sampling needs
-        logits = self.comm.gather_last_dim(F.linear(self._norm(x, self.norm), self.lm_head))
+        logits = self.comm.gather_last_dim(self._linear(self._norm(x, self.norm), self.lm_head))
         return None if logits is None else logits[:, :self.cfg.vocab_size]  # drop vocab padding
 
     def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -208,6 +216,8 @@ class Model:
         the kernels prepared at load (dequantized once, it is dense too)."""
         if isinstance(w, torch.Tensor):
             return F.linear(x, w, bias)
+        if isinstance(w, PackedDense):
+            return self.kernels.dense_linear(x, w, bias)
         if isinstance(w, Fp8Weight):
             return self.kernels.w8a16_linear(x, w, bias)
         if isinstance(w, ActOrder):

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from formats import layout
 from formats.fp8 import Fp8Format
 from formats.manifest import Manifest
 from formats.sharding import kv_heads_per_rank
@@ -24,7 +25,7 @@ from runtime.model.comm import Comm
 from runtime.model.llama import Model
 from runtime.worker.memory import free_bytes, keeps_dtype, kv_bytes, reserve_bytes, weights_bytes
 from runtime.worker.parallel import Topology
-from runtime.worker.workspace import load_rank
+from runtime.worker.workspace import load_rank, release_pages
 
 
 @dataclass(frozen=True)
@@ -101,13 +102,19 @@ class ModelRunner:
             torch.set_num_threads(spec.threads or max(1, (os.cpu_count() or 1) // ranks_on_host))
         shape = kv_shape(spec, topo.stage)  # before loading: a bad --kv-dtype fails fast
         self.kernels = kernels.select(self.device, spec.cpu_int4, spec.dtype)
-        weights = load_rank(spec.workspace, spec.manifest, topo.rank, self.device)
+        maps: dict = {}
+        weights = load_rank(spec.workspace, spec.manifest, topo.rank, self.device, maps)
         # Dense tensors take the compute dtype; int4 parts and FP8 weights and scales keep theirs (they
         # dequantize exactly as stored).
         weights = {k: w if keeps_dtype(k, w.dtype) or w.dtype == spec.dtype else w.to(spec.dtype)
                    for k, w in weights.items()}
+        # Each layer file's pages leave the resident set once the layer is built (packed CPU weights are copies),
+        # so loading never holds the model twice.
         self.model = Model(cfg, tp, topo.tp_rank, weights, comm, self.kernels, spec.manifest.weights.quantization,
-                           spec.manifest.stages[topo.stage].layers)
+                           spec.manifest.stages[topo.stage].layers,
+                           built=lambda i: release_pages([maps[layout.layer_file(i)]]))
+        del weights
+        release_pages(maps.values())
         self.spec, self.topo, self.rank, self.shape = spec, topo, topo.rank, shape
         self.ranks_on_host = ranks_on_host
         self.cache: PagedKVCache | None = None

@@ -7,6 +7,7 @@ worker's own device, so nothing lands on any other GPU.
 from __future__ import annotations
 
 import mmap
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -41,8 +42,10 @@ def check_rank_files(ws: Path, rank: RankEntry) -> None:
                               "the file is truncated or replaced: run `tpconv verify` and re-convert")
 
 
-def load_rank(ws: Path, manifest: Manifest, rank: int, device: torch.device) -> dict[str, torch.Tensor]:
-    """Every tensor of ``rank`` by canonical name, mapped (CPU) or copied to ``device`` (CUDA)."""
+def load_rank(ws: Path, manifest: Manifest, rank: int, device: torch.device,
+              maps: dict[str, mmap.mmap] | None = None) -> dict[str, torch.Tensor]:
+    """Every tensor of ``rank`` by canonical name, mapped (CPU) or copied to ``device`` (CUDA); each file's
+    mapping goes into ``maps`` under its name (``layer-00003.safetensors``; for ``release_pages``)."""
     entry = manifest.ranks[rank]
     check_rank_files(ws, entry)
     tensors: dict[str, torch.Tensor] = {}
@@ -50,6 +53,8 @@ def load_rank(ws: Path, manifest: Manifest, rank: int, device: torch.device) -> 
         path = Path(ws) / f.path
         header, _ = read_header(path)
         buf = _map(path)
+        if maps is not None:
+            maps[path.name] = buf
         for t in (t for t in entry.tensors if t.file == f.path):
             info = header.get(t.name)
             if info is None or info.dtype != STORED_DTYPES.get(t.dtype) or list(info.shape) != list(t.shape):
@@ -58,6 +63,15 @@ def load_rank(ws: Path, manifest: Manifest, rank: int, device: torch.device) -> 
                                     offset=info.begin).view(info.shape) if info.nbytes else torch.empty(info.shape, dtype=info.dtype)
             tensors[t.name] = view if device.type == "cpu" else view.to(device, non_blocking=False)
     return tensors
+
+
+def release_pages(maps: Iterable[mmap.mmap]) -> None:
+    """Take the weight files' pages that loading read out of this process's resident set: once the model holds
+    its own copies (weights packed for the CPU kernels, or converted to the compute dtype), the mapped bytes
+    would otherwise count twice. Tensors still mapped (norms, unconverted weights) fault back in from the page
+    cache when next read; the mappings are private and never written, so nothing is lost."""
+    for m in maps:
+        m.madvise(mmap.MADV_DONTNEED)
 
 
 def _map(path: Path) -> mmap.mmap:
