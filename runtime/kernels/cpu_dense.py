@@ -33,7 +33,8 @@ class PackedDense:
 
 def choose(dtype: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor | PackedDense]:
     """What a dense linear weight becomes at load for compute ``dtype``."""
-    if dtype != torch.float32 or os.environ.get("TPDEPLOY_CPU_DENSE") == "plain" or not torch.backends.mkldnn.is_available():
+    plain = os.environ.get("TPDEPLOY_CPU_DENSE") == "plain"
+    if dtype != torch.float32 or plain or not torch.backends.mkldnn.is_available():
         return lambda w: w
     return pack
 
