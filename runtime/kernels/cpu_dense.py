@@ -34,9 +34,18 @@ class PackedDense:
 def choose(dtype: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor | PackedDense]:
     """What a dense linear weight becomes at load for compute ``dtype``."""
     plain = os.environ.get("TPDEPLOY_CPU_DENSE") == "plain"
-    if dtype != torch.float32 or plain or not torch.backends.mkldnn.is_available():
+    if dtype != torch.float32 or plain or not _works():
         return lambda w: w
     return pack
+
+
+def _works() -> bool:
+    """Whether this torch build has the oneDNN ops (private ones: a build without them keeps F.linear)."""
+    try:
+        w = torch.ones(2, 3)
+        return bool(torch.allclose(linear(torch.ones(1, 3), pack(w)), torch.full((1, 2), 3.0)))
+    except (AttributeError, RuntimeError, NotImplementedError):
+        return False
 
 
 def pack(w: torch.Tensor) -> PackedDense:
