@@ -106,9 +106,8 @@ class Model:
             if self.quant is None:
                 return self.kernels.prepare_dense(w[f"{p}{name}.weight"])
             if isinstance(self.quant, Fp8Format):
-                out = self.kernels.prepare_fp8(Fp8Weight(w[f"{p}{name}.weight"], w[f"{p}{name}.{fp8.SCALE}"],
-                                                         self.quant.block_k))
-                return self.kernels.prepare_dense(out) if isinstance(out, torch.Tensor) else out  # CPU: dense
+                return self.kernels.prepare_fp8(Fp8Weight(w[f"{p}{name}.weight"], w[f"{p}{name}.{fp8.SCALE}"],
+                                                          self.quant.block_k))
             out = self.kernels.prepare_int4(Int4Weight(w[f"{p}{name}.qweight"], w[f"{p}{name}.scales"],
                                                        w[f"{p}{name}.zeros"], self.quant.group_size))
             perm = w.get(f"{p}{name}.perm")
