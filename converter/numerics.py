@@ -213,7 +213,8 @@ def _check_experts(cfg: ModelConfig, i: int, x: torch.Tensor, ref: _SourceWeight
     """A mixture-of-experts layer: the router on every rank, then each rank's share of the routed sum (a slice
     of every expert, or its whole experts with --ep) and the all-reduced sum, against the source's experts."""
     p, moe, tp = f"layers.{i}.", cfg.moe, len(ranks)
-    probs = (x @ ref(p + "feed_forward.router.weight").t()).softmax(-1)
+    router = ref(p + "feed_forward.router.weight")
+    probs = (x @ router.t()).softmax(-1)
     weights, ids = probs.topk(moe.top_k, dim=-1)
     if moe.norm_topk_prob:
         weights = weights / weights.sum(-1, keepdim=True)
@@ -233,7 +234,7 @@ def _check_experts(cfg: ModelConfig, i: int, x: torch.Tensor, ref: _SourceWeight
     total = torch.zeros(TOKENS, cfg.hidden_size)
     for t, rank in enumerate(ranks):
         report.compare(f"rank{rank.rank} {p}feed_forward.router.weight", rank(p + "feed_forward.router.weight"),
-                       ref(p + "feed_forward.router.weight"))
+                       router)
         experts = moe.expert_range(tp, t)
         gate_up = rank(p + "feed_forward.experts.w_gate_up.weight").view(len(experts), 2, per, -1)
         down = rank(p + "feed_forward.experts.w_down.weight").view(cfg.hidden_size, len(experts), per)

@@ -321,10 +321,9 @@ def _check_tensors(ckpt: Checkpoint, cfg: ModelConfig, arch: Architecture, src: 
             continue  # checked with their qweight
         name = arch.hf_name(canonical)
         if "#" in name or "@" in name:  # rows of a fused q/k/v or expert tensor: check the fused tensor itself
-            name = name.split("#")[0].split("@")[0]
-            _check_dense(ckpt, name, fused_shape(cfg) if "@" not in arch.hf_name(canonical)
-                         else fused_expert_shape(name, cfg), src)
-            needed.add(name)
+            fused = name.split("#")[0].split("@")[0]
+            _check_dense(ckpt, fused, fused_expert_shape(fused, cfg) if "@" in name else fused_shape(cfg), src)
+            needed.add(fused)
             continue
         if name not in ckpt.names():
             hint = " (or set tie_word_embeddings: true in config.json)" if canonical == "lm_head.weight" else ""

@@ -200,8 +200,8 @@ def run(args: argparse.Namespace, prompts: list[str], max_tokens: int, levels: t
         ws = Path(tmp) / f"tp{args.tp}"
         convert(ConvertOptions(src, ws, args.tp, ep=args.ep))
         for i in range(0 if args.long_only else args.repeat):
-            res = measure(ws, src, args.tp, args.kv_dtype, prompts, max_tokens, levels, venv)
-            res["model"] = (MOE_MODEL + (", --ep" if args.ep else "")) if args.moe else MODEL
+            label = (MOE_MODEL + (", --ep" if args.ep else "")) if args.moe else MODEL
+            res = measure(ws, src, label, args.tp, args.kv_dtype, prompts, max_tokens, levels, venv)
             results["repetitions"].append(res)
             title = f"Repetition {i + 1} of {args.repeat}." if args.repeat > 1 else ""
             lines += _emit(([title, ""] if title else []) + report(res, results["machine"]))
@@ -225,7 +225,7 @@ def _emit(lines: list[str]) -> list[str]:
     return lines + [""]
 
 
-def measure(ws: Path, src: Path, tp: int, kv_dtype: str, prompts: list[str], max_tokens: int,
+def measure(ws: Path, src: Path, model: str, tp: int, kv_dtype: str, prompts: list[str], max_tokens: int,
             levels: tuple[int, ...], venv: Path | None) -> dict:
     """One repetition: the transformers baseline, then tprun's server, then vLLM's, never two at once."""
     threads = max(1, (os.cpu_count() or 1) // tp) * tp  # what the server's ranks use together
@@ -239,7 +239,7 @@ def measure(ws: Path, src: Path, tp: int, kv_dtype: str, prompts: list[str], max
         peer = drive(server, VLLM_IDLE, prompts, max_tokens, levels)
         peer["version"] = peer_vllm.installed(venv)[0]
         peer["compile"] = peer_vllm.compile_note(server.log or "")
-    return {"model": MODEL, "tp": tp, "kv_dtype": kv_dtype, "max_tokens": max_tokens, "max_model_len": MAX_MODEL_LEN,
+    return {"model": model, "tp": tp, "kv_dtype": kv_dtype, "max_tokens": max_tokens, "max_model_len": MAX_MODEL_LEN,
             "kv_tokens": kv_tokens, "requests": len(prompts), "baseline": baseline, "tprun": tprun, "vllm": peer}
 
 
