@@ -86,7 +86,7 @@ class LLM:
             sys.exit(code)
         self.driver = Driver(spec)
         kv = self.driver.runner.cache
-        self.blocks = BlockManager(kv.num_blocks, kv.shape.block_size, config.enable_prefix_caching)
+        self.blocks = BlockManager(kv.num_blocks, kv.shape.block_size, config.enable_prefix_caching, kv.tail_slots)
         self.engine = Engine(self.driver, self.tokenizer, self.blocks, cfg.vocab_size, self.max_model_len, config)
 
     def generate(self, prompts: Prompt | list[Prompt], sampling_params: SamplingParams | list[SamplingParams] | None = None,

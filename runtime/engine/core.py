@@ -156,7 +156,7 @@ class Engine:
             parts = []
             for a in range(0, len(prompt), chunk):
                 part = prompt[a:a + chunk]
-                batch = StepBatch((SeqSlice(seq_id, len(part), a + len(part), table),))
+                batch = StepBatch((SeqSlice(seq_id, len(part), a + len(part), table, self.blocks.tail(seq_id)),))
                 # On the host at once: the device holds one chunk's logits (chunk x vocab x 4 B), not the
                 # prompt's, which the plan's reserve (sized for server steps) does not cover.
                 parts.append(self.driver.execute(Step(part, batch, all_logits=True)).cpu())

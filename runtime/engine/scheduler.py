@@ -92,7 +92,8 @@ class Scheduler:
             self.blocks.register_full_blocks(w.seq.seq_id, w.seq.tokens, w.seq.computed)
 
     def slice(self, w: Work) -> SeqSlice:
-        return SeqSlice(w.seq.seq_id, w.new, w.start + w.new, self.blocks.table(w.seq.seq_id))
+        sid = w.seq.seq_id
+        return SeqSlice(sid, w.new, w.start + w.new, self.blocks.table(sid), self.blocks.tail(sid))
 
     def _admit(self, seq, budget: int) -> Work | None:
         if seq.computed == 0 and seq.seq_id not in self.blocks.tables:

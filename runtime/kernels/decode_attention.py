@@ -17,12 +17,18 @@ would spill registers on the GPU for groups of 8 at D=128. The interpreter runs 
 
 Layouts (``runtime/kv/format.py``): q ``(B, Hq, D)``; K/V data ``(num_blocks, Hkv, block_size,
 packed_dim)`` in a float dtype, or uint8 int8 codes (``packed_dim = D``) or int4 pairs (``D / 2``,
-element ``2j`` in the low nibble); params ``(num_blocks, Hkv, block_size, 2)`` fp16 ``[scale, zero]``.
-Codes are dequantized in registers as ``code * scale + zero`` in fp32, then cast to q's dtype, as the
-reference does. Only the blocks of a sequence's table that hold keys it can see are read. A head_dim
-that is not a power of two (80, 96) is padded to one in registers, masked on load and store.
+element ``2j`` in the low nibble); params ``(num_blocks, Hkv, block_size, 2)`` fp16 ``[scale, zero]``
+per token. int4 keys differ (``LayerKV.channel_keys``): params ``(num_blocks, Hkv, D, 2)``, one per
+channel of a full block, and a sequence's partial last block (positions from ``seq_len // block_size *
+block_size`` on) is read from its tail slot ``tails[b]`` of ``k_tail (slots, Hkv, block_size, D)`` fp16
+instead of the codes (``tiles.load_channel_keys``). Codes are dequantized in registers as ``code * scale
++ zero`` in fp32, then cast to q's dtype, as the reference does. Only the blocks of a sequence's table
+that hold keys it can see are read. A head_dim that is not a power of two (80, 96) is padded to one in
+registers, masked on load and store.
 
-Checked without a GPU: compiled for sm_90 (default 4 warps) with no register spills; not yet timed.
+Checked without a GPU (compiled for sm_90 by Triton 3.9, default 4 warps, arguments specialized as at
+launch): no register spills at D=128 with fp16/bf16 q, int4 channel keys included (180 registers at
+block_size 64); fp32 q and D=80 spill, as they did before int4 keys were per channel. Not yet timed.
 """
 from __future__ import annotations
 
@@ -32,7 +38,7 @@ import triton.language as tl
 
 from formats.errors import TpDeployError
 from runtime.kernels.paged import LayerKV
-from runtime.kernels.tiles import load_tile
+from runtime.kernels.tiles import check_channel_keys, check_tails, load_channel_keys, load_tile, tail_args
 
 BLOCK_N = 64  # keys per tile: a whole number of 16-token cache blocks, or a slice of a larger one
 _MIN_DOT_ROWS = 16  # tl.dot's smallest M on tensor cores: GQA groups are padded up to it
@@ -53,14 +59,19 @@ def _dot(a, b, F32: tl.constexpr):
 
 
 @triton.jit
-def _split_kernel(q_ptr, k_ptr, v_ptr, kp_ptr, vp_ptr, table_ptr, lens_ptr, out_ptr, m_ptr, l_ptr, acc_ptr,
-                  qk_scale, window, num_splits, s_qb, s_qh, s_qd, s_b, s_h, s_t, s_d, p_b, p_h, p_t, p_x, s_tb,
+def _split_kernel(q_ptr, k_ptr, v_ptr, kp_ptr, vp_ptr, tail_ptr, tails_ptr, table_ptr, lens_ptr, out_ptr, m_ptr,
+                  l_ptr, acc_ptr, qk_scale, window, num_splits, s_qb, s_qh, s_qd, s_b, s_h, s_t, s_d,
+                  kp_b, kp_h, kp_t, kp_x, vp_b, vp_h, vp_t, vp_x, t_s, t_h, t_t, s_tb,
                   GROUP: tl.constexpr, GROUP_P: tl.constexpr, D: tl.constexpr, D_P: tl.constexpr,
                   BITS: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, HAS_WINDOW: tl.constexpr,
-                  SINGLE: tl.constexpr, DOT_F32: tl.constexpr):
+                  SINGLE: tl.constexpr, DOT_F32: tl.constexpr, CHANNEL_KEYS: tl.constexpr):
     """Online softmax of one (sequence, KV head group) over one split's tiles of keys."""
     b, hk, s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     n = tl.load(lens_ptr + b)
+    slot = 0
+    if CHANNEL_KEYS:  # int4 keys: positions from n_full on are in the sequence's tail slot
+        slot = tl.load(tails_ptr + b).to(tl.int64)
+    n_full = n // BLOCK_SIZE * BLOCK_SIZE
     start = 0
     if HAS_WINDOW:  # key j is visible iff n - 1 - window < j <= n - 1
         start = tl.maximum(n - window, 0)
@@ -83,8 +94,13 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, kp_ptr, vp_ptr, table_ptr, lens_ptr, out_
         valid = (tok >= start) & (tok < n)
         blk = tl.load(table_ptr + b * s_tb + tok // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
         off = tok % BLOCK_SIZE
-        k = load_tile(k_ptr, kp_ptr, blk, off, valid, hk, s_b, s_h, s_t, s_d, p_b, p_h, p_t, p_x,
-                       BITS, D, D_P, BLOCK_N, q.dtype)
+        if CHANNEL_KEYS:
+            k = load_channel_keys(k_ptr, kp_ptr, tail_ptr, blk, off, tok, valid, hk, slot, n_full,
+                                  s_b, s_h, s_t, s_d, kp_b, kp_h, kp_t, kp_x, t_s, t_h, t_t,
+                                  D, D_P, BLOCK_N, BLOCK_SIZE >= BLOCK_N, q.dtype)
+        else:
+            k = load_tile(k_ptr, kp_ptr, blk, off, valid, hk, s_b, s_h, s_t, s_d, kp_b, kp_h, kp_t, kp_x,
+                          BITS, D, D_P, BLOCK_N, q.dtype)
         qk = _dot(q, tl.trans(k), DOT_F32) * qk_scale  # (GROUP_P, BLOCK_N) log2 units
         qk = tl.where(valid[None, :], qk, float("-inf"))
         # every tile in [lo, hi) holds a visible key, so m_new is finite and alpha never NaN
@@ -92,8 +108,8 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, kp_ptr, vp_ptr, table_ptr, lens_ptr, out_
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(qk - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = load_tile(v_ptr, vp_ptr, blk, off, valid, hk, s_b, s_h, s_t, s_d, p_b, p_h, p_t, p_x,
-                       BITS, D, D_P, BLOCK_N, q.dtype)
+        v = load_tile(v_ptr, vp_ptr, blk, off, valid, hk, s_b, s_h, s_t, s_d, vp_b, vp_h, vp_t, vp_x,
+                      BITS, D, D_P, BLOCK_N, q.dtype)
         acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_F32)
         m_i = m_new
 
@@ -140,12 +156,14 @@ def pick_num_splits(batch: int, kv_heads: int, max_keys: int) -> int:
 
 
 def decode_attention(q: torch.Tensor, kv: LayerKV, block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
-                     window: int | None = None, num_splits: int | None = None) -> torch.Tensor:
+                     window: int | None = None, tails: torch.Tensor | None = None,
+                     num_splits: int | None = None) -> torch.Tensor:
     """q (B, Hq, D), one query per sequence at position seq_len - 1 -> (B, Hq, D) in q's dtype.
 
+    ``tails`` (B,) int32: each sequence's tail slot, required for an int4 cache (``PagedBatch.tails``).
     ``num_splits`` None picks one from the table width (an upper bound of the longest sequence that
     needs no device-to-host sync); a sequence of length 0 gets zeros."""
-    _check(q, kv, block_tables, seq_lens, window, num_splits)
+    _check(q, kv, block_tables, seq_lens, window, tails, num_splits)
     batch, hq, dim = q.shape
     hkv, block_size = kv.k.shape[1], kv.block_size
     if num_splits is None:
@@ -160,14 +178,16 @@ def decode_attention(q: torch.Tensor, kv: LayerKV, block_tables: torch.Tensor, s
         l = torch.empty_like(m)
         acc = torch.empty((batch, hq, num_splits, dim), dtype=torch.float32, device=q.device)
     params = (kv.k_params, kv.v_params) if kv.quantized else (kv.k, kv.v)  # placeholders for float caches
-    p_strides = params[0].stride() if kv.quantized else (0, 0, 0, 0)
+    p_strides = (*params[0].stride(), *params[1].stride()) if kv.quantized else (0,) * 8
+    tail, tails, *t_strides = tail_args(kv, tails, seq_lens)
     d_p = triton.next_power_of_2(dim)
     _split_kernel[(batch, hkv, num_splits)](
-        q, kv.k, kv.v, params[0], params[1], block_tables, seq_lens, out, m, l, acc,
-        scale * _LOG2E, window or 0, num_splits, *q.stride(), *kv.k.stride(), *p_strides, block_tables.stride(0),
+        q, kv.k, kv.v, params[0], params[1], tail, tails, block_tables, seq_lens, out, m, l, acc,
+        scale * _LOG2E, window or 0, num_splits, *q.stride(), *kv.k.stride(), *p_strides, *t_strides,
+        block_tables.stride(0),
         GROUP=group, GROUP_P=max(_MIN_DOT_ROWS, triton.next_power_of_2(group)), D=dim, D_P=d_p, BITS=kv.bits,
         BLOCK_SIZE=block_size, BLOCK_N=BLOCK_N, HAS_WINDOW=window is not None, SINGLE=num_splits == 1,
-        DOT_F32=_dot_in_fp32(q))
+        DOT_F32=_dot_in_fp32(q), CHANNEL_KEYS=kv.channel_keys)
     if num_splits > 1:
         _reduce_kernel[(batch, hq)](m, l, acc, out, num_splits, D=dim, D_P=d_p,
                                     SPLITS_P=triton.next_power_of_2(num_splits))
@@ -183,7 +203,7 @@ def _dot_in_fp32(q: torch.Tensor) -> bool:
 _Q_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def _check(q, kv: LayerKV, block_tables, seq_lens, window, num_splits) -> None:
+def _check(q, kv: LayerKV, block_tables, seq_lens, window, tails, num_splits) -> None:
     """Raise a TpDeployError naming the first argument the kernels cannot take."""
     batch, hq, dim = q.shape if q.dim() == 3 else (None, None, None)
     if dim is None or q.dtype not in _Q_DTYPES:
@@ -195,7 +215,9 @@ def _check(q, kv: LayerKV, block_tables, seq_lens, window, num_splits) -> None:
     if packed != want or kv.v.shape != kv.k.shape or kv.v.stride() != kv.k.stride():
         raise TpDeployError(f"decode_attention: K/V {tuple(kv.k.shape)}, {tuple(kv.v.shape)} do not hold "
                             f"head_dim {dim} at {kv.bits} bits (last dim {want}, K and V alike)")
-    if kv.quantized and (kv.k_params is None or kv.v_params is None or kv.k_params.stride() != kv.v_params.stride()):
+    if kv.channel_keys:
+        check_channel_keys(kv, dim, "decode_attention")
+    elif kv.quantized and (kv.k_params is None or kv.v_params is None or kv.k_params.shape != kv.v_params.shape):
         raise TpDeployError(f"decode_attention: an int{kv.bits} cache needs K and V params of one layout")
     if block_size & (block_size - 1):
         raise TpDeployError(f"decode_attention: block_size must be a power of two, got {block_size}")
@@ -205,6 +227,7 @@ def _check(q, kv: LayerKV, block_tables, seq_lens, window, num_splits) -> None:
     if block_tables.dtype != torch.int32 or seq_lens.dtype != torch.int32:
         raise TpDeployError(f"decode_attention: block_tables and seq_lens must be int32, "
                             f"got {block_tables.dtype} and {seq_lens.dtype}")
+    check_tails(kv, tails, batch, "decode_attention")
     if window is not None and window < 1:
         raise TpDeployError(f"decode_attention: window must be >= 1 or None, got {window}")
     if num_splits is not None and num_splits < 1:

@@ -30,7 +30,8 @@ from itertools import pairwise
 import torch
 import torch.nn.functional as F
 
-from runtime.kernels.paged import LayerKV, PagedBatch, dequantize
+from runtime.kernels.paged import LayerKV, PagedBatch, dequantize, dequantize_channels, with_tails
+from runtime.kernels.reference import check_tails
 
 # Prefill: a group's padded score count (rows x keys) may reach this multiple of the sum of its
 # sequences' own; beyond it a new group starts (padding is computed, then thrown away).
@@ -42,14 +43,15 @@ GROUP_KEYS = 1 << 15
 
 
 def decode_attention(q: torch.Tensor, kv: LayerKV, block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
-                     window: int | None = None) -> torch.Tensor:
-    """q (B, Hq, D), one query per sequence at position seq_len - 1 -> (B, Hq, D)."""
+                     window: int | None = None, tails: torch.Tensor | None = None) -> torch.Tensor:
+    """q (B, Hq, D), one query per sequence at position seq_len - 1 -> (B, Hq, D) (``tails``: each
+    sequence's slot in an int4 cache)."""
     b, hq, d = q.shape
     hkv, bs = kv.k.shape[1], kv.block_size
     lens = seq_lens.long()
     width = -(-int(lens.max()) // bs)
     blocks = block_tables[:, :width].long().flatten()  # (B * W,)
-    k = _gather(kv.k, kv.k_params, blocks, kv.bits, torch.float32).view(b, width, hkv, bs, d)
+    k = _keys(kv, blocks, torch.float32, b, lens, tails)  # (B, W, Hkv, bs, D)
     v = _gather(kv.v, kv.v_params, blocks, kv.bits, torch.float32).view(b, width, hkv, bs, d)
     hidden = _hidden(lens - 1, width * bs, window)  # (B, L): keys a query must not see
     qg = q.float().reshape(b, 1, hkv, hq // hkv, d)  # (B, 1, Hkv, G, D): broadcast over blocks
@@ -87,11 +89,11 @@ def _prefill_group(q: torch.Tensor, kv: LayerKV, pb: PagedBatch, group: list[int
     kpos = torch.arange(width * bs, device=dev)
     written = (kpos[None, :] < lens[:, None])[:, None, :, None]  # (Bg, 1, L, 1)
 
-    def keys(data, params) -> torch.Tensor:  # (Bg, Hkv, L, D), zero past each sequence's length
-        x = _gather(data, params, blocks, kv.bits, q.dtype)
+    def flat(x) -> torch.Tensor:  # (Bg * W, Hkv, bs, D) -> (Bg, Hkv, L, D), zero past each sequence's length
         x = x.view(b, width, hkv, bs, d).permute(0, 2, 1, 3, 4).reshape(b, hkv, width * bs, d)
         return torch.where(written, x, 0)
-    k, v = keys(kv.k, kv.k_params), keys(kv.v, kv.v_params)
+    k = flat(_keys(kv, blocks, q.dtype, b, lens, None if pb.tails is None else pb.tails[idx]))
+    v = flat(_gather(kv.v, kv.v_params, blocks, kv.bits, q.dtype))
     t = torch.arange(tq, device=dev)
     real = t[None, :] < qlens[:, None]  # (Bg, Tq): rows that are tokens (the rest is padding)
     rows = first[:, None] + torch.minimum(t[None, :], qlens[:, None] - 1)  # (Bg, Tq): padding repeats a row
@@ -132,6 +134,16 @@ def _hidden(last: torch.Tensor, length: int, window: int | None) -> torch.Tensor
     if window is not None:
         hidden |= kpos[None, :] <= last[:, None] - window
     return hidden
+
+
+def _keys(kv: LayerKV, blocks: torch.Tensor, dtype: torch.dtype, b: int, lens: torch.Tensor,
+          tails: torch.Tensor | None) -> torch.Tensor:
+    """Keys of ``b`` sequences' tables (``blocks``, B * W) as (B, W, Hkv, bs, D) values in ``dtype``."""
+    if not kv.channel_keys:
+        x = _gather(kv.k, kv.k_params, blocks, kv.bits, dtype)
+        return x.view(b, -1, *x.shape[1:])
+    x = dequantize_channels(kv.k.index_select(0, blocks), kv.k_params.index_select(0, blocks), kv.bits, dtype)
+    return with_tails(x.view(b, -1, *x.shape[1:]), kv.k_tail, lens, check_tails(tails))
 
 
 def _gather(data: torch.Tensor, params: torch.Tensor | None, blocks: torch.Tensor, bits: int,

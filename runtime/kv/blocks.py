@@ -18,7 +18,9 @@ from formats.errors import TpDeployError
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int, prefix_caching: bool = False):
+    def __init__(self, num_blocks: int, block_size: int, prefix_caching: bool = False, tail_slots: int = 0):
+        """``tail_slots``: with int4 keys, each sequence holding blocks also holds one of these slots for its
+        partial last block (``PagedKVCache.k_tail``); 0: the format needs none."""
         if num_blocks < 1:
             raise TpDeployError("the KV cache has no room for even one block; give it more memory "
                                 "(--cache-max-entry-count, --kv-cache-tokens) or pick a smaller --kv-dtype")
@@ -32,6 +34,9 @@ class BlockManager:
         self._hashed: dict[int, tuple[int, int]] = {}  # seq -> (blocks hashed so far, last hash)
         self.tables: dict[int, list[int]] = {}
         self._tuples: dict[int, tuple[int, ...]] = {}  # seq -> its table as last handed out by table()
+        self.uses_tails = tail_slots > 0
+        self._free_tails = list(range(tail_slots - 1, -1, -1))
+        self._tails: dict[int, int] = {}  # seq -> its tail slot
 
     @property
     def num_free(self) -> int:
@@ -50,7 +55,7 @@ class BlockManager:
         return -(-tokens // self.block_size)
 
     def can_grow(self, seq_id: int, tokens: int) -> bool:
-        return self._missing(seq_id, tokens) <= self.num_free
+        return self._missing(seq_id, tokens) <= self.num_free and self._has_tail(seq_id)
 
     def grow(self, seq_id: int, tokens: int) -> tuple[int, ...]:
         """Make ``seq_id``'s table hold ``tokens`` tokens; returns the whole table."""
@@ -58,6 +63,11 @@ class BlockManager:
         if missing > self.num_free:
             raise TpDeployError(f"the KV cache is out of blocks: sequence {seq_id} needs {missing} more, "
                                 f"{self.num_free} of {self.num_blocks} are free")
+        if not self._has_tail(seq_id):
+            raise TpDeployError(f"the KV cache is out of tail slots: sequence {seq_id} needs one, all "
+                                f"{len(self._tails)} are held (more sequences than --max-batch-size at once)")
+        if self.uses_tails and seq_id not in self._tails:
+            self._tails[seq_id] = self._free_tails.pop()
         table = self.tables.setdefault(seq_id, [])
         for _ in range(missing):
             block = self._take()
@@ -77,7 +87,13 @@ class BlockManager:
             frozen = self._tuples[seq_id] = tuple(table)
         return frozen
 
+    def tail(self, seq_id: int) -> int:
+        """``seq_id``'s tail slot, -1 when the format needs none (or it holds no blocks)."""
+        return self._tails.get(seq_id, -1)
+
     def free(self, seq_id: int) -> None:
+        if seq_id in self._tails:
+            self._free_tails.append(self._tails.pop(seq_id))
         self._hashed.pop(seq_id, None)
         self._tuples.pop(seq_id, None)
         for block in reversed(self.tables.pop(seq_id, [])):
@@ -130,6 +146,9 @@ class BlockManager:
         block, h = self._cached.popitem(last=False)  # least recently released cached block
         del self._by_hash[h], self._hash_of[block]
         return block
+
+    def _has_tail(self, seq_id: int) -> bool:
+        return not self.uses_tails or seq_id in self._tails or bool(self._free_tails)
 
     def _missing(self, seq_id: int, tokens: int) -> int:
         return max(0, self.blocks_for(tokens) - len(self.tables.get(seq_id, ())))

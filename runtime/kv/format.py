@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from formats.errors import TpDeployError
-from runtime.kernels.paged import PARAM_DTYPE
+from runtime.kernels.paged import PARAM_DTYPE, TAIL_DTYPE
 
 BLOCK_SIZE = 64  # tokens per block: a power of two, a whole number of kernel tiles
 
@@ -47,13 +47,26 @@ class KVFormat:
     def quantized(self) -> bool:
         return self.bits in (4, 8)
 
+    @property
+    def channel_keys(self) -> bool:
+        """int4 keys are scaled per channel over each full block (KIVI), the partial block kept in fp16."""
+        return self.bits == 4
+
+    @property
+    def rotate_values(self) -> bool:
+        """int4 values are stored rotated too (int8 values lose too little to be worth the output's rotation)."""
+        return self.bits == 4
+
     def packed_dim(self, head_dim: int) -> int:
         return head_dim // 2 if self.bits == 4 else head_dim
 
-    def bytes_per_token_head(self, head_dim: int) -> int:
-        """Bytes one token of one KV head takes in K (or V), parameters included."""
-        params = 2 * PARAM_DTYPE.itemsize if self.quantized else 0
-        return self.packed_dim(head_dim) * self.dtype.itemsize + params
+    def block_bytes(self, head_dim: int, block_size: int) -> tuple[int, int]:
+        """Bytes one block of one KV head takes in K and in V, parameters included."""
+        data = block_size * self.packed_dim(head_dim) * self.dtype.itemsize
+        if not self.quantized:
+            return data, data
+        per_row = 2 * PARAM_DTYPE.itemsize  # [scale, zero]
+        return data + per_row * (head_dim if self.channel_keys else block_size), data + per_row * block_size
 
 
 def kv_format(kv_dtype: str, compute_dtype: torch.dtype, head_dim: int) -> KVFormat:
@@ -93,13 +106,22 @@ class KVShape:
             raise TpDeployError(f"--block-size must be a power of two, got {b}")
 
     @property
-    def bytes_per_token(self) -> int:
-        """K and V of one token in every layer, with the int8/int4 scale and zero counted."""
-        return 2 * self.num_layers * self.kv_heads * self.fmt.bytes_per_token_head(self.head_dim)
+    def bytes_per_block(self) -> int:
+        """K and V of one block in every layer, with the int8/int4 scales and zeros counted."""
+        return self.num_layers * self.kv_heads * sum(self.fmt.block_bytes(self.head_dim, self.block_size))
 
     @property
-    def bytes_per_block(self) -> int:
-        return self.block_size * self.bytes_per_token
+    def bytes_per_token(self) -> float:
+        """``bytes_per_block / block_size``: whole for every layout but int4 keys of a head_dim whose
+        per-channel parameters do not divide evenly among a block's tokens."""
+        per = self.bytes_per_block / self.block_size
+        return int(per) if per.is_integer() else per
+
+    def tail_bytes(self, slots: int) -> int:
+        """The fp16 partial blocks of int4 keys for ``slots`` sequences (0 for other formats)."""
+        if not self.fmt.channel_keys:
+            return 0
+        return slots * self.num_layers * self.kv_heads * self.block_size * self.head_dim * TAIL_DTYPE.itemsize
 
     def blocks_for(self, budget_bytes: int) -> int:
         return max(0, budget_bytes // self.bytes_per_block)

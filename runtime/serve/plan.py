@@ -26,7 +26,7 @@ from formats.manifest import Manifest
 from formats.sharding import kv_heads_per_rank
 from runtime.config import DEFAULTS, CacheConfig, EngineConfig, compute_dtype
 from runtime.kv.format import KVShape, kv_format
-from runtime.worker.memory import ALLOCATOR_SLACK, GIB, kv_bytes, reserve_bytes, weights_bytes
+from runtime.worker.memory import ALLOCATOR_SLACK, GIB, kv_bytes, reserve_bytes, tail_slots, weights_bytes
 
 
 @dataclass(frozen=True)
@@ -47,7 +47,7 @@ class RankPlan:
     rank: int
     stage: int  # pipeline stage; its layers set this rank's KV bytes per token
     layers: int
-    bytes_per_token: int  # K and V of one token, this stage's layers, one rank's KV heads
+    bytes_per_token: float  # K and V of one token, this stage's layers, one rank's KV heads
     total: int  # T: memory of this rank's GPU
     weights: int  # S/P as loaded
     reserve: int
@@ -76,7 +76,7 @@ class MemoryPlan:
     limiting_rank: int
     block_size: int
     kv_dtype: str
-    bytes_per_token: int  # K and V of one token on the limiting rank (its stage's layers, its KV heads)
+    bytes_per_token: float  # K and V of one token on the limiting rank (its stage's layers, its KV heads)
     kv_tokens: int  # num_blocks × block_size
     max_model_len: int
     max_concurrency: int  # whole max_model_len requests the cache holds at once
@@ -85,6 +85,8 @@ class MemoryPlan:
     sliding_layers: int = 0  # layers attending to a window only, which still hold full-context blocks
     window: int | None = None
     cpu_dense_weights: int | None = None  # int4 workspaces: the limiting rank's weights dequantized (CPU)
+    # int4 KV: the limiting rank's fp16 partial blocks of keys, one per sequence that may hold blocks (in its reserve)
+    kv_tail_bytes: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -137,6 +139,7 @@ def plan_memory(manifest: Manifest, *, gpu_mem: int, cache: CacheConfig, compute
         max_concurrency=kv_tokens // max_model_len, concurrency=kv_tokens / max_model_len,
         warnings=_warnings(kv_tokens, max_model_len),
         sliding_layers=sum(cfg.is_sliding(i) for i in range(cfg.num_layers)), window=cfg.sliding_window,
+        kv_tail_bytes=shape.tail_bytes(tail_slots(max_batch_size, manifest.pp)),
         cpu_dense_weights=None if manifest.weights.quantization is None else weights_bytes(
             manifest, proposals.index(num_blocks), compute_dtype, int4_dense=True))
 
@@ -146,7 +149,7 @@ def _rank_budget(manifest: Manifest, rank: int, gpu_mem: int, cache: CacheConfig
     """(weights, reserve, KV budget) of one rank; raises when they cannot fit on the GPU."""
     weights = weights_bytes(manifest, rank, compute_dtype)
     reserve = reserve_bytes(manifest.model, manifest.tp, compute_dtype, max_prefill_tokens, max_batch_size, rank=rank,
-                            pp=manifest.pp)
+                            pp=manifest.pp) + shape.tail_bytes(tail_slots(max_batch_size, manifest.pp))
     if weights + reserve > gpu_mem:
         raise TpDeployError(
             f"rank {rank} needs {_gib(weights)} GiB of weights + {_gib(reserve)} GiB reserve = "
@@ -161,7 +164,7 @@ def _rank_budget(manifest: Manifest, rank: int, gpu_mem: int, cache: CacheConfig
         raise TpDeployError(
             f"rank {rank}: --kv-cache-tokens {cache.kv_cache_tokens} needs {_gib(kv)} GiB of KV cache on top of "
             f"{_gib(weights + reserve)} GiB of weights and reserve, more than --gpu-mem {_gib(gpu_mem)} GiB; "
-            f"ask for at most {max(0, (gpu_mem - weights - reserve) // shape.bytes_per_token)} tokens, "
+            f"ask for at most {max(0, int((gpu_mem - weights - reserve) // shape.bytes_per_token))} tokens, "
             "or use a quantized --kv-dtype (int8, int4) or a larger --tp")
     return weights, reserve, kv
 
@@ -206,6 +209,11 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+def _num(n: float) -> str:
+    """A byte count as 1,234, or 2.5 when not whole."""
+    return f"{n:,.0f}" if float(n).is_integer() else f"{n:,.2f}"
+
+
 def _gib(n: float) -> str:
     return f"{n / GIB:.2f}"
 
@@ -224,7 +232,7 @@ def format_table(plan: MemoryPlan) -> str:
     for r in plan.ranks:
         mark = "  *" if r.rank == plan.limiting_rank and uneven else ""
         lines.append(f"{r.rank:>4} {r.stage:>5} {_gib(r.weights):>9} {_gib(r.reserve):>9} {_gib(r.kv_allocated):>9} "
-                     f"{r.kv_tokens:>12,} {_gib(r.unused):>9} {_gib(r.total):>9} {r.bytes_per_token:>9,}{mark}")
+                     f"{r.kv_tokens:>12,} {_gib(r.unused):>9} {_gib(r.total):>9} {_num(r.bytes_per_token):>9}{mark}")
     limited = f", * = rank {plan.limiting_rank} limits the cache" if uneven else ""
     lines.append(f"(GiB; KV tokens = what each rank's budget holds; every rank allocates {plan.num_blocks:,} "
                  f"blocks of {plan.block_size} = {plan.kv_tokens:,} tokens{limited})")
@@ -233,7 +241,9 @@ def format_table(plan: MemoryPlan) -> str:
 
 def _explain(plan: MemoryPlan) -> list[str]:
     r, m = plan.ranks[plan.limiting_rank], plan.model
-    per_head = plan.bytes_per_token // (2 * r.layers * max(1, m.kv_heads // plan.tp))
+    heads = max(1, m.kv_heads // plan.tp)
+    k, v = (_num(b / plan.block_size) for b in kv_format(plan.kv_dtype, torch.float32, m.head_dim)
+            .block_bytes(m.head_dim, plan.block_size))
     lines = [f"weights  {_gib(r.weights)} GiB/rank (S/P, rank {r.rank}; "
              f"{_gib(sum(x.weights for x in plan.ranks))} GiB over all {len(plan.ranks)} ranks, as loaded in memory)",
              f"reserve  {_gib(r.reserve)} GiB for the largest step ({plan.max_prefill_tokens} prefill tokens, "
@@ -248,10 +258,15 @@ def _explain(plan: MemoryPlan) -> list[str]:
     else:
         lines.append(f"KV cache = λ {plan.lam:.2f} × ({_gib(r.total)} − {_gib(r.weights)} − {_gib(r.reserve)}) "
                      f"GiB = {_gib(r.kv_bytes)} GiB → {plan.kv_tokens:,} tokens")
-    lines += [f"bytes per token {plan.bytes_per_token:,} = {r.layers} layers{_of_stage(plan, r)} × K+V × "
-              f"{max(1, m.kv_heads // plan.tp)} KV heads/rank × {per_head} bytes ({plan.kv_dtype}, head_dim {m.head_dim})",
+    per_head = f"K+V × {k} bytes" if k == v else f"(K {k} + V {v}) bytes"
+    lines += [f"bytes per token {_num(plan.bytes_per_token)} = {r.layers} layers{_of_stage(plan, r)} × "
+              f"{heads} KV heads/rank × {per_head} ({plan.kv_dtype}, head_dim {m.head_dim})",
               f"maximum concurrency for {plan.max_model_len}-token requests: {plan.max_concurrency} "
               f"({plan.concurrency:.2f})"]
+    if plan.kv_tail_bytes:
+        lines.append(f"int4 KV  keys are scaled per channel over each full {plan.block_size}-token block; each "
+                     f"sequence's partial block stays fp16 until it fills: {_gib(plan.kv_tail_bytes)} GiB of the reserve for "
+                     f"{tail_slots(plan.max_batch_size, plan.pp)} sequences")
     if plan.cpu_dense_weights is not None:
         lines.append(f"cpu      with --device cpu, --cpu-int4 dequant-once (auto's choice unless the model computes "
                      f"in bf16) holds the int4 linears dense: {_gib(plan.cpu_dense_weights)} GiB/rank instead of "

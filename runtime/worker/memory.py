@@ -76,6 +76,12 @@ def reserve_bytes(cfg: ModelConfig, tp: int, compute_dtype: torch.dtype, max_pre
     return layer + logits + ALLOCATOR_SLACK
 
 
+def tail_slots(max_batch_size: int, pp: int) -> int:
+    """Sequences that may hold cache blocks at once (each holds an int4 key tail): a batch for every pipeline
+    step in flight, and one prompt scored by ``Engine.prompt_logits`` beside them."""
+    return max_batch_size * pp + 1
+
+
 def _moe_per_token(cfg: ModelConfig, tp: int) -> int:
     """A mixture-of-experts MLP's live values per token, in compute-dtype units: its k copies of the hidden state
     sorted by expert, their gate_up and act(gate) * up outputs and down outputs, the float32 sum, and the router's

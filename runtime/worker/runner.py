@@ -23,7 +23,7 @@ from runtime.kv.cache import PagedKVCache
 from runtime.kv.format import KVShape, kv_format
 from runtime.model.comm import Comm
 from runtime.model.llama import Model
-from runtime.worker.memory import free_bytes, keeps_dtype, kv_bytes, reserve_bytes, weights_bytes
+from runtime.worker.memory import free_bytes, keeps_dtype, kv_bytes, reserve_bytes, tail_slots, weights_bytes
 from runtime.worker.parallel import Topology
 from runtime.worker.workspace import load_rank, release_pages
 
@@ -136,7 +136,7 @@ class ModelRunner:
         cfg = self.spec.manifest.model
         windows = [cfg.window(i) for i in range(*self.spec.manifest.stages[self.topo.stage].layers)]
         self.cache = PagedKVCache(self.shape, num_blocks, self.device, self.kernels, windows, self.spec.dtype,
-                                  cfg.attention_scale)
+                                  cfg.attention_scale, tail_slots(self.spec.max_batch_size, self.spec.manifest.pp))
 
     def _memory(self) -> RankMemory:
         spec, shape = self.spec, self.shape
@@ -146,6 +146,7 @@ class ModelRunner:
         weights = weights_bytes(spec.manifest, self.rank, spec.dtype, int4_dense=dense)
         reserve = reserve_bytes(spec.manifest.model, spec.manifest.tp, spec.dtype, spec.max_prefill_tokens,
                                 spec.max_batch_size, rank=self.rank, pp=spec.manifest.pp)
+        reserve += shape.tail_bytes(tail_slots(spec.max_batch_size, spec.manifest.pp))
         if spec.cache.gpu_mem is not None:
             total, free = spec.cache.gpu_mem, spec.cache.gpu_mem - weights
         else:  # measured now that the weights are loaded

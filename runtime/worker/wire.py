@@ -6,7 +6,7 @@ So both sides keep the tables of the previous step's sequences, and a message ca
 how many leading blocks of its previous table still hold (``keep``) and only the blocks after them:
 
     header  [VERSION, kind, all_logits, B, T, N]            kind: STEP, or STOP (no more steps)
-    seqs    B x [seq_id, new, context, keep, sent]          table = previous[:keep] + the next ``sent`` blocks
+    seqs    B x [seq_id, new, context, tail, keep, sent]    table = previous[:keep] + the next ``sent`` blocks
     tokens  T                                               the step's input ids, packed
     blocks  N                                               every sequence's ``sent`` blocks, in order
 
@@ -22,9 +22,9 @@ import torch
 from runtime.kv.batch import SeqSlice, StepBatch
 from runtime.worker.runner import Step
 
-VERSION = 1  # bump when the layout changes: every rank runs the same code, but a mismatch must not pass silently
+VERSION = 2  # bump when the layout changes: every rank runs the same code, but a mismatch must not pass silently
 STEP, STOP = 1, 0
-_HEADER, _PER_SEQ = 6, 5
+_HEADER, _PER_SEQ = 6, 6
 
 
 class StepEncoder:
@@ -41,7 +41,7 @@ class StepEncoder:
         for s in seqs:
             prev = self._tables.get(s.seq_id)
             keep = _kept(prev, s.blocks)
-            meta += (s.seq_id, s.new, s.context, keep, len(s.blocks) - keep)
+            meta += (s.seq_id, s.new, s.context, s.tail, keep, len(s.blocks) - keep)
             if keep < len(s.blocks):
                 blocks += s.blocks[keep:]
         self._tables = {s.seq_id: s.blocks for s in seqs}
@@ -65,14 +65,14 @@ class StepDecoder:
             return None
         at, tables, seqs = _HEADER + _PER_SEQ * b + t, self._tables, []
         for i in range(_HEADER, _HEADER + _PER_SEQ * b, _PER_SEQ):
-            seq_id, new, context, keep, sent = values[i:i + _PER_SEQ]
+            seq_id, new, context, tail, keep, sent = values[i:i + _PER_SEQ]
             table = tables[seq_id] if keep else ()
             if keep < len(table):
                 table = table[:keep]
             if sent:
                 table = table + tuple(values[at:at + sent])
                 at += sent
-            seqs.append(SeqSlice(seq_id, new, context, table))
+            seqs.append(SeqSlice(seq_id, new, context, table, tail))
         assert at == len(values) and at - n == _HEADER + _PER_SEQ * b + t, "internal: step message and header disagree"
         self._tables = {s.seq_id: s.blocks for s in seqs}
         tokens = values[_HEADER + _PER_SEQ * b:_HEADER + _PER_SEQ * b + t]

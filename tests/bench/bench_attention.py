@@ -2,9 +2,12 @@
 
 Heads are Llama-3-8B's at tp=1 (Hq=32, Hkv=8, D=128), cache blocks of 64 tokens with shuffled block
 tables, every sequence at the full context: 1k/4k/16k tokens, batch 1/4/16/64, KV in fp16, int8 and
-int4 (random codes, small positive scales; the write kernel is not run). Each figure is the median of
-``triton.testing.do_bench`` (L2 flushed before every call). GB/s counts the bytes a call must read:
-K and V of every token and KV head (codes + fp16 scale/zero for int8/int4) plus q and out. % copy is
+int4 (random codes, small positive scales; the write kernel is not run). int4 keys have the runtime's
+layout: one scale/zero per channel of each block and an fp16 tail slot per sequence; the contexts end on
+a block edge, so every tail is empty (a partial block would add at most one fp16 block per sequence).
+Each figure is the median of ``triton.testing.do_bench`` (L2 flushed before every call). GB/s counts
+the bytes a call must read: K and V of every block and KV head (codes + fp16 scale/zero for int8/int4:
+per token, int4 keys per channel) plus q and out. % copy is
 that rate over the device's copy bandwidth, measured here as a 1 GiB device-to-device ``copy_``
 (read + write = 2 GiB moved). Target: >= 80 % of copy bandwidth from 4k context on.
 
@@ -32,13 +35,14 @@ MEM_FRACTION = 0.6  # skip a case whose cache + fp16 baseline exceed this share 
 
 
 def kernel_bytes(kv_dtype: str, batch: int, context: int) -> int:
-    """Bytes one decode_attention call reads and writes: K+V (params included) of every token, q and out."""
+    """Bytes one decode_attention call reads and writes: K+V (params included) of every block, q and out."""
     import torch
 
     from runtime.kv.format import kv_format
 
     fmt = kv_format(kv_dtype, torch.float16, HEAD_DIM)
-    return 2 * batch * HKV * context * fmt.bytes_per_token_head(HEAD_DIM) + _q_out_bytes(batch)
+    blocks = batch * HKV * (context // BLOCK_SIZE)
+    return blocks * sum(fmt.block_bytes(HEAD_DIM, BLOCK_SIZE)) + _q_out_bytes(batch)
 
 
 def sdpa_bytes(batch: int, context: int) -> int:
@@ -66,10 +70,11 @@ def copy_bandwidth() -> float:
 
 
 def _cache(kv_dtype: str, batch: int, context: int, gen):
-    """A full random paged cache on the GPU and its shuffled block tables (B, context / BLOCK_SIZE) int32."""
+    """A full random paged cache on the GPU, its shuffled block tables (B, context / BLOCK_SIZE) int32 and
+    each sequence's tail slot (B,) int32 (int4; else None)."""
     import torch
 
-    from runtime.kernels.paged import LayerKV
+    from runtime.kernels.paged import TAIL_DTYPE, LayerKV
     from runtime.kv.format import kv_format
 
     fmt = kv_format(kv_dtype, torch.float16, HEAD_DIM)
@@ -78,9 +83,15 @@ def _cache(kv_dtype: str, batch: int, context: int, gen):
     tables = torch.randperm(shape[0], device=DEVICE, generator=gen).view(batch, per_seq).int()
     if not fmt.quantized:
         k, v = (torch.randn(shape, dtype=torch.float16, device=DEVICE, generator=gen) for _ in range(2))
-        return LayerKV(k, v, None, None, fmt.bits), tables
+        return LayerKV(k, v, None, None, fmt.bits), tables, None
     k, v = (torch.randint(0, 256, shape, dtype=torch.uint8, device=DEVICE, generator=gen) for _ in range(2))
-    return LayerKV(k, v, _params(shape[:3], fmt.bits, gen), _params(shape[:3], fmt.bits, gen), fmt.bits), tables
+    v_params = _params(shape[:3], fmt.bits, gen)
+    if not fmt.channel_keys:
+        return LayerKV(k, v, _params(shape[:3], fmt.bits, gen), v_params, fmt.bits), tables, None
+    k_params = _params(shape[:2] + (HEAD_DIM,), fmt.bits, gen)  # (num_blocks, Hkv, D, 2): per channel of a block
+    tail = torch.randn((batch, HKV, BLOCK_SIZE, HEAD_DIM), device=DEVICE, generator=gen).to(TAIL_DTYPE)
+    tails = torch.arange(batch, dtype=torch.int32, device=DEVICE)
+    return LayerKV(k, v, k_params, v_params, fmt.bits, tail), tables, tails
 
 
 def _params(shape: tuple[int, ...], bits: int, gen):
@@ -91,24 +102,19 @@ def _params(shape: tuple[int, ...], bits: int, gen):
     return torch.stack([scale, -scale * ((1 << bits) - 1) / 2], dim=-1).half()
 
 
-def _contiguous(kv, tables):
-    """K and V of every sequence as fp16 (B, Hkv, L, D), dequantized one sequence at a time."""
+def _contiguous(kv, tables, tails):
+    """K and V of every sequence as fp16 (B, Hkv, L, D), dequantized one sequence at a time by the reference."""
     import torch
 
-    from runtime.kernels.paged import dequantize
+    from runtime.kernels.reference import gather_kv
 
     batch, per_seq = tables.shape
     k = torch.empty(batch, HKV, per_seq * BLOCK_SIZE, HEAD_DIM, dtype=torch.float16, device=DEVICE)
     v = torch.empty_like(k)
-    for out, data, params in ((k, kv.k, kv.k_params), (v, kv.v, kv.v_params)):
-        for b, table in enumerate(tables.long()):
-            codes = _sequence(data, table)
-            out[b] = codes if params is None else dequantize(codes, _sequence(params, table), kv.bits, torch.float16)
+    for b, table in enumerate(tables):
+        tail = -1 if tails is None else int(tails[b])
+        k[b], v[b] = gather_kv(kv, table, per_seq * BLOCK_SIZE, torch.float16, tail)
     return k, v
-
-
-def _sequence(t, table):
-    return t[table].transpose(0, 1).flatten(1, 2)  # (nb, Hkv, bs, X) -> (Hkv, nb * bs, X)
 
 
 def measure(kv_dtype: str, batch: int, context: int, copy_gbps: float) -> dict:
@@ -120,14 +126,18 @@ def measure(kv_dtype: str, batch: int, context: int, copy_gbps: float) -> dict:
     from runtime.kernels.decode_attention import decode_attention, pick_num_splits
 
     gen = torch.Generator(DEVICE).manual_seed(batch * 100003 + context)
-    kv, tables = _cache(kv_dtype, batch, context, gen)
+    kv, tables, tails = _cache(kv_dtype, batch, context, gen)
     lens = torch.full((batch,), context, dtype=torch.int32, device=DEVICE)
     q = torch.randn(batch, HQ, HEAD_DIM, dtype=torch.float16, device=DEVICE, generator=gen)
-    k, v = _contiguous(kv, tables)
+    k, v = _contiguous(kv, tables, tails)
     q_g = q.view(batch, HKV, HQ // HKV, HEAD_DIM)  # (B, Hkv, group, D): a group's heads are its query rows
     scale = HEAD_DIM ** -0.5
-    run_kernel = (lambda: decode_attention(q, kv, tables, lens, scale))
-    run_sdpa = (lambda: F.scaled_dot_product_attention(q_g, k, v, scale=scale))
+
+    def run_kernel():
+        return decode_attention(q, kv, tables, lens, scale, None, tails)
+
+    def run_sdpa():
+        return F.scaled_dot_product_attention(q_g, k, v, scale=scale)
     ref = run_sdpa().reshape(batch, HQ, HEAD_DIM).float()
     err = ((run_kernel().float() - ref).abs().max() / ref.abs().max()).item()
     ms_k = do_bench(run_kernel, return_mode="median")

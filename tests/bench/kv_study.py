@@ -87,16 +87,58 @@ def sinks(n: int, inner: Fake) -> Fake:
     return fake
 
 
-def per_channel_block(block: int = 64) -> Fake:
-    """KIVI-style: int4 with a scale and zero per channel over each block of ``block`` tokens (needs
-    the whole block: simulated over positions, which a cache could only do once a block is full)."""
+def clipped(bits: int = 4, ratios: tuple[float, ...] = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75)) -> Fake:
+    """Per-row (last dim) asymmetric min-max with the range shrunk about its middle by the ratio that gives
+    the least squared error (searched per row at write time: no calibration, no extra bytes)."""
+    def fake(x, pos):
+        x32 = x.float()
+        lo, hi = x32.amin(-1, keepdim=True), x32.amax(-1, keepdim=True)
+        mid, half = (lo + hi) / 2, (hi - lo) / 2
+        qmax, best, err = (1 << bits) - 1, None, None
+        for r in ratios:
+            scale = (2 * half * r / qmax).clamp(2.0 ** -14, 65504).half().float()
+            zero = (mid - half * r).half().float()
+            y = torch.floor((x32 - zero) / scale + 0.5).clamp(0, qmax) * scale + zero
+            e = ((y - x32) ** 2).sum(-1, keepdim=True)
+            best, err = (y, e) if best is None else (torch.where(e < err, y, best), torch.minimum(e, err))
+        return best.to(x.dtype)
+    return fake
+
+
+def per_channel_block_with(inner: Fake, block: int = 64) -> Fake:
+    """KIVI-style: ``inner`` (a per-row quantizer) applied to each channel's run of tokens within each block
+    of ``block`` tokens (it needs the whole block: simulated over positions, which a cache can only do once
+    a block is full)."""
     def fake(x, pos):
         out = x.clone()
         for b in torch.unique(pos // block).tolist():
             rows = (pos // block) == b
-            xt = x[rows].transpose(0, 2)  # (D, H, t): a channel's values over the block's tokens
-            out[rows] = dequantize(*quantize(xt, 4), 4, x.dtype).transpose(0, 2)
+            out[rows] = inner(x[rows].transpose(0, 2), pos).transpose(0, 2)
         return out
+    return fake
+
+
+def per_channel_block(block: int = 64) -> Fake:
+    """Plain min-max int4 per channel over each block."""
+    return per_channel_block_with(uniform(4), block)
+
+
+def rotated(inner: Fake) -> Fake:
+    """``inner`` on x multiplied by the Hadamard matrix (and back, R R = I): for values, what a rotated V
+    cache stores; for keys, which ``wrap`` has rotated already, the keys as the model made them."""
+    def fake(x, pos):
+        r = key_rotation(x.shape[-1], x.dtype, x.device)
+        return inner(x @ r, pos) @ r
+    return fake
+
+
+_LAYER = [0]  # the layer being written, set by ``wrap`` (for per-layer variants)
+
+
+def first_layers(n: int, early: Fake, inner: Fake) -> Fake:
+    """``early`` in the first ``n`` layers, ``inner`` in the rest."""
+    def fake(x, pos):
+        return (early if _LAYER[0] < n else inner)(x, pos)
     return fake
 
 
@@ -123,6 +165,23 @@ SIMS: dict[str, tuple[Fake, Fake, float, bool]] = {
     "3 sinks 16 + Lloyd-Max keys": (sinks(16, lloyd()), sinks(16, uniform(4)), 36 + 36, False),
     "4 k8v4": (uniform(8), uniform(4), 68 + 36, False),
     "5 per-channel keys per 64-token block": (per_channel_block(), uniform(4), 36 + 36, False),
+    "5 unrotated": (rotated(per_channel_block()), uniform(4), 36 + 36, False),
+    "5 + values g32": (per_channel_block(), uniform(4, 32), 36 + 40, False),
+    "5 + sinks 16": (sinks(16, per_channel_block()), sinks(16, uniform(4)), 36 + 36, False),
+    "5 + clipped values": (per_channel_block(), clipped(), 36 + 36, False),
+    "5 clipped keys + clipped values": (per_channel_block_with(clipped()), clipped(), 36 + 36, False),
+    "5 clipped keys + values g32": (per_channel_block_with(clipped()), uniform(4, 32), 36 + 40, False),
+    "5 + clipped values g32": (per_channel_block(), lambda x, p: clipped()(x.unflatten(-1, (-1, 32)), p).flatten(-2),
+                               36 + 40, False),
+    "5 + rotated values": (per_channel_block(), rotated(uniform(4)), 36 + 36, False),
+    "5 + rotated clipped values": (per_channel_block(), rotated(clipped()), 36 + 36, False),
+    "5 + rotated values g32": (per_channel_block(), rotated(uniform(4, 32)), 36 + 40, False),
+    "5 clipped keys": (per_channel_block_with(clipped()), uniform(4), 36 + 36, False),
+    "5 clipped keys + rotated values": (per_channel_block_with(clipped()), rotated(uniform(4)), 36 + 36, False),
+    "5 + layer 0 int8": (first_layers(1, uniform(8), per_channel_block()), first_layers(1, uniform(8), uniform(4)),
+                          36 + 36 + 64 / 30, False),
+    "5 + layers 0-1 int8": (first_layers(2, uniform(8), per_channel_block()), first_layers(2, uniform(8), uniform(4)),
+                             36 + 36 + 128 / 30, False),
 }
 REAL = tuple(k for k in ("int8", "int4", "int4-lloyd", "k8v4") if k in KV_DTYPES)
 
@@ -135,6 +194,7 @@ def wrap(cache, key: Fake | None, value: Fake | None) -> None:
     def fake_attend(layer, q, k, v, pb):
         assert pb.seq_lens.shape[0] == 1, "perplexity prefills one window at a time"
         pos = pb.seq_lens[0] - k.shape[0] + torch.arange(k.shape[0])  # (T,) positions of the new tokens
+        _LAYER[0] = layer
         if key is not None:
             k = key(k @ r, pos) @ r  # r is symmetric and orthonormal: r @ r == I
         if value is not None:
@@ -167,20 +227,24 @@ def run(ws: Path, kv: str, ids: dict[str, list[int]], contexts: list[int], fakes
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--contexts", default="512,2048", help="window lengths (comma-separated)")
-    ap.add_argument("--only", default="", help="run only sim rows whose name contains this")
+    ap.add_argument("--only", default="", help="run only sim rows whose name contains one of these (|-separated)")
+    ap.add_argument("--both-only", action="store_true", help="only the [KV] rows of the sim variants")
+    ap.add_argument("--texts", default=",".join(TEXTS), help="texts to run (comma-separated)")
     args = ap.parse_args()
     from runtime.engine.tokenizer import Tokenizer
     from tests.bench.bench_cpu_int4 import workspaces
 
     ws = workspaces()["dense"]
     tok = Tokenizer.from_workspace(ws)
-    ids = {name: tok.encode(p.read_text(encoding="utf-8")) for name, p in TEXTS.items() if p.is_file()}
+    ids = {name: tok.encode(p.read_text(encoding="utf-8")) for name, p in TEXTS.items()
+           if p.is_file() and name in args.texts.split(",")}
     contexts = [int(c) for c in args.contexts.split(",")]
     t0 = time.perf_counter()
     fakes = {"fp32": (None, None)}
     for name, (k, v, _, own_v) in SIMS.items():
-        if args.only in name:
-            fakes |= {f"{name} [K]": (k, None)} | ({f"{name} [V]": (None, v)} if own_v else {})
+        if any(o in name for o in args.only.split("|")):
+            if not args.both_only:
+                fakes |= {f"{name} [K]": (k, None)} | ({f"{name} [V]": (None, v)} if own_v else {})
             fakes[f"{name} [KV]"] = (k, v)
     ppl = run(ws, "fp32", ids, contexts, fakes)
     for kv in REAL if not args.only else ():

@@ -13,10 +13,14 @@ from runtime.engine.sampling import SamplingParams
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
 TEXT = ROOT / "tests" / "data" / "english.txt"  # ~2,900 words of ordinary English, ~3,400 tokens
-# Perplexity change vs fp32 KV. int8 meets the issue's 0.5 %; int4 measures +6.0 % on this 135M model
-# (issue target 3 %: not met; see docs/kv-cache.md), asserted with a little headroom.
-MAX_PPL_CHANGE = {"int8": 0.005, "int4": 0.07}
-NEAR_TIE = 0.1  # logits; int8 KV moves SmolLM2's logits by 0.03 on average (0.45 at most) on english.txt
+# Perplexity change vs fp32 KV: the issues' targets. Measured on this text: int8 +0.03 %, int4 +1.9 %
+# (per-channel keys per block, clipped; rotated values; docs/kv-cache.md).
+MAX_PPL_CHANGE = {"int8": 0.005, "int4": 0.03}
+# (logit gap between fp32's two best tokens below which a divergence counts as a near tie, prompts that must
+# give fp32's 32 tokens). int8 KV moves SmolLM2's logits by 0.03 on average (0.45 at most) on english.txt.
+# Measured: int8 4 of 8 prompts identical, the rest part at gaps <= 0.07; int4 2 of 8, the rest at gaps
+# <= 0.23 (the per-token int4 it replaced: 0 of 8, gaps up to 1.56).
+GREEDY = {"int8": (0.1, 4), "int4": (0.3, 2)}
 GREEDY_PROMPTS = [
     "The capital of France is",
     "def fibonacci(n):",
@@ -53,12 +57,14 @@ def test_perplexity_through_the_serving_path(perplexities):
         assert 0 < abs(change) <= limit, f"{kv}: {change:+.2%}"
 
 
-def test_int8_kv_greedy_output_matches_fp32_except_at_near_ties(llms, smollm2_ws):
-    """Measured: 4 of 8 prompts give fp32's 32 greedy tokens; the other 4 part ways where fp32's two
-    best logits are within 0.07 of each other, a coin flip that any rounding can turn."""
+@pytest.mark.parametrize("kv", list(GREEDY))
+def test_quantized_kv_greedy_output_matches_fp32_except_at_near_ties(kv, llms, smollm2_ws):
+    """Prompts that part ways from fp32's greedy tokens do so where fp32's two best logits are close, a coin
+    flip that rounding can turn (GREEDY says how close, and how many prompts must not part at all)."""
+    near_tie, min_same = GREEDY[kv]
     params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
     ref = llms[1].generate(GREEDY_PROMPTS, params)
-    with LLM(smollm2_ws[1], device="cpu", cache=CacheConfig("int8", kv_cache_tokens=8 * 64)) as llm:
+    with LLM(smollm2_ws[1], device="cpu", cache=CacheConfig(kv, kv_cache_tokens=8 * 64)) as llm:
         got = [o.outputs[0].token_ids for o in llm.generate(GREEDY_PROMPTS, params)]
     same = 0
     for r, g in zip(ref, got):
@@ -68,9 +74,9 @@ def test_int8_kv_greedy_output_matches_fp32_except_at_near_ties(llms, smollm2_ws
             same += 1
             continue
         top2 = llms[1].prompt_logits(r.prompt_token_ids + a[:first])[-1].topk(2).values
-        assert top2[0] - top2[1] < NEAR_TIE, f"{r.prompt!r} diverged at token {first} with a clear winner"
-    print(f"int8 KV: {same}/{len(GREEDY_PROMPTS)} prompts give fp32's 32 greedy tokens")
-    assert same >= len(GREEDY_PROMPTS) // 2
+        assert top2[0] - top2[1] < near_tie, f"{r.prompt!r} diverged at token {first} with a clear winner"
+    print(f"{kv} KV: {same}/{len(GREEDY_PROMPTS)} prompts give fp32's 32 greedy tokens")
+    assert same >= min_same
 
 
 def test_perplexity_refuses_a_text_shorter_than_a_window(smollm2_ws, tmp_path):

@@ -94,3 +94,45 @@ def test_mixed_step_splits_rows_by_kind():
 def test_a_table_too_short_for_its_context_is_an_internal_error():
     with pytest.raises(AssertionError, match="too few blocks"):
         paged_batch(StepBatch((SeqSlice(1, 1, 17, (4,)),)), 16, torch.device("cpu"))
+
+
+def loop_key_writes(batch: StepBatch, block_size: int) -> tuple[list, list, list, list]:
+    """Per sequence and position: which blocks the step fills (and where each of their keys is now), which
+    new keys stay in a partial block (and at which tail row)."""
+    bs, tail_rows, tail_dst, full, src = block_size, [], [], [], []
+    row = 0
+    for s in batch.seqs:
+        first = s.context - s.new
+        for pos in range(first, s.context):
+            if pos // bs == s.context // bs:  # the block still partial after this step
+                tail_rows.append(row + pos - first)
+                tail_dst.append(s.tail * bs + pos % bs)
+            elif pos % bs == bs - 1:  # fills its block
+                full.append(s.blocks[pos // bs])
+                src.append([row + p - first if p >= first else -1 - (s.tail * bs + p % bs)
+                            for p in range(pos - bs + 1, pos + 1)])
+        row += s.new
+    return tail_rows, tail_dst, full, src
+
+
+@pytest.mark.parametrize("decode_share", [0.0, 0.5, 1.0], ids=["prefill", "mixed", "decode"])
+@pytest.mark.parametrize("block_size", [16, 64], ids=lambda b: f"bs{b}")
+def test_int4_key_writes_equal_the_per_position_loop(block_size, decode_share):
+    rng = random.Random(block_size + int(10 * decode_share))
+    for size in (1, 3, 17):
+        batch = random_batch(rng, size, block_size, decode_share)
+        batch = StepBatch(tuple(dataclasses.replace(s, tail=size - 1 - i) for i, s in enumerate(batch.seqs)))
+        pb = paged_batch(batch, block_size, torch.device("cpu"), channel_keys=True)
+        tail_rows, tail_dst, full, src = loop_key_writes(batch, block_size)
+        keys = pb.keys
+        assert keys.tail_rows.tolist() == tail_rows and keys.tail_dst.tolist() == tail_dst
+        assert keys.full_blocks.tolist() == full and keys.full_src.view(-1, block_size).tolist() == src
+        assert pb.tails.tolist() == [s.tail for s in batch.seqs] and pb.tails.dtype == torch.int32
+        if pb.split is not None:  # each half attends with its own sequences' tails
+            _, dec, _, pre = pb.split
+            assert sorted(dec.tails.tolist() + pre.tails.tolist()) == sorted(pb.tails.tolist())
+
+
+def test_an_int4_step_without_tail_slots_is_an_internal_error():
+    with pytest.raises(RuntimeError, match="without a tail slot"):
+        paged_batch(StepBatch((SeqSlice(1, 1, 17, (4, 5)),)), 16, torch.device("cpu"), channel_keys=True)

@@ -35,7 +35,7 @@ def step(*seqs: SeqSlice, all_logits: bool = False) -> Step:
 def test_only_new_blocks_travel():
     a, b = (1, 2), (3,)
     steps = [
-        step(SeqSlice(1, 70, 70, a), SeqSlice(2, 3, 3, b)),  # first steps: whole tables
+        step(SeqSlice(1, 70, 70, a, 4), SeqSlice(2, 3, 3, b, 0)),  # first steps: whole tables (and int4 tail slots)
         step(SeqSlice(1, 1, 71, a), SeqSlice(2, 1, 4, b)),  # nothing new
         step(SeqSlice(1, 1, 72, a), SeqSlice(2, 1, 65, b + (4, 5))),  # two blocks appended to seq 2
         step(SeqSlice(2, 1, 66, b + (4, 5))),  # seq 1 skipped: forgotten
@@ -44,7 +44,7 @@ def test_only_new_blocks_travel():
         step(SeqSlice(5, 9, 18, (6, 8)), all_logits=True),  # its next chunk
     ]
     sizes = replay(steps)
-    header, per_seq = 6, 5
+    header, per_seq = 6, 6
     assert sizes[1] == header + 2 * per_seq + 2  # two tokens, no block
     assert sizes[2] == header + 2 * per_seq + 2 + 2
     assert sizes[4] == header + 2 * per_seq + 2 + len(a) + 1
@@ -55,7 +55,7 @@ def test_unchanged_tables_are_recognised_by_value_too():
     # a table rebuilt as an equal tuple (not the same object) still sends nothing
     first = step(SeqSlice(1, 1, 17, (4, 5)))
     again = step(SeqSlice(1, 1, 18, tuple(range(4, 6))))
-    assert replay([first, again])[1] == 6 + 5 + 1
+    assert replay([first, again])[1] == 6 + 6 + 1
 
 
 def test_engine_runs_replay_exactly():
@@ -67,7 +67,7 @@ def test_engine_runs_replay_exactly():
         sched.generate(eng, sched.PROMPTS[:2], [params] * 2)  # again: prefix hits, reused blocks
         sizes = replay(driver.steps)
         decodes = [i for i, s in enumerate(driver.steps) if s.batch.decode_only]
-        blocks = [sizes[i] - 6 - 6 * len(driver.steps[i].batch.seqs) for i in decodes]  # blocks sent
+        blocks = [sizes[i] - 6 - 7 * len(driver.steps[i].batch.seqs) for i in decodes]  # blocks sent
         assert sum(blocks) < sum(len(s.blocks) for i in decodes for s in driver.steps[i].batch.seqs) / 4
 
 

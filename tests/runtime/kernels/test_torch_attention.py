@@ -38,7 +38,7 @@ def _case(bits, dtype, contexts, news, kv_heads, group, head_dim, block_size, se
     """A cache holding every sequence's first ``context`` tokens (this step's written too) and q (T, Hq, D)."""
     kv, pb, k, v = paged_cases.filled(bits, contexts, news, kv_heads, head_dim, block_size, "cpu",
                                       F32 if bits == 32 else dtype, seed=seed)
-    reference.write_kv(kv, k, v, pb.slots)
+    reference.write_kv(kv, k, v, pb.slots, pb.keys)
     g = torch.Generator().manual_seed(seed + 100)
     q = torch.randn(sum(news), kv_heads * group, head_dim, generator=g).to(dtype)
     return q, kv, pb
@@ -46,9 +46,9 @@ def _case(bits, dtype, contexts, news, kv_heads, group, head_dim, block_size, se
 
 def _decode(q, kv, pb, window=None, against=None):
     scale = q.shape[-1] ** -0.5
-    got = torch_attention.decode_attention(q, kv, pb.block_tables, pb.seq_lens, scale, window)
+    got = torch_attention.decode_attention(q, kv, pb.block_tables, pb.seq_lens, scale, window, pb.tails)
     kv_ref, pb_ref = against or (kv, pb)
-    want = reference.decode_attention(q, kv_ref, pb_ref.block_tables, pb_ref.seq_lens, scale, window)
+    want = reference.decode_attention(q, kv_ref, pb_ref.block_tables, pb_ref.seq_lens, scale, window, pb_ref.tails)
     assert got.shape == q.shape and got.dtype == q.dtype
     torch.testing.assert_close(got.float(), want.float(), atol=DECODE_TOL[q.dtype], rtol=DECODE_TOL[q.dtype])
 

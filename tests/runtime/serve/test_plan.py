@@ -168,6 +168,21 @@ def test_quantized_kv_holds_more_tokens_at_head_dim_64(workspace):
     assert tokens["int4"] / tokens["fp16"] == pytest.approx(128 / 36, abs=RATIO_TOL)  # 3.56
 
 
+def test_int4_plan_counts_channel_params_per_block_and_the_tails(workspace):
+    manifest = load_manifest(workspace(1, hidden=512, heads=4, kv_heads=2))  # head_dim 128
+    plan = plan_memory(manifest, gpu_mem=2 * GIB, cache=CacheConfig(kv_dtype="int4"), compute_dtype=torch.float16,
+                       max_batch_size=8)
+    layers = manifest.model.num_layers
+    assert plan.bytes_per_token == layers * 2 * (64 + 8 + 64 + 4)  # K: codes + 128 channels × 4 B / 64 tokens
+    tails = (8 + 1) * layers * 2 * 64 * 128 * 2  # 9 sequences' fp16 partial blocks of keys
+    assert plan.kv_tail_bytes == tails
+    no_tails = plan_memory(manifest, gpu_mem=2 * GIB, cache=CacheConfig(kv_dtype="int8"),
+                           compute_dtype=torch.float16, max_batch_size=8)
+    assert plan.ranks[0].reserve - no_tails.ranks[0].reserve == tails
+    text = format_table(plan)
+    assert "2 KV heads/rank × (K 72 + V 68) bytes (int4, head_dim 128)" in text and "for 9 sequences" in text
+
+
 def test_gpu_mem_too_small_names_rank_and_remedies(workspace):
     manifest = load_manifest(workspace(2))
     with pytest.raises(TpDeployError, match=r"rank 0 needs .* GiB .*--gpu-mem 0\.10 GiB.*larger --tp.*int4.*"
