@@ -172,10 +172,11 @@ def serve_cmd(workspace: Path, host: str, port: int, api_key: str | None, served
     if _torchrun_follower():
         open_llm(workspace, config)  # serves rank 0's steps, then ends the process
     sock = listen(host, port)  # before loading: a port in use fails in a second, not after the load
-    llm = open_llm(workspace, config)
-    click.echo(startup_table(llm), err=True)
     metrics, lifecycle = Metrics(), Lifecycle()
-    engine = AsyncEngine(llm, metrics, max_concurrent_requests, max_queue)
+    # loaded on the engine's thread, which steps it and closes it (AsyncEngine.load says why)
+    engine = AsyncEngine.load(lambda: open_llm(workspace, config), metrics, max_concurrent_requests, max_queue)
+    llm = engine.llm
+    click.echo(startup_table(llm), err=True)
     name = served_model_name or Path(workspace).resolve().name
     app = create_app(engine, served_model_name=name, api_key=api_key, metrics=metrics, max_n=max_n,
                      lifecycle=lifecycle, tool_call_parser=tool_call_parser, reasoning_parser=reasoning_parser)
@@ -188,7 +189,6 @@ def serve_cmd(workspace: Path, host: str, port: int, api_key: str | None, served
         server.run(sockets=[sock])
     finally:
         engine.close()
-        llm.close()
     click.echo("tprun: stopped", err=True)
     sys.exit(server.exit_code)
 

@@ -195,3 +195,35 @@ def test_user_errors_stay_400_from_the_engine_check(served, body, param, code, w
     assert err["type"] == "invalid_request_error" and err["param"] == param and err["code"] == code
     assert words in err["message"]
     assert _metric(metrics, "tprun_engine_step_failures_total 0.0")
+
+
+def test_load_owns_the_model_on_the_engine_thread(llm, tmp_path):
+    """``AsyncEngine.load`` opens the model on the engine's thread, steps it there, closes it there (once) at
+    ``close``; a loader's error reaches the caller as it was raised."""
+    import threading
+
+    from formats.errors import TpDeployError
+
+    seen: dict[str, str] = {}
+
+    class Owned:  # the module's model, recording which thread opened and closed it
+        def __init__(self):
+            seen["opened"] = threading.current_thread().name
+            self.engine, self.tokenizer, self.max_model_len = llm.engine, llm.tokenizer, llm.max_model_len
+
+        def close(self):
+            seen["closed"] = seen.get("closed", "") + threading.current_thread().name
+
+    engine = AsyncEngine.load(Owned, Metrics())
+    try:
+        params = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
+        deltas = asyncio.run(_collect(engine.generate("r1", [5, 6, 7], params)))
+        assert [t for d in deltas for t in d.token_ids] == llm.generate([5, 6, 7], params)[0].outputs[0].token_ids
+    finally:
+        engine.close()
+    assert seen == {"opened": "tprun-engine", "closed": "tprun-engine"}
+
+    def refuse():
+        raise TpDeployError("no such workspace")
+    with pytest.raises(TpDeployError, match="no such workspace"):
+        AsyncEngine.load(refuse, Metrics())
