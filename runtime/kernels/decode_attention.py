@@ -37,8 +37,8 @@ import triton
 import triton.language as tl
 
 from formats.errors import TpDeployError
-from runtime.kernels.paged import LayerKV
-from runtime.kernels.tiles import check_channel_keys, check_tails, load_channel_keys, load_tile, tail_args
+from runtime.kernels.paged import LayerKV, check_tails
+from runtime.kernels.tiles import check_channel_keys, load_channel_keys, load_tile, tail_args
 
 BLOCK_N = 64  # keys per tile: a whole number of 16-token cache blocks, or a slice of a larger one
 _MIN_DOT_ROWS = 16  # tl.dot's smallest M on tensor cores: GQA groups are padded up to it

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
+from formats.errors import TpDeployError
+
 PARAM_DTYPE = torch.float16  # scale and zero: 2 bytes each keeps int8 at >= 1.85x fp16's tokens at D=64
 CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75)  # int4 keys' per-channel range shrunk by the best (quantize_channels)
 TAIL_DTYPE = torch.float16  # int4 keys of a partial block, until it fills (keys are clamped to fp16's range anyway)
@@ -74,6 +76,23 @@ class PagedBatch:
     keys: KeyWrites | None = None  # the whole step's key writes (channel-key caches only)
 
 
+def check_tails(kv: LayerKV, tails: torch.Tensor | None, batch: int, who: str) -> None:
+    """An int4 cache needs each sequence's tail slot: ``tails`` (B,) int32 (``PagedBatch.tails``)."""
+    if not kv.channel_keys:
+        return
+    if tails is None or tails.shape != (batch,) or tails.dtype != torch.int32:
+        got = None if tails is None else f"{tuple(tails.shape)} {tails.dtype}"
+        raise TpDeployError(f"{who}: an int4 cache keeps each sequence's partial block of keys in a tail slot; "
+                            f"pass tails ({batch},) int32 (PagedBatch.tails), got {got}")
+
+
+def check_keys(keys: KeyWrites | None) -> KeyWrites:
+    """An int4 cache's write needs the step's ``KeyWrites`` (``PagedBatch.keys``)."""
+    if keys is None:
+        raise TpDeployError("write_kv: an int4 cache stores keys per block; pass the step's PagedBatch.keys")
+    return keys
+
+
 def quantize(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     """x (..., D) -> codes uint8 (..., D or D/2) and params float16 (..., 2) = [scale, zero]."""
     qmax = (1 << bits) - 1
@@ -82,9 +101,7 @@ def quantize(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     scale = ((hi - lo) / qmax).clamp(_MIN_SCALE, _FP16_MAX).to(PARAM_DTYPE)
     zero = lo.to(PARAM_DTYPE)
     codes = torch.floor((x32 - zero.float()) / scale.float() + 0.5).clamp(0, qmax).to(torch.uint8)
-    if bits == 4:
-        codes = codes[..., 0::2] | (codes[..., 1::2] << 4)
-    return codes, torch.cat([scale, zero], dim=-1)
+    return _pack(codes, bits), torch.cat([scale, zero], dim=-1)
 
 
 def quantize_channels(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -111,16 +128,12 @@ def quantize_channels(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.T
         better = err < best[3]
         best = tuple(torch.where(better, new, old) for new, old in zip((codes, scale, zero, err), best))
     codes, scale, zero, _ = best
-    codes = codes.to(torch.uint8)
-    if bits == 4:
-        codes = codes[..., 0::2] | (codes[..., 1::2] << 4)
-    return codes, torch.stack([scale, zero], dim=-1).squeeze(-3).to(PARAM_DTYPE)
+    return _pack(codes.to(torch.uint8), bits), torch.stack([scale, zero], dim=-1).squeeze(-3).to(PARAM_DTYPE)
 
 
 def dequantize(codes: torch.Tensor, params: torch.Tensor, bits: int, dtype: torch.dtype) -> torch.Tensor:
     """codes (..., D or D/2) uint8 and params (..., 2) -> values (..., D) in ``dtype`` (math in fp32)."""
-    if bits == 4:
-        codes = torch.stack([codes & 0xF, codes >> 4], dim=-1).flatten(-2)
+    codes = _unpack(codes, bits)
     p = params.float()
     return (codes.float() * p[..., :1] + p[..., 1:]).to(dtype)
 
@@ -138,7 +151,15 @@ def with_tails(x: torch.Tensor, k_tail: torch.Tensor, lens: torch.Tensor, tails:
 
 def dequantize_channels(codes: torch.Tensor, params: torch.Tensor, bits: int, dtype: torch.dtype) -> torch.Tensor:
     """codes (..., N, D or D/2) and per-channel params (..., D, 2) -> values (..., N, D) in ``dtype``."""
-    if bits == 4:
-        codes = torch.stack([codes & 0xF, codes >> 4], dim=-1).flatten(-2)
+    codes = _unpack(codes, bits)
     p = params.float().unsqueeze(-3)  # (..., 1, D, 2): the same for every token
     return (codes.float() * p[..., 0] + p[..., 1]).to(dtype)
+
+
+def _pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """int4: elements 2j and 2j + 1 of the last dim into the low and high nibble of byte j."""
+    return codes[..., 0::2] | (codes[..., 1::2] << 4) if bits == 4 else codes
+
+
+def _unpack(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    return torch.stack([codes & 0xF, codes >> 4], dim=-1).flatten(-2) if bits == 4 else codes

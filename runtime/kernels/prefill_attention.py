@@ -45,9 +45,8 @@ import triton
 import triton.language as tl
 
 from formats.errors import TpDeployError
-from runtime.kernels.paged import CLIP_RATIOS, KeyWrites, LayerKV, PagedBatch
-from runtime.kernels.reference import check_keys
-from runtime.kernels.tiles import check_channel_keys, check_tails, load_channel_keys, load_tile, tail_args
+from runtime.kernels.paged import CLIP_RATIOS, KeyWrites, LayerKV, PagedBatch, check_keys, check_tails
+from runtime.kernels.tiles import check_channel_keys, load_channel_keys, load_tile, tail_args
 
 _LOG2E = 1.4426950408889634  # 1/ln 2: softmax runs on exp2, so scores are pre-scaled by it
 _MASKED = tl.constexpr(-1.0e30)  # finite: a row's all-masked first tile adds exp2(0) junk, not NaN; alpha=0 clears it

@@ -14,12 +14,13 @@ import torch
 import torch.nn.functional as F
 
 from formats import int4
-from formats.errors import TpDeployError
 from runtime.kernels.paged import (
     TAIL_DTYPE,
     KeyWrites,
     LayerKV,
     PagedBatch,
+    check_keys,
+    check_tails,
     dequantize,
     dequantize_channels,
     quantize,
@@ -77,12 +78,6 @@ def write_channel_keys(kv: LayerKV, k: torch.Tensor, keys: KeyWrites) -> None:
     kv.k_tail[dst // bs, :, dst % bs] = x[keys.tail_rows]
 
 
-def check_keys(keys: KeyWrites | None) -> KeyWrites:
-    if keys is None:
-        raise TpDeployError("write_kv: an int4 cache stores keys per block; pass the step's PagedBatch.keys")
-    return keys
-
-
 def gather_kv(kv: LayerKV, table: torch.Tensor, n: int, dtype: torch.dtype,
               tail: int = -1) -> tuple[torch.Tensor, torch.Tensor]:
     """The first ``n`` tokens of one sequence as (Hkv, n, D) keys and values in ``dtype`` (``tail``: its slot
@@ -137,7 +132,8 @@ def decode_attention(q: torch.Tensor, kv: LayerKV, block_tables: torch.Tensor, s
     v = _gather_batch(kv.v, kv.v_params, tables, kv.bits, q.dtype)
     if kv.channel_keys:
         k = dequantize_channels(kv.k[tables], kv.k_params[tables], kv.bits, q.dtype)  # (B, W, Hkv, bs, D)
-        k = with_tails(k, kv.k_tail, seq_lens, check_tails(tails)).transpose(1, 2).flatten(2, 3)
+        check_tails(kv, tails, seq_lens.shape[0], "decode_attention")
+        k = with_tails(k, kv.k_tail, seq_lens, tails).transpose(1, 2).flatten(2, 3)
     else:
         k = _gather_batch(kv.k, kv.k_params, tables, kv.bits, q.dtype)
     kpos = torch.arange(k.shape[2], device=q.device)
@@ -150,13 +146,6 @@ def decode_attention(q: torch.Tensor, kv: LayerKV, block_tables: torch.Tensor, s
         mask &= kpos[None, :] > last - window
     o = F.scaled_dot_product_attention(q[:, :, None], k, v, attn_mask=mask[:, None, None, :], scale=scale, enable_gqa=True)
     return o[:, :, 0]
-
-
-def check_tails(tails: torch.Tensor | None) -> torch.Tensor:
-    if tails is None:
-        raise TpDeployError("decode_attention: an int4 cache keeps partial blocks of keys in tail slots; "
-                            "pass the step's PagedBatch.tails")
-    return tails
 
 
 def _gather_batch(data, params, tables, bits, dtype) -> torch.Tensor:

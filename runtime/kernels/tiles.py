@@ -100,16 +100,6 @@ def check_channel_keys(kv: LayerKV, head_dim: int, who: str) -> None:
         raise TpDeployError(f"{who}: int4 value params must be ({nb}, {hkv}, {bs}, 2), one [scale, zero] per token")
 
 
-def check_tails(kv: LayerKV, tails: torch.Tensor | None, batch: int, who: str) -> None:
-    """An int4 cache needs each sequence's tail slot: ``tails`` (B,) int32 (``PagedBatch.tails``)."""
-    if not kv.channel_keys:
-        return
-    if tails is None or tails.shape != (batch,) or tails.dtype != torch.int32:
-        got = None if tails is None else f"{tuple(tails.shape)} {tails.dtype}"
-        raise TpDeployError(f"{who}: an int4 cache keeps each sequence's partial block of keys in a tail slot; "
-                            f"pass tails ({batch},) int32 (PagedBatch.tails), got {got}")
-
-
 def tail_args(kv: LayerKV, tails: torch.Tensor | None, fallback: torch.Tensor) -> tuple:
     """(k_tail, tails, its three leading strides) for a kernel launch; placeholders (never read) for
     caches without channel keys."""

@@ -30,8 +30,7 @@ from itertools import pairwise
 import torch
 import torch.nn.functional as F
 
-from runtime.kernels.paged import LayerKV, PagedBatch, dequantize, dequantize_channels, with_tails
-from runtime.kernels.reference import check_tails
+from runtime.kernels.paged import LayerKV, PagedBatch, check_tails, dequantize, dequantize_channels, with_tails
 
 # Prefill: a group's padded score count (rows x keys) may reach this multiple of the sum of its
 # sequences' own; beyond it a new group starts (padding is computed, then thrown away).
@@ -143,7 +142,8 @@ def _keys(kv: LayerKV, blocks: torch.Tensor, dtype: torch.dtype, b: int, lens: t
         x = _gather(kv.k, kv.k_params, blocks, kv.bits, dtype)
         return x.view(b, -1, *x.shape[1:])
     x = dequantize_channels(kv.k.index_select(0, blocks), kv.k_params.index_select(0, blocks), kv.bits, dtype)
-    return with_tails(x.view(b, -1, *x.shape[1:]), kv.k_tail, lens, check_tails(tails))
+    check_tails(kv, tails, b, "attention")
+    return with_tails(x.view(b, -1, *x.shape[1:]), kv.k_tail, lens, tails)
 
 
 def _gather(data: torch.Tensor, params: torch.Tensor | None, blocks: torch.Tensor, bits: int,
