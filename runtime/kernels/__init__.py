@@ -49,11 +49,11 @@ def select(device: torch.device, int4_mode: str = "auto", dtype: torch.dtype = t
                        w8a16_linear=cpu_fp8.w8a16_linear, fused_moe=moe.moe_reference)
     if choice == "triton":
         try:
-            from runtime.kernels import decode_attention, fused_moe, prefill_attention, w4a16, w8a16
+            from runtime.kernels import decode_attention, fused_moe, prefill_attention, w4a16, w8a16, write_kv
         except ImportError as e:
             raise TpDeployError(f"the Triton kernels need the `triton` package ({e}); install it, or set "
                                 "TPDEPLOY_KERNELS=torch to run the torch kernels") from e
-        return Kernels("triton", prefill_attention.write_kv, prefill_attention.prefill_attention,
+        return Kernels("triton", write_kv.write_kv, prefill_attention.prefill_attention,
                        decode_attention.decode_attention, w4a16.w4a16_linear, w8a16_linear=w8a16.w8a16_linear,
                        fused_moe=fused_moe.fused_moe)  # int4 experts stay packed: prepare_experts is the identity
     raise TpDeployError(f"TPDEPLOY_KERNELS={choice!r} is not known; use triton, torch or reference")

@@ -23,6 +23,8 @@ import triton.language as tl
 from formats.errors import TpDeployError
 from runtime.kernels.paged import TAIL_DTYPE, LayerKV
 
+HEAD_DIMS = (16, 32, 64, 80, 96, 128, 256)  # others padded to a power of two in registers; 16: the tiny test models'
+
 
 @triton.jit
 def load_tile(data_ptr, params_ptr, blk, off, valid, head, s_b, s_h, s_t, s_d, p_b, p_h, p_t, p_x,
@@ -106,3 +108,21 @@ def tail_args(kv: LayerKV, tails: torch.Tensor | None, fallback: torch.Tensor) -
     if not kv.channel_keys:
         return kv.k, fallback, 0, 0, 0
     return (kv.k_tail, tails, *kv.k_tail.stride()[:3])
+
+
+def check_cache(kv: LayerKV, hkv: int, dim: int, who: str) -> None:
+    """Raise a TpDeployError unless the cache holds ``hkv`` heads of ``dim`` in a layout the kernels read."""
+    if dim not in HEAD_DIMS:
+        raise TpDeployError(f"{who}: head_dim {dim} is not supported; the kernels are built for {HEAD_DIMS}")
+    packed = dim // 2 if kv.bits == 4 else dim
+    if kv.k.shape[1] != hkv or kv.k.shape[3] != packed or kv.v.shape != kv.k.shape:
+        raise TpDeployError(f"{who}: cache {tuple(kv.k.shape)} does not hold {hkv} KV heads of head_dim {dim} "
+                            f"(packed_dim {packed} for {kv.bits}-bit)")
+    if kv.k.stride(3) != 1 or kv.v.stride() != kv.k.stride():
+        raise TpDeployError(f"{who}: K and V caches must share strides with a contiguous last dim")
+    if kv.channel_keys:
+        check_channel_keys(kv, dim, who)
+        if kv.block_size & (kv.block_size - 1):
+            raise TpDeployError(f"{who}: an int4 cache's block_size must be a power of two, got {kv.block_size}")
+    elif kv.quantized and (kv.k_params is None or kv.k_params.stride() != kv.v_params.stride()):
+        raise TpDeployError(f"{who}: a {kv.bits}-bit cache needs K and V params of the same layout")

@@ -13,6 +13,7 @@ import torch
 from formats.errors import TpDeployError
 from runtime.kernels import prefill_attention as kernels
 from runtime.kernels import reference
+from runtime.kernels import write_kv as writes
 from runtime.kernels.paged import LayerKV, PagedBatch
 from runtime.kv.batch import StepBatch, paged_batch
 from tests.runtime.kernels import paged_cases
@@ -97,7 +98,7 @@ def _qkv(case: Case, device):
 def test_prefill_matches_reference(case: Case, device):
     q, kv, pb, k, v = _qkv(case, device)
     ref_kv = paged_cases.clone(kv)
-    kernels.write_kv(kv, k, v, pb.slots, pb.keys)
+    writes.write_kv(kv, k, v, pb.slots, pb.keys)
     reference.write_kv(ref_kv, k, v, pb.slots, pb.keys)
     scale = case.head_dim ** -0.5
     got = kernels.prefill_attention(q, kv, pb, scale, case.window)
@@ -109,7 +110,7 @@ def test_prefill_matches_reference(case: Case, device):
 def test_window_wider_than_context_is_causal(device):
     case = Case((65, 17), (17, 17), hq=3, bits=8)
     q, kv, pb, k, v = _qkv(case, device)
-    kernels.write_kv(kv, k, v, pb.slots, pb.keys)
+    writes.write_kv(kv, k, v, pb.slots, pb.keys)
     torch.testing.assert_close(kernels.prefill_attention(q, kv, pb, 0.125, window=1000),
                                kernels.prefill_attention(q, kv, pb, 0.125), atol=0, rtol=0)
 
@@ -121,7 +122,7 @@ def test_unwritten_slots_are_never_read(bits: int, dtype: torch.dtype, block_siz
     padding points) must not reach the output, as it would through a load not masked by length."""
     case = Case((65, 17, 3), (17, 1, 3), hq=3, bits=bits, dtype=dtype, block_size=block_size)
     q, kv, pb, k, v = _qkv(case, device)
-    kernels.write_kv(kv, k, v, pb.slots, pb.keys)
+    writes.write_kv(kv, k, v, pb.slots, pb.keys)
     want = reference.prefill_attention(q, kv, pb, 0.125)
     kv, pb = _poisoned(kv, pb)
     torch.testing.assert_close(kernels.prefill_attention(q, kv, pb, 0.125), want, atol=TOL[dtype], rtol=TOL[dtype])
@@ -193,7 +194,7 @@ def test_write_kv_bit_exact(bits: int, dtype: torch.dtype, head_dim: int, block_
     t = pb.slots.shape[0]
     k, v = _rows(t, 2, head_dim, dtype, device), _rows(t, 2, head_dim, dtype, device).flip(0)
     ref = paged_cases.clone(kv)
-    kernels.write_kv(kv, k, v, pb.slots, pb.keys)
+    writes.write_kv(kv, k, v, pb.slots, pb.keys)
     reference.write_kv(ref, k, v, pb.slots, pb.keys)
     _assert_same_bits(kv, ref)  # also: no other slot touched
 
@@ -257,7 +258,7 @@ def test_channel_keys_write_bit_exact(head_dim: int, block_size: int, dtype: tor
     for i, (pb, rows) in enumerate(_channel_steps(KEY_STEPS, block_size, device)):
         k = _key_rows(rows.shape[0], 2, head_dim, dtype, device, seed=i)
         v = _rows(rows.shape[0], 2, head_dim, dtype, device)
-        kernels.write_kv(kv, k, v, pb.slots, pb.keys)
+        writes.write_kv(kv, k, v, pb.slots, pb.keys)
         reference.write_kv(ref, k, v, pb.slots, pb.keys)
         _assert_same_bits(kv, ref)
 
@@ -272,10 +273,10 @@ def test_channel_keys_chunked_write_equals_one_write(block_size: int, device):
     k = _key_rows(pb_all.slots.shape[0], 2, 64, BF16, device, seed=0)
     v = _rows(pb_all.slots.shape[0], 2, 64, BF16, device)
     one = _channel_cache(whole, 64, block_size, device)
-    kernels.write_kv(one, k, v, pb_all.slots, pb_all.keys)
+    writes.write_kv(one, k, v, pb_all.slots, pb_all.keys)
     chunked = _channel_cache(chunks, 64, block_size, device)
     for pb, rows in _channel_steps(chunks, block_size, device):
-        kernels.write_kv(chunked, k[rows], v[rows], pb.slots, pb.keys)
+        writes.write_kv(chunked, k[rows], v[rows], pb.slots, pb.keys)
     live = _live_tail_rows(one.k_tail, pb_all).expand_as(one.k_tail)
     assert live.any() and torch.equal(chunked.k_tail[live], one.k_tail[live])
     _assert_same_bits(replace(chunked, k_tail=None), replace(one, k_tail=None))
@@ -284,8 +285,8 @@ def test_channel_keys_chunked_write_equals_one_write(block_size: int, device):
 def test_channel_keys_need_the_step_key_writes(device):
     kv, pb, k, v = paged_cases.filled(4, [17, 3], [17, 3], 2, 64, 16, device)
     with pytest.raises(TpDeployError, match="PagedBatch.keys"):
-        kernels.write_kv(kv, k, v, pb.slots)
-    kernels.write_kv(kv, k, v, pb.slots, pb.keys)
+        writes.write_kv(kv, k, v, pb.slots)
+    writes.write_kv(kv, k, v, pb.slots, pb.keys)
     q = torch.zeros(k.shape[0], 2, 64, device=device)
     with pytest.raises(TpDeployError, match=r"pass tails \(2,\) int32"):
         kernels.prefill_attention(q, kv, replace(pb, tails=None), 0.125)
@@ -296,7 +297,7 @@ def test_write_kv_strided_input(device):
     kv, pb, k, v = paged_cases.filled(8, [17], [17], 2, 64, 16, device)
     qkv = torch.cat([k, v, k], dim=1)  # (T, 3 * Hkv, D)
     ref = paged_cases.clone(kv)
-    kernels.write_kv(kv, qkv[:, :2], qkv[:, 2:4], pb.slots, pb.keys)
+    writes.write_kv(kv, qkv[:, :2], qkv[:, 2:4], pb.slots, pb.keys)
     reference.write_kv(ref, k, v, pb.slots, pb.keys)
     assert torch.equal(kv.k, ref.k) and torch.equal(kv.v_params, ref.v_params)
 
@@ -308,7 +309,7 @@ def test_bad_shapes_name_the_problem(device):
     with pytest.raises(TpDeployError, match="head_dim 96"):
         kernels.prefill_attention(torch.zeros(17, 2, 96, device=device), kv, pb, 0.125)
     with pytest.raises(TpDeployError, match="slots"):
-        kernels.write_kv(kv, k, v, pb.slots.int())
+        writes.write_kv(kv, k, v, pb.slots.int())
 
 
 def test_an_unsupported_head_dim_is_named(device):
