@@ -149,7 +149,7 @@ def _rank_budget(manifest: Manifest, rank: int, gpu_mem: int, cache: CacheConfig
     """(weights, reserve, KV budget) of one rank; raises when they cannot fit on the GPU."""
     weights = weights_bytes(manifest, rank, compute_dtype)
     reserve = reserve_bytes(manifest.model, manifest.tp, compute_dtype, max_prefill_tokens, max_batch_size, rank=rank,
-                            pp=manifest.pp) + shape.tail_bytes(tail_slots(max_batch_size, manifest.pp))
+                            pp=manifest.pp, kv=shape)
     if weights + reserve > gpu_mem:
         raise TpDeployError(
             f"rank {rank} needs {_gib(weights)} GiB of weights + {_gib(reserve)} GiB reserve = "
@@ -265,8 +265,8 @@ def _explain(plan: MemoryPlan) -> list[str]:
               f"({plan.concurrency:.2f})"]
     if plan.kv_tail_bytes:
         lines.append(f"int4 KV  keys are scaled per channel over each full {plan.block_size}-token block; each "
-                     f"sequence's partial block stays fp16 until it fills: {_gib(plan.kv_tail_bytes)} GiB of the reserve for "
-                     f"{tail_slots(plan.max_batch_size, plan.pp)} sequences")
+                     f"sequence's partial block stays fp16 until it fills: {_gib(plan.kv_tail_bytes)} GiB of the "
+                     f"reserve for {tail_slots(plan.max_batch_size, plan.pp)} sequences")
     if plan.cpu_dense_weights is not None:
         lines.append(f"cpu      with --device cpu, --cpu-int4 dequant-once (auto's choice unless the model computes "
                      f"in bf16) holds the int4 linears dense: {_gib(plan.cpu_dense_weights)} GiB/rank instead of "

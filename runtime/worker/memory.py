@@ -14,6 +14,7 @@ from formats import fp8, int4
 from formats.config import ModelConfig
 from formats.manifest import FLOAT_DTYPES, STORED_DTYPES, Manifest
 from formats.sharding import heads_per_rank, kv_heads_per_rank, padded_size
+from runtime.kv.format import KVShape
 
 # PyTorch's caching allocator rounds large blocks up to 2 MiB segments and cannot always reuse a freed
 # block for a differently sized request (fragmentation); cuBLAS workspaces (up to 32 MiB per handle on
@@ -52,8 +53,9 @@ def keeps_dtype(name: str, dtype: str | torch.dtype) -> bool:
 
 
 def reserve_bytes(cfg: ModelConfig, tp: int, compute_dtype: torch.dtype, max_prefill_tokens: int,
-                  max_batch_size: int, *, rank: int = 0, pp: int = 1) -> int:
-    """Activation workspace of the largest step (the server's dummy forward), analytically, per rank.
+                  max_batch_size: int, *, rank: int = 0, pp: int = 1, kv: KVShape | None = None) -> int:
+    """Activation workspace of the largest step (the server's dummy forward), analytically, per rank; with
+    ``kv``, this rank's KV cache shape, also what does not grow with the cache (int4 keys' fp16 tails).
 
     Layers run one after another, so one layer's live tensors bound the peak; summing them all is an
     over-estimate of at most a few tensors (which of them overlap depends on the allocator).
@@ -73,7 +75,8 @@ def reserve_bytes(cfg: ModelConfig, tp: int, compute_dtype: torch.dtype, max_pre
     logits = max_batch_size * (vocab // tp) * _LOGIT_BYTES if last else 0  # this rank's vocabulary slice
     if rank == 0 or (last and tp_rank == 0):  # the gathered full-vocabulary logits: gathered, sent, sampled
         logits += max_batch_size * vocab * _LOGIT_BYTES
-    return layer + logits + ALLOCATOR_SLACK
+    tails = kv.tail_bytes(tail_slots(max_batch_size, pp)) if kv is not None else 0
+    return layer + logits + tails + ALLOCATOR_SLACK
 
 
 def tail_slots(max_batch_size: int, pp: int) -> int:

@@ -145,8 +145,7 @@ class ModelRunner:
                                                                            spec.dtype))
         weights = weights_bytes(spec.manifest, self.rank, spec.dtype, int4_dense=dense)
         reserve = reserve_bytes(spec.manifest.model, spec.manifest.tp, spec.dtype, spec.max_prefill_tokens,
-                                spec.max_batch_size, rank=self.rank, pp=spec.manifest.pp)
-        reserve += shape.tail_bytes(tail_slots(spec.max_batch_size, spec.manifest.pp))
+                                spec.max_batch_size, rank=self.rank, pp=spec.manifest.pp, kv=shape)
         if spec.cache.gpu_mem is not None:
             total, free = spec.cache.gpu_mem, spec.cache.gpu_mem - weights
         else:  # measured now that the weights are loaded
