@@ -23,6 +23,7 @@ from runtime.kv.cache import PagedKVCache
 from runtime.kv.format import KVShape, kv_format
 from runtime.model.comm import Comm
 from runtime.model.llama import Model
+from runtime.worker.heap import keep_freed_memory
 from runtime.worker.memory import free_bytes, keeps_dtype, kv_bytes, reserve_bytes, tail_slots, weights_bytes
 from runtime.worker.parallel import Topology
 from runtime.worker.workspace import load_rank, release_pages
@@ -100,6 +101,7 @@ class ModelRunner:
             torch.cuda.set_device(self.device)
         else:
             torch.set_num_threads(spec.threads or max(1, (os.cpu_count() or 1) // ranks_on_host))
+            keep_freed_memory()  # activations live in host memory: each step reuses the last one's pages
         shape = kv_shape(spec, topo.stage)  # before loading: a bad --kv-dtype fails fast
         self.kernels = kernels.select(self.device, spec.cpu_int4, spec.dtype)
         maps: dict = {}
