@@ -77,8 +77,13 @@ class AsyncEngine:
         def own() -> None:
             try:
                 llm = open_llm()
-                self._setup(llm, metrics, max_concurrent_requests, max_queue)
             except BaseException as e:  # noqa: BLE001 - handed to the caller, which re-raises it
+                ready.set_exception(e)
+                return
+            try:
+                self._setup(llm, metrics, max_concurrent_requests, max_queue)
+            except BaseException as e:  # noqa: BLE001 - as above; the model (and its rank processes) must not outlive it
+                llm.close()
                 ready.set_exception(e)
                 return
             ready.set_result(None)

@@ -227,3 +227,13 @@ def test_load_owns_the_model_on_the_engine_thread(llm, tmp_path):
         raise TpDeployError("no such workspace")
     with pytest.raises(TpDeployError, match="no such workspace"):
         AsyncEngine.load(refuse, Metrics())
+
+    class Broken(Owned):  # opens, but the engine cannot be set up on it: the model is closed, not leaked
+        def __init__(self):
+            super().__init__()
+            del self.tokenizer
+
+    seen.clear()
+    with pytest.raises(AttributeError, match="tokenizer"):
+        AsyncEngine.load(Broken, Metrics())
+    assert seen == {"opened": "tprun-engine", "closed": "tprun-engine"}
