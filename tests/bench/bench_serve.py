@@ -29,7 +29,7 @@ from pathlib import Path
 
 from tests.bench import peer_vllm
 from tests.bench.loadgen import SERVED_MODEL_NAME, make_prompts, run_level, run_requests
-from tests.bench.serve_long import kv_bytes_per_token, measure_long, report_long
+from tests.bench.serve_long import kv_bytes_per_token, measure_host, measure_long, report_host, report_long
 from tests.bench.serve_proc import GIB, RSS_PERIOD_S, ServedProcess
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -208,6 +208,9 @@ def run(args: argparse.Namespace, prompts: list[str], max_tokens: int, levels: t
         if args.long or args.long_only:
             results["long"] = measure_long(lambda n, kv: start_tprun(ws, args.kv_dtype, n, kv), src, args.quick)
             lines += _emit(report_long(results["long"], results["machine"]))
+            if args.tp == 1:  # in process, where the step's host part can be told from the model's
+                results["long_host"] = measure_host(ws, args.kv_dtype, args.quick)
+                lines += _emit(report_host(results["long_host"]))
     if args.markdown:
         args.markdown.write_text("\n".join(lines) + "\n")
     if args.json:

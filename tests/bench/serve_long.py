@@ -10,12 +10,17 @@ Reading the ratio: the attention of a decode step reads the sequence's whole KV 
 the output, so even a perfect engine slows a little. ``memory_bound_ratio`` is that floor for a decode
 step that only streams bytes: (weights + KV of every sequence at the last bucket's middle) /
 (the same at the first bucket's middle). A ratio well above it means per-token work that grows.
+
+``measure_host`` separates the two in process (same workspace, prompts and lengths, ``LLM``): each engine
+step's wall time, the model's forward within it, and the rest (scheduling, step descriptors outside the
+forward, sampling, detokenization, stops: the host's per-token work), bucketed by output position.
 """
 from __future__ import annotations
 
 import json
 import statistics
 import struct
+import time
 from pathlib import Path
 
 from tests.bench.loadgen import make_prompts, run_requests
@@ -88,6 +93,61 @@ def measure_long(start_server, src: Path, quick: bool) -> dict:
             "ratio_last_first": buckets[-1]["itl_median_ms"] / buckets[0]["itl_median_ms"],
             "memory_bound_ratio": memory_bound_ratio(src, prompt_tokens, tokens, bucket, LONG_REQUESTS),
             "startup_s": server.startup_s, "peak_rss_gib": server.peak_rss / (1 << 30)}
+
+
+def measure_host(ws: Path, kv_dtype: str, quick: bool) -> dict:
+    """The long requests in process: per bucket of steps, the median step, forward and host (step - forward)
+    milliseconds; the engine decodes every sequence once per step, so step j makes output token j + 1."""
+    from runtime.api import LLM
+    from runtime.engine.sampling import SamplingParams
+
+    tokens, bucket = (QUICK_LONG_TOKENS, QUICK_BUCKET) if quick else (LONG_TOKENS, BUCKET)
+    steps: list[tuple[float, float]] = []
+    with LLM(ws, device="cpu", max_model_len=LONG_MODEL_LEN, kv_dtype=kv_dtype) as llm:
+        llm.generate(make_prompts(1), SamplingParams(temperature=0, max_tokens=8))  # warm-up
+        model, engine = llm.driver.runner.model, llm.engine
+        forward, step, spent = model.forward, engine.step, [0.0]
+
+        def timed_forward(*a, **kw):
+            t = time.perf_counter()
+            try:
+                return forward(*a, **kw)
+            finally:
+                spent[0] += time.perf_counter() - t
+
+        def timed_step():
+            spent[0], t = 0.0, time.perf_counter()
+            out = step()
+            steps.append((time.perf_counter() - t, spent[0]))
+            return out
+        model.forward, engine.step = timed_forward, timed_step
+        try:
+            llm.generate(make_prompts(LONG_REQUESTS), SamplingParams(temperature=0, max_tokens=tokens, ignore_eos=True))
+        finally:
+            del model.forward, engine.step
+    rows = []
+    for i in range(tokens // bucket):
+        part = steps[1 + i * bucket: 1 + (i + 1) * bucket]  # step 0 is the prompts' prefill
+        if part:
+            rows.append({"first": i * bucket + 1, "last": i * bucket + len(part),
+                         "step_ms": 1000 * statistics.median(a for a, _ in part),
+                         "forward_ms": 1000 * statistics.median(f for _, f in part),
+                         "host_ms": 1000 * statistics.median(a - f for a, f in part)})
+    return {"requests": LONG_REQUESTS, "max_tokens": tokens, "bucket": bucket, "buckets": rows,
+            "host_ratio_last_first": rows[-1]["host_ms"] / rows[0]["host_ms"],
+            "forward_ratio_last_first": rows[-1]["forward_ms"] / rows[0]["forward_ms"]}
+
+
+def report_host(res: dict) -> list[str]:
+    lines = [f"The same {res['requests']} requests in process (`LLM`), per engine step (one token of every sequence), "
+             "medians per bucket:", "",
+             "| output tokens | step (ms) | model forward (ms) | host: step − forward (ms) | host per token (ms) |",
+             "| ---: | ---: | ---: | ---: | ---: |"]
+    lines += [f"| {b['first']}–{b['last']} | {b['step_ms']:.1f} | {b['forward_ms']:.1f} | {b['host_ms']:.2f} | "
+              f"{b['host_ms'] / res['requests']:.3f} |" for b in res["buckets"]]
+    lines += ["", f"Host time last bucket / first: {res['host_ratio_last_first']:.2f}×; model forward: "
+              f"{res['forward_ratio_last_first']:.2f}×."]
+    return lines
 
 
 def report_long(res: dict, m: dict) -> list[str]:
