@@ -191,7 +191,8 @@ class Engine:
         # s.out is passed as is (no copy): the sampler reads it only for min_tokens and output penalties.
         matchers = [s.matcher for s in seqs]
         constrain = partial(self.grammars.constrain, matchers=matchers) if any(matchers) else None
-        result = self.sampler.sample(logits[rows], [s.params for s in seqs], [s.generator for s in seqs],
+        rows_logits = logits if len(rows) == logits.shape[0] else logits[rows]  # all rows: no (B, V) copy
+        result = self.sampler.sample(rows_logits, [s.params for s in seqs], [s.generator for s in seqs],
                                      [s.history() for s in seqs], [s.out for s in seqs], constrain)
         deltas: list[Delta] = []
         last: dict[str, int] = {}  # request id -> index of its last Delta in this step

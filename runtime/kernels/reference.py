@@ -53,8 +53,8 @@ def write_kv(kv: LayerKV, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor,
     if kv.channel_keys:
         write_channel_keys(kv, k, check_keys(keys))
         pairs = pairs[1:]
+    blocks, offsets = slots // kv.block_size, slots % kv.block_size  # advanced indices: (T, Hkv, X) views
     for data, params, x in pairs:
-        blocks, offsets = slots // kv.block_size, slots % kv.block_size  # advanced indices: (T, Hkv, X) views
         if kv.quantized:
             codes, p = quantize(x, kv.bits)
             data[blocks, :, offsets] = codes

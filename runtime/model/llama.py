@@ -185,13 +185,16 @@ class Model:
                    cache: PagedKVCache) -> torch.Tensor:
         t = x.shape[0]
         qkv = self._linear(x, layer.wqkv, layer.bqkv)  # (T, (hq + 2 hkv) D)
-        q, k, v = qkv.split([self.hq * self.d, self.hkv * self.d, self.hkv * self.d], dim=-1)
-        q, k = q.reshape(t, self.hq, self.d), k.reshape(t, self.hkv, self.d)
-        if layer.q_norm is not None:  # Qwen3, Gemma 3: per-head RMSNorm before RoPE
-            q, k = self._norm(q, layer.q_norm), self._norm(k, layer.k_norm)
-        q = apply_rope(q, cos, sin)  # (T, hq, D)
-        k = apply_rope(k, cos, sin)  # (T, hkv, D)
-        o = cache.attend(i, q, k, v.reshape(t, self.hkv, self.d), pb)  # (T, hq, D)
+        heads = self.hq + self.hkv
+        if layer.q_norm is None:  # q and k sit side by side in the fused output: one RoPE pass over both heads
+            qk = apply_rope(qkv[:, :heads * self.d].reshape(t, heads, self.d), cos, sin)  # (T, hq + hkv, D)
+            q, k = qk[:, :self.hq], qk[:, self.hq:]  # views: the kernels take strided q and k
+        else:  # Qwen3, Gemma 3: per-head RMSNorm (own weights for q and k) before RoPE
+            q, k = qkv[:, :heads * self.d].reshape(t, heads, self.d).split([self.hq, self.hkv], dim=1)
+            q = apply_rope(self._norm(q, layer.q_norm), cos, sin)  # (T, hq, D)
+            k = apply_rope(self._norm(k, layer.k_norm), cos, sin)  # (T, hkv, D)
+        v = qkv[:, heads * self.d:].reshape(t, self.hkv, self.d)
+        o = cache.attend(i, q, k, v, pb)  # (T, hq, D)
         return self.comm.all_reduce(self._linear(o.reshape(t, self.hq * self.d), layer.wo))
 
     def _mlp(self, layer: Layer, x: torch.Tensor) -> torch.Tensor:
