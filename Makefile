@@ -50,9 +50,10 @@ bench-generate: model
 
 # A loopback load generator against `tprun serve` at concurrency 1, 8, 32, beside transformers
 # generate run sequentially on the same prompts (before the server starts, so they never compete), and,
-# when `make peer-vllm` has installed it, vLLM's CPU build driven the same way, one server at a time.
+# when `make peer-vllm` has installed it, vLLM's CPU build driven the same way, one server at a time;
+# then 4 requests of 2,048 tokens (--long): ITL and the host's per-token time per 256 tokens of output.
 bench-serve: model
-	TPDEPLOY_CACHE=$(CACHE) $(PY) -m tests.bench.bench_serve --markdown /tmp/bench_serve.md
+	TPDEPLOY_CACHE=$(CACHE) $(PY) -m tests.bench.bench_serve --long --markdown /tmp/bench_serve.md
 	TPDEPLOY_CACHE=$(CACHE) $(PY) -m tests.bench.bench_structured --markdown /tmp/bench_structured.md
 
 # Pipeline stages on CPU processes: pp 2 with 2 batches in flight against one batch at a time (and pp 1),

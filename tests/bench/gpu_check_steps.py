@@ -316,6 +316,8 @@ def reserve(ctx: dict, rec: Recorder) -> None:
 
     prep, s, device = ctx["results"]["prepare"], _sizes(ctx), ctx["device"]
     manifest = open_workspace(Path(prep["workspace"]))
+    # No kv=: an int4 cache's key tails are allocated with the cache, before the peak is reset, so the measured
+    # step peak never holds them; the reserve compared is the per-step part the plan adds them to.
     predicted = reserve_bytes(manifest.model, manifest.tp, getattr(torch, ctx["dtype"]), s["max_prefill_tokens"],
                               s["max_batch_size"])
     rec.put("predicted", {"reserve": predicted, "slack": ALLOCATOR_SLACK, "max_prefill_tokens": s["max_prefill_tokens"],
