@@ -8,8 +8,10 @@ trimmed. Its dynamic rule sets those thresholds to the largest block freed so fa
 memory back and faults it in again page by page. Measured with SmolLM2 at 4 sequences: a decode step went
 from 55 ms at 1,280 tokens of context to 165 ms at 1,281 (~60,000 page faults, ~140 ms of system time per
 step), and a tensor over 32 MiB (the largest mmap threshold glibc accepts; a batch of 32 long sequences
-gathers more) is unmapped on every free whatever the rule. Here no block is mmapped and up to ``TRIM`` of free
-memory stays in the heap: the resident set keeps its high-water mark, as a serving process wants.
+gathers more) is unmapped on every free whatever the rule. Here no block is mmapped (except, on a thread other
+than the main one, such as the server's engine thread, a block over the 64 MiB of one of its arena's heaps) and
+up to ``TRIM`` of free memory stays in the heap: the resident set keeps its high-water mark, as a serving
+process wants.
 """
 from __future__ import annotations
 
