@@ -15,9 +15,7 @@ from converter.archs import (
     Architecture,
     architecture_of,
     declared_dtype,
-    fused_expert_shape,
     fused_rows,
-    fused_shape,
     model_config,
     text_model,
     with_expert_layout,
@@ -25,7 +23,8 @@ from converter.archs import (
 )
 from converter.checkpoint import Checkpoint
 from converter.quant import QuantizedReader, detect
-from converter.quant_fp8 import IGNORED_SUFFIXES, check_scale_dtype, is_fp8
+from converter.quant_fp8 import is_fp8
+from converter.source_tensors import check_tensors
 from converter.tokenizer import check_tokenizer
 from formats import fp8, int4
 from formats.config import ModelConfig
@@ -33,7 +32,7 @@ from formats.errors import FormatError, TpDeployError
 from formats.head_padding import pad_config
 from formats.int4 import Int4Format
 from formats.manifest import FLOAT_DTYPES
-from formats.shard_plan import FOLDED_INTO, QUANTIZED_LINEARS, fp8_block, source_names
+from formats.shard_plan import FOLDED_INTO, QUANTIZED_LINEARS, fp8_block
 from formats.sharding import check_tp, source_shape
 
 
@@ -217,7 +216,7 @@ def open_source(src: Path, model_format: str = "auto", dtype: str = "auto") -> S
         moe = (config.moe.intermediate_size,) if config.moe else ()
         quant = quant.for_inputs((config.hidden_size, config.num_heads * config.head_dim,
                                   config.intermediate_size, *moe), where)
-    dense, quantized = _check_tensors(ckpt, config, arch, src, quant, fp8_source)
+    dense, quantized = check_tensors(ckpt, config, arch, src, quant, fp8_source)
     unused = sorted(n for n in ckpt.names() - dense - quantized if not IGNORED.match(n))
     towers = [n for n in unused if SKIPPED_TOWERS.match(n)]
     notes = [(f"{hf['multimodal']}: converting its text model; the vision tower and projector ({len(towers)} "
@@ -302,91 +301,6 @@ def _read_config(src: Path) -> dict[str, Any]:
     if not isinstance(hf, dict):
         raise FormatError(f"{path}: expected a JSON object")
     return hf
-
-
-def _check_tensors(ckpt: Checkpoint, cfg: ModelConfig, arch: Architecture, src: Path,
-                   quant, fp8_source=None) -> tuple[set[str], set[str]]:
-    """Every tensor the plan needs exists with the shape config.json implies: (dense, quantized source) names."""
-    needed, quantized = set(), set()
-    names = source_names(cfg, quantized=quant is not None, fp8_linears=fp8_source is not None)
-    scales = {n for n in names if fp8.is_scale(n)}
-    for canonical in names:
-        if canonical in scales or fp8.scale_name(canonical) in scales:
-            quantized |= _check_fp8(ckpt, cfg, arch, canonical, fp8_source)
-            continue
-        if canonical.endswith(".qweight"):
-            quantized |= _check_quantized(ckpt, cfg, arch, canonical, quant)
-            continue
-        if canonical.endswith((".scales", ".zeros")):
-            continue  # checked with their qweight
-        name = arch.hf_name(canonical)
-        if "#" in name or "@" in name:  # rows of a fused q/k/v or expert tensor: check the fused tensor itself
-            fused = name.split("#")[0].split("@")[0]
-            _check_dense(ckpt, fused, fused_expert_shape(fused, cfg) if "@" in name else fused_shape(cfg), src)
-            needed.add(fused)
-            continue
-        if name not in ckpt.names():
-            hint = " (or set tie_word_embeddings: true in config.json)" if canonical == "lm_head.weight" else ""
-            raise FormatError(f"{src}: tensor {name!r} is missing from the weight files{hint}")
-        _check_dense(ckpt, name, source_shape(canonical, cfg), src)
-        needed.add(name)
-    return needed, quantized
-
-
-def _check_dense(ckpt: Checkpoint, name: str, want: tuple[int, ...], src: Path) -> None:
-    if name not in ckpt.names():
-        raise FormatError(f"{src}: tensor {name!r} is missing from the weight files")
-    if ckpt.shape(name) != want:
-        raise FormatError(f"{ckpt.file_of(name)}: tensor {name!r} has shape {list(ckpt.shape(name))} but "
-                          f"config.json implies {list(want)}")
-    if ckpt.dtype(name) not in FLOAT_DTYPES.values():
-        raise FormatError(f"{ckpt.file_of(name)}: tensor {name!r} has dtype {ckpt.dtype(name)}; "
-                          "expected float32, float16 or bfloat16 (int4 checkpoints are recognized by the "
-                          "quantization_config in config.json)")
-
-
-def _check_quantized(ckpt: Checkpoint, cfg: ModelConfig, arch: Architecture, canonical: str, quant) -> set[str]:
-    weight = canonical.removesuffix(".qweight") + ".weight"
-    base = arch.hf_name(weight).removesuffix(".weight")
-    n, k = source_shape(weight, cfg)
-    if k % quant.group_size:
-        raise FormatError(f"{base}: {k} input features are not a multiple of the group size {quant.group_size}")
-    names = set()
-    for suffix, want in quant.shapes(n, k).items():
-        name = f"{base}.{suffix}"
-        if name not in ckpt.names():
-            raise FormatError(f"{ckpt.src}: tensor {name!r} is missing (expected for {quant.name} int4 linears)")
-        if ckpt.shape(name) != want:
-            raise FormatError(f"{ckpt.file_of(name)}: tensor {name!r} has shape {list(ckpt.shape(name))}; "
-                              f"{quant.name} with group size {quant.group_size} implies {list(want)}")
-        names.add(name)
-    return names
-
-
-def _check_fp8(ckpt: Checkpoint, cfg: ModelConfig, arch: Architecture, canonical: str, fmt) -> set[str]:
-    """An FP8 linear's weight (float8_e4m3fn, the dense shape) or its scale (the source format's shape), plus
-    the activation scales beside it, which are known and unused."""
-    weight = fp8.weight_name(canonical) if fp8.is_scale(canonical) else canonical
-    n, k = source_shape(weight, cfg)
-    base = arch.hf_name(weight).removesuffix(".weight")
-    name = f"{base}.{fmt.scale_suffix}" if fp8.is_scale(canonical) else f"{base}.weight"
-    if name not in ckpt.names():
-        raise FormatError(f"{ckpt.src}: tensor {name!r} is missing (expected for {fmt.name} FP8 linears)")
-    if not fp8.is_scale(canonical):
-        _check_shape(ckpt, name, ((n, k),), "config.json")
-        if ckpt.dtype(name) != fp8.WEIGHT_DTYPE:
-            raise FormatError(f"{ckpt.file_of(name)}: tensor {name!r} has dtype {ckpt.dtype(name)}; FP8 linears "
-                              "must be float8_e4m3fn (F8_E4M3)")
-        return {name} | {f"{base}.{s}" for s in IGNORED_SUFFIXES if f"{base}.{s}" in ckpt.names()}
-    _check_shape(ckpt, name, fmt.scale_shape(n, k), f"{fmt.name} FP8 ({fmt.strategy} scales)")
-    check_scale_dtype(ckpt.dtype(name), f"{ckpt.file_of(name)}: tensor {name!r}")
-    return {name}
-
-
-def _check_shape(ckpt: Checkpoint, name: str, allowed: tuple[tuple[int, ...], ...], what: str) -> None:
-    if ckpt.shape(name) not in allowed:
-        raise FormatError(f"{ckpt.file_of(name)}: tensor {name!r} has shape {list(ckpt.shape(name))}; {what} "
-                          f"implies {' or '.join(str(list(a)) for a in allowed)}")
 
 
 def read_whole(ckpt: Checkpoint, name: str) -> torch.Tensor:
