@@ -75,15 +75,13 @@ class AsyncEngine:
         ready: Future = Future()
 
         def own() -> None:
+            llm = None
             try:
                 llm = open_llm()
-            except BaseException as e:  # noqa: BLE001 - handed to the caller, which re-raises it
-                ready.set_exception(e)
-                return
-            try:
                 self._setup(llm, metrics, max_concurrent_requests, max_queue)
-            except BaseException as e:  # noqa: BLE001 - as above; the model (and its rank processes) must not outlive it
-                llm.close()
+            except BaseException as e:  # noqa: BLE001 - handed to the caller, which re-raises it
+                if llm is not None:  # opened: it (and its rank processes) must not outlive the failed setup
+                    llm.close()
                 ready.set_exception(e)
                 return
             ready.set_result(None)
