@@ -112,6 +112,7 @@ def prefill_attention(q: torch.Tensor, kv: LayerKV, pb: PagedBatch, scale: float
     """q (T, Hq, D) packed by ``pb.query_start`` -> (T, Hq, D); new tokens sit at the end of each context."""
     out = torch.empty_like(q)
     starts, lens = pb.query_start.tolist(), pb.seq_lens.tolist()
+    check_tails(kv, pb.tails, len(lens), "prefill_attention")
     tails = pb.tails.tolist() if kv.channel_keys else [-1] * len(lens)
     for b, n in enumerate(lens):
         s, e = starts[b], starts[b + 1]

@@ -12,7 +12,7 @@ import torch
 
 from formats.errors import TpDeployError
 from runtime.kernels import prefill_attention as kernels
-from runtime.kernels import reference
+from runtime.kernels import reference, torch_attention
 from runtime.kernels import write_kv as writes
 from runtime.kernels.paged import LayerKV, PagedBatch
 from runtime.kv.batch import StepBatch, paged_batch
@@ -288,8 +288,9 @@ def test_channel_keys_need_the_step_key_writes(device):
         writes.write_kv(kv, k, v, pb.slots)
     writes.write_kv(kv, k, v, pb.slots, pb.keys)
     q = torch.zeros(k.shape[0], 2, 64, device=device)
-    with pytest.raises(TpDeployError, match=r"pass tails \(2,\) int32"):
-        kernels.prefill_attention(q, kv, replace(pb, tails=None), 0.125)
+    for prefill in (kernels.prefill_attention, reference.prefill_attention, torch_attention.prefill_attention):
+        with pytest.raises(TpDeployError, match=r"pass tails \(2,\) int32"):
+            prefill(q, kv, replace(pb, tails=None), 0.125)
 
 
 def test_write_kv_strided_input(device):
