@@ -214,11 +214,13 @@ def test_load_owns_the_model_on_the_engine_thread(llm, tmp_path):
         def close(self):
             seen["closed"] = seen.get("closed", "") + threading.current_thread().name
 
+    params = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
+    # Before the engine thread exists: it steps the same Engine, so a generate beside it would race it for steps.
+    want = llm.generate([5, 6, 7], params)[0].outputs[0].token_ids
     engine = AsyncEngine.load(Owned, Metrics())
     try:
-        params = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
         deltas = asyncio.run(_collect(engine.generate("r1", [5, 6, 7], params)))
-        assert [t for d in deltas for t in d.token_ids] == llm.generate([5, 6, 7], params)[0].outputs[0].token_ids
+        assert [t for d in deltas for t in d.token_ids] == want
     finally:
         engine.close()
     assert seen == {"opened": "tprun-engine", "closed": "tprun-engine"}
