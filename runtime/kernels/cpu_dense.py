@@ -99,8 +99,9 @@ def pack_native(w: torch.Tensor) -> PackedDense:
     """(N, K) -> (ceil(N/32), K, 32): panel p holds rows 32p..32p+31 of w as columns, zeros past N."""
     n, k = w.shape
     width = _native_lib().tpdeploy_gemm_panel_width()
-    padded = F.pad(w.float(), (0, 0, 0, -n % width))
-    return PackedDense(padded.view(-1, width, k).transpose(1, 2).contiguous(), n, k, "native")
+    if n % width:  # a padded copy only where needed: each transient copy stays in a CPU rank's heap (heap.py)
+        w = F.pad(w, (0, 0, 0, -n % width))
+    return PackedDense(w.float().reshape(-1, width, k).transpose(1, 2).contiguous(), n, k, "native")
 
 
 def linear(x: torch.Tensor, w: PackedDense, bias: torch.Tensor | None = None) -> torch.Tensor:
