@@ -105,7 +105,7 @@ def pack_native(w: torch.Tensor) -> PackedDense:
 
 
 def linear(x: torch.Tensor, w: PackedDense, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x (..., K) float32 -> (..., N); ``bias`` added in the same call."""
+    """x (..., K) float32 -> (..., N), plus ``bias``."""
     if w.layout == "native":
         return _native_linear(x, w, bias)
     return torch.ops.mkldnn._linear_pointwise(x, w.packed, bias, "none", [], "")
