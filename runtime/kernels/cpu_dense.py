@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from formats.errors import TpDeployError
-from runtime.kernels.cpu_native import NativeUnavailable
+from runtime.kernels import cpu_native
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +58,8 @@ def choose(dtype: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor | Packed
         raise TpDeployError(f"TPDEPLOY_CPU_DENSE={mode!r} is not known; use one of {', '.join(MODES)}")
     if mode == "native":
         try:  # forced: a machine that cannot build it says why instead of running another layout
-            _native_lib()
-        except NativeUnavailable as e:
+            cpu_native.load()
+        except cpu_native.NativeUnavailable as e:
             raise TpDeployError(f"TPDEPLOY_CPU_DENSE=native: {e}; unset it to use oneDNN's layout here") from e
         return pack_native
     if mode == "onednn" and _onednn_works():
@@ -69,17 +69,11 @@ def choose(dtype: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor | Packed
 
 def _default_mode() -> str:
     try:
-        _native_lib()
+        cpu_native.load()
         return "native"
-    except NativeUnavailable as e:
+    except cpu_native.NativeUnavailable as e:
         log.info("the native CPU GEMM is unavailable (%s); dense fp32 linears use oneDNN's layout", e)
         return "onednn"
-
-
-def _native_lib():
-    from runtime.kernels import cpu_native
-
-    return cpu_native.load()
 
 
 def _onednn_works() -> bool:
@@ -98,7 +92,7 @@ def pack(w: torch.Tensor) -> PackedDense:
 def pack_native(w: torch.Tensor) -> PackedDense:
     """(N, K) -> (ceil(N/32), K, 32): panel p holds rows 32p..32p+31 of w as columns, zeros past N."""
     n, k = w.shape
-    width = _native_lib().tpdeploy_gemm_panel_width()
+    width = cpu_native.load().tpdeploy_gemm_panel_width()
     if n % width:  # a padded copy only where needed: each transient copy stays in a CPU rank's heap (heap.py)
         w = F.pad(w, (0, 0, 0, -n % width))
     return PackedDense(w.float().reshape(-1, width, k).transpose(1, 2).contiguous(), n, k, "native")
@@ -117,7 +111,7 @@ def _native_linear(x: torch.Tensor, w: PackedDense, bias: torch.Tensor | None) -
     rows = x.reshape(-1, w.k).contiguous()
     y = torch.empty(rows.shape[0], w.n, dtype=torch.float32)
     if rows.shape[0]:  # ctypes releases the GIL for the call: the server's event loop runs meanwhile
-        _native_lib().tpdeploy_gemm_f32(rows.data_ptr(), rows.shape[0], w.k, w.packed.data_ptr(), y.data_ptr(),
+        cpu_native.load().tpdeploy_gemm_f32(rows.data_ptr(), rows.shape[0], w.k, w.packed.data_ptr(), y.data_ptr(),
                                         w.n, torch.get_num_threads())
     if bias is not None:
         y += bias
