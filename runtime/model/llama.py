@@ -186,11 +186,11 @@ class Model:
         t = x.shape[0]
         qkv = self._linear(x, layer.wqkv, layer.bqkv)  # (T, (hq + 2 hkv) D)
         heads = self.hq + self.hkv
-        if layer.q_norm is None:  # q and k sit side by side in the fused output: one RoPE pass over both heads
-            qk = apply_rope(qkv[:, :heads * self.d].reshape(t, heads, self.d), cos, sin)  # (T, hq + hkv, D)
-            q, k = qk[:, :self.hq], qk[:, self.hq:]  # views: the kernels take strided q and k
+        qk = qkv[:, :heads * self.d].reshape(t, heads, self.d)  # q and k sit side by side in the fused output
+        if layer.q_norm is None:  # one RoPE pass over both
+            q, k = apply_rope(qk, cos, sin).split([self.hq, self.hkv], dim=1)  # views: kernels take strided q, k
         else:  # Qwen3, Gemma 3: per-head RMSNorm (own weights for q and k) before RoPE
-            q, k = qkv[:, :heads * self.d].reshape(t, heads, self.d).split([self.hq, self.hkv], dim=1)
+            q, k = qk.split([self.hq, self.hkv], dim=1)
             q = apply_rope(self._norm(q, layer.q_norm), cos, sin)  # (T, hq, D)
             k = apply_rope(self._norm(k, layer.k_norm), cos, sin)  # (T, hkv, D)
         v = qkv[:, heads * self.d:].reshape(t, self.hkv, self.d)
