@@ -38,7 +38,9 @@ def _free_disk() -> dict[str, float]:
 
 
 def _cache_root() -> Path:
-    path = Path(os.environ.get("TPDEPLOY_CACHE", "~/.cache/tpdeploy")).expanduser()
+    from tests.fixtures.smollm2 import cache_dir
+
+    path = cache_dir()
     while not path.exists():  # not built yet: measure the filesystem it will land on
         path = path.parent
     return path
